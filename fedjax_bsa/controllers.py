@@ -1,0 +1,286 @@
+"""Batch-size controllers: optax-style pure ``init`` / ``update`` pairs.
+
+A controller is a :class:`Controller` of two pure functions,
+
+* ``init(num_clients) -> state``, a ``NamedTuple`` of arrays;
+* ``update(feedback, state, context) -> (plan, state)``: ``feedback`` is the
+  previous round's :class:`Feedback` (the cohort that ran and its
+  :class:`~fedjax_bsa.kernel.ClientStats`), ``context`` the coming round's
+  :class:`Context`; the result is the coming cohort's
+  :class:`~fedjax_bsa.kernel.Plan`.
+
+They never call ``jit``; they are jittable and vmappable over experiments
+(hyperparameters may be traced scalars). :func:`clamp` wraps any controller
+and bounds its plan by each client's memory and time budget.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_bsa import kernel as kernel_lib
+from fedjax_bsa import noise
+
+__all__ = ["Context", "Feedback", "Controller", "EmptyState", "NoiseState",
+           "constant", "random", "schedule", "resource_proportional",
+           "noise_scale", "clamp", "adascale_gain", "quantize",
+           "empty_feedback", "steps_for_budget"]
+
+Plan = kernel_lib.Plan
+
+
+class Context(NamedTuple):
+  """What a controller knows about the coming round."""
+  round: jax.Array       # int32 [], 0-based round index
+  cohort: jax.Array      # int32 [K], client ids
+  speed: jax.Array       # float32 [K], examples per simulated second
+  step_overhead: jax.Array  # float32 [K], simulated seconds per step
+  memory_cap: jax.Array  # int32 [K], largest batch each client can hold
+  key: jax.Array         # PRNG key for this round's plan
+
+
+class Feedback(NamedTuple):
+  """The last round's cohort and what its clients reported."""
+  cohort: jax.Array                # int32 [K]
+  stats: kernel_lib.ClientStats    # per cohort client
+
+
+class Controller(NamedTuple):
+  init: Callable[[int], Any]
+  update: Callable[[Feedback, Any, Context], tuple[Plan, Any]]
+
+
+class EmptyState(NamedTuple):
+  """State of stateless controllers."""
+
+
+def empty_feedback(cohort_size: int) -> Feedback:
+  """Feedback before the first round: nobody ran."""
+  z = jnp.zeros((cohort_size,), jnp.float32)
+  zi = jnp.zeros((cohort_size,), jnp.int32)
+  return Feedback(zi, kernel_lib.ClientStats(z, zi, zi, z, z, zi, z))
+
+
+def _full(ctx: Context, value, dtype):
+  return jnp.full(ctx.cohort.shape, value, dtype)
+
+
+def steps_for_budget(batch, ctx: Context, time_budget, max_steps):
+  """Local steps that fit ``time_budget`` s of compute: ``[1, max_steps]``.
+
+  A step of batch ``b`` costs ``overhead_k + b / speed_k`` (the clock's
+  model); a budget of 0 means "no budget": ``max_steps`` steps.
+  """
+  per_step = ctx.step_overhead + batch.astype(jnp.float32) / ctx.speed
+  fit = jnp.floor(time_budget / per_step).astype(jnp.int32)
+  fit = jnp.clip(fit, 1, max_steps)
+  return jnp.where(time_budget > 0, fit, max_steps).astype(jnp.int32)
+
+
+def quantize(batch, microbatch: int, cap):
+  """Rounds ``batch`` to a multiple of ``microbatch`` not above ``cap``.
+
+  The nearest multiple is taken, then lowered to fit ``cap``; when ``cap``
+  is below one microbatch the batch is ``cap`` itself.
+  """
+  mu = microbatch
+  q = jnp.maximum(jnp.round(batch / mu), 1).astype(jnp.int32) * mu
+  q = jnp.minimum(q, (cap // mu) * mu)
+  return jnp.where(cap < mu, cap, jnp.maximum(q, mu)).astype(jnp.int32)
+
+
+def constant(batch_size, local_steps: int, client_lr) -> Controller:
+  """Every client: the same batch, steps and learning rate, every round."""
+
+  def update(feedback, state, ctx):
+    del feedback
+    plan = Plan(_full(ctx, batch_size, jnp.int32),
+                _full(ctx, local_steps, jnp.int32),
+                _full(ctx, client_lr, jnp.float32))
+    return plan, state
+
+  return Controller(lambda num_clients: EmptyState(), update)
+
+
+def random(batch_min: int, batch_max: int, local_steps: int,
+           client_lr) -> Controller:
+  """Each cohort client draws its batch uniformly in ``[batch_min, batch_max]``
+  every round (it exists to exercise the kernel)."""
+
+  def update(feedback, state, ctx):
+    del feedback
+    b = jax.random.randint(ctx.key, ctx.cohort.shape, batch_min, batch_max + 1)
+    plan = Plan(b.astype(jnp.int32), _full(ctx, local_steps, jnp.int32),
+                _full(ctx, client_lr, jnp.float32))
+    return plan, state
+
+  return Controller(lambda num_clients: EmptyState(), update)
+
+
+def schedule(rule: str, batch_size, batch_max, every: int, total_rounds: int,
+             local_steps: int, client_lr, scale_lr: bool = False
+             ) -> Controller:
+  """A batch size that grows with the round, the same for every client.
+
+  Args:
+    rule: ``step`` (x2 once, at round ``every``), ``linear`` (a ramp from
+      ``batch_size`` to ``batch_max`` over ``total_rounds``) or ``doubling``
+      (x2 every ``every`` rounds, AdaBatch, Devarakonda et al. 2017).
+    batch_size: initial batch.
+    batch_max: largest batch.
+    every: rounds between changes.
+    total_rounds: length of the run (for ``linear``).
+    local_steps: local steps per round.
+    client_lr: learning rate at ``batch_size``.
+    scale_lr: scale the learning rate linearly with the batch (AdaBatch
+      does; off by default, as local SGD diverges with large rates).
+  """
+  if rule not in ("step", "linear", "doubling"):
+    raise ValueError(f"schedule={rule!r} is not allowed: choose one of step, "
+                     "linear, doubling")
+
+  def batch_at(r):
+    r = r.astype(jnp.float32)
+    b0 = jnp.asarray(batch_size, jnp.float32)
+    if rule == "step":
+      b = jnp.where(r >= every, 2.0 * b0, b0)
+    elif rule == "linear":
+      frac = jnp.clip(r / max(total_rounds - 1, 1), 0.0, 1.0)
+      b = b0 + frac * (batch_max - b0)
+    else:
+      b = b0 * 2.0 ** jnp.floor(r / every)
+    return jnp.minimum(jnp.round(b), batch_max).astype(jnp.int32)
+
+  def update(feedback, state, ctx):
+    del feedback
+    b = batch_at(ctx.round)
+    lr = client_lr * (b / batch_size if scale_lr else 1.0)
+    plan = Plan(_full(ctx, b, jnp.int32), _full(ctx, local_steps, jnp.int32),
+                _full(ctx, lr, jnp.float32))
+    return plan, state
+
+  return Controller(lambda num_clients: EmptyState(), update)
+
+
+def resource_proportional(batch_size, reference_speed, local_steps: int,
+                          client_lr) -> Controller:
+  """Batch proportional to device speed (Ma et al., IEEE TMC 2021).
+
+  A client of speed ``reference_speed`` gets ``batch_size``; others scale
+  with their speed, so all spend about the same compute time per step.
+  """
+
+  def update(feedback, state, ctx):
+    del feedback
+    b = jnp.maximum(jnp.round(batch_size * ctx.speed / reference_speed), 1)
+    plan = Plan(b.astype(jnp.int32), _full(ctx, local_steps, jnp.int32),
+                _full(ctx, client_lr, jnp.float32))
+    return plan, state
+
+  return Controller(lambda num_clients: EmptyState(), update)
+
+
+def adascale_gain(b_simple, scale):
+  """AdaScale gain ``r = (tr + |G|^2) / (tr / S + |G|^2)`` (Johnson et al.
+  2020), written with ``B_simple = tr / |G|^2``: ``(B + 1) / (B / S + 1)``."""
+  return (b_simple + 1.0) / (b_simple / scale + 1.0)
+
+
+class NoiseState(NamedTuple):
+  """Per-client gradient-noise estimates (bias-corrected EMAs)."""
+  g_sq: noise.EmaState      # [N] EMA of |G|^2 estimates
+  trace: noise.EmaState     # [N] EMA of tr(Sigma) estimates
+  cohort_g_sq: noise.EmaState   # [1] EMA of the cohort mean of |G|^2
+  cohort_trace: noise.EmaState  # [1] EMA of the cohort mean of tr(Sigma)
+
+
+def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
+                client_lr, ema_decay, microbatch: int, time_budget=0.0,
+                use_gain: bool = True) -> Controller:
+  """Ours: batch from each client's own gradient-noise scale.
+
+  ``b_k = clip(kappa * B_simple_k, batch_min, batch_max)`` quantized to the
+  kernel's microbatch (memory and deadline bounds come from :func:`clamp`),
+  learning rate ``client_lr * r_k`` with the AdaScale gain for
+  ``S = b_k / batch_size``, and local steps from the time budget (if any).
+  ``B_simple_k = tr(Sigma_k) / |G_k|^2`` from separate bias-corrected EMAs;
+  a client never seen uses the cohort's EMAs; before any estimate exists the
+  batch is ``batch_size``.
+  """
+
+  def init(num_clients):
+    return NoiseState(noise.ema_init(num_clients), noise.ema_init(num_clients),
+                      noise.ema_init(1), noise.ema_init(1))
+
+  def update(feedback, state, ctx):
+    st = feedback.stats
+    seen = st.noise_steps > 0
+    g_sq = noise.ema_update(state.g_sq, feedback.cohort, st.grad_sq, seen,
+                            ema_decay)
+    trace = noise.ema_update(state.trace, feedback.cohort, st.trace, seen,
+                             ema_decay)
+    any_seen = seen.any()
+    cnt = jnp.maximum(seen.sum(), 1)
+    one = jnp.zeros((1,), jnp.int32)
+    cg = noise.ema_update(state.cohort_g_sq, one,
+                          jnp.where(seen, st.grad_sq, 0.0).sum()[None] / cnt,
+                          any_seen[None], ema_decay)
+    ct = noise.ema_update(state.cohort_trace, one,
+                          jnp.where(seen, st.trace, 0.0).sum()[None] / cnt,
+                          any_seen[None], ema_decay)
+    state = NoiseState(g_sq, trace, cg, ct)
+
+    known = g_sq.weight[ctx.cohort] > 0
+    cohort_b = noise.noise_scale(noise.ema_value(cg)[0],
+                                 noise.ema_value(ct)[0])
+    own_b = noise.noise_scale(noise.ema_value(g_sq)[ctx.cohort],
+                              noise.ema_value(trace)[ctx.cohort])
+    have_cohort = cg.weight[0] > 0
+    b_simple = jnp.where(known, own_b, cohort_b)
+    estimated = known | have_cohort
+    target = jnp.where(estimated, kappa * b_simple, batch_size)
+    target = jnp.clip(target, batch_min, batch_max)
+    b = quantize(target, microbatch, jnp.asarray(batch_max, jnp.int32))
+    gain = adascale_gain(b_simple, b / jnp.asarray(batch_size, jnp.float32))
+    gain = jnp.where(estimated & use_gain, gain, 1.0)
+    steps = steps_for_budget(b, ctx, time_budget, local_steps)
+    return Plan(b, steps, (client_lr * gain).astype(jnp.float32)), state
+
+  return Controller(init, update)
+
+
+def clamp(inner: Controller, *, microbatch: int | None = None,
+          time_budget=0.0, max_steps: int | None = None) -> Controller:
+  """Bounds any controller's plan by each client's memory and time budget.
+
+  Args:
+    inner: the controller to bound.
+    microbatch: if given, batches are also quantized to multiples of it.
+    time_budget: local compute seconds per round (0: none); a batch is
+      lowered until one step fits, and steps are cut to what fits.
+    max_steps: upper bound on local steps (default: the inner plan's).
+  """
+
+  def update(feedback, state, ctx):
+    plan, state = inner.update(feedback, state, ctx)
+    cap = ctx.memory_cap.astype(jnp.int32)
+    budget = jnp.asarray(time_budget, jnp.float32)
+    by_time = jnp.floor((budget - ctx.step_overhead) * ctx.speed)
+    by_time = jnp.where(budget > 0, jnp.maximum(by_time, 1.0), jnp.inf)
+    cap = jnp.minimum(cap, jnp.minimum(by_time, 2**30).astype(jnp.int32))
+    b = jnp.minimum(plan.batch_size, cap)
+    if microbatch is not None:
+      b = quantize(b, microbatch, cap)
+    b = jnp.maximum(b, 1).astype(jnp.int32)
+    steps = plan.steps
+    per_step = ctx.step_overhead + b.astype(jnp.float32) / ctx.speed
+    fit = jnp.maximum(jnp.floor(budget / per_step), 1).astype(jnp.int32)
+    steps = jnp.where(budget > 0, jnp.minimum(steps, fit), steps)
+    if max_steps is not None:
+      steps = jnp.minimum(steps, max_steps)
+    return plan._replace(batch_size=b, steps=steps.astype(jnp.int32)), state
+
+  return Controller(inner.init, update)
