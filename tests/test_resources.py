@@ -1,0 +1,311 @@
+"""Tests for fedjax_bsa.resources: profiles, trace loading, validation."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from fedjax_bsa import resources
+from fedjax_bsa.resources import (DEFAULT_TIERS, PROFILES, ClientResources,
+                                  describe, load_trace, make_resources)
+
+_DTYPES = {"speed": np.float32, "step_overhead": np.float32,
+           "memory_cap": np.int32, "bandwidth_up": np.float32,
+           "bandwidth_down": np.float32, "latency": np.float32,
+           "availability": np.float32, "tier": np.int32}
+
+# FedScale-format trace: client id -> (ms per sample, kbps).
+_TRACE = {3: (2.0, 800.0), 1: (4.0, 80.0), 7: (0.5, 12000.0)}
+# Expected values for clients in sorted-id order (1, 3, 7).
+_SPEED = np.array([1000 / 4.0, 1000 / 2.0, 1000 / 0.5])
+_BW = np.array([80.0, 800.0, 12000.0]) * 125.0
+
+
+def _write_trace(tmp_path, fmt, with_availability=False):
+  path = os.path.join(tmp_path, f"trace.{fmt}")
+  avail = {1: 0.5, 3: 1.0, 7: 0.25}
+  recs = {cid: {"computation": ms, "communication": kbps}
+          for cid, (ms, kbps) in _TRACE.items()}
+  if with_availability:
+    for cid in recs:
+      recs[cid]["availability"] = avail[cid]
+  if fmt == "pkl":
+    with open(path, "wb") as f:
+      pickle.dump(recs, f)
+  elif fmt == "json":
+    with open(path, "w") as f:
+      json.dump([{"client_id": c, **r} for c, r in recs.items()], f)
+  else:
+    cols = ["client_id", "computation", "communication"]
+    cols += ["availability"] if with_availability else []
+    lines = [",".join(cols)]
+    for cid, r in recs.items():
+      lines.append(",".join(str(v) for v in [cid, *r.values()]))
+    with open(path, "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return path
+
+
+# ---------------------------------------------------------------- profiles ---
+
+@pytest.mark.parametrize("profile", ["uniform", "lognormal", "tiers"])
+def test_shapes_and_dtypes(profile):
+  res = make_resources(profile, 37, seed=0)
+  assert isinstance(res, ClientResources)
+  for name, dtype in _DTYPES.items():
+    field = getattr(res, name)
+    assert isinstance(field, np.ndarray), name
+    assert field.shape == (37,), name
+    assert field.dtype == dtype, name
+
+
+def test_profiles_constant_lists_all():
+  assert PROFILES == ("uniform", "lognormal", "tiers", "trace")
+
+
+def test_uniform_is_constant_and_uses_arguments():
+  res = make_resources("uniform", 10, seed=3, base_speed=123.0,
+                       step_overhead=0.02, memory_cap=64, bandwidth=5e5,
+                       availability=0.75, latency=0.1)
+  np.testing.assert_array_equal(res.speed, np.full(10, 123.0, np.float32))
+  np.testing.assert_allclose(res.step_overhead, 0.02)
+  np.testing.assert_array_equal(res.memory_cap, 64)
+  np.testing.assert_array_equal(res.bandwidth_up, 5e5)
+  np.testing.assert_array_equal(res.bandwidth_down, 5e5)
+  np.testing.assert_allclose(res.latency, 0.1)
+  np.testing.assert_array_equal(res.availability, 0.75)
+  np.testing.assert_array_equal(res.tier, 0)
+
+
+def test_lognormal_log_std_matches_sigma():
+  n, sigma = 20000, 0.7
+  res = make_resources("lognormal", n, seed=1, base_speed=500.0,
+                       speed_sigma=sigma, bandwidth=2e6)
+  log_speed = np.log(res.speed / 500.0)
+  assert abs(np.std(log_speed) - sigma) < 0.03
+  assert abs(np.mean(log_speed)) < 0.03
+  log_bw = np.log(res.bandwidth_up / 2e6)
+  assert abs(np.std(log_bw) - sigma) < 0.03
+  np.testing.assert_array_equal(res.bandwidth_up, res.bandwidth_down)
+  # Bandwidth is drawn independently of speed.
+  assert abs(np.corrcoef(log_speed, log_bw)[0, 1]) < 0.05
+  np.testing.assert_array_equal(res.memory_cap, 256)  # memory_sigma=0
+
+
+def test_lognormal_memory_sigma():
+  res = make_resources("lognormal", 20000, seed=2, memory_cap=100,
+                       memory_sigma=0.5)
+  assert res.memory_cap.min() >= 1
+  assert abs(np.std(np.log(res.memory_cap / 100.0)) - 0.5) < 0.03
+  tiny = make_resources("lognormal", 2000, seed=2, memory_cap=1,
+                        memory_sigma=3.0)
+  assert tiny.memory_cap.min() == 1  # rounded, never below 1
+
+
+def test_lognormal_zero_sigma_is_uniform():
+  res = make_resources("lognormal", 50, seed=0, speed_sigma=0.0)
+  np.testing.assert_array_equal(res.speed, 1000.0)
+  np.testing.assert_array_equal(res.bandwidth_up, 1e6)
+
+
+@pytest.mark.parametrize("n", [1000, 9, 7, 1])
+def test_default_tiers_shares_match(n):
+  res = make_resources("tiers", n, seed=0, base_speed=100.0)
+  counts = np.bincount(res.tier, minlength=3)
+  assert counts.sum() == n
+  shares = np.array([t["share"] for t in DEFAULT_TIERS])
+  assert np.all(np.abs(counts - shares * n) < 1.0)
+  for i, t in enumerate(DEFAULT_TIERS):
+    sel = res.tier == i
+    np.testing.assert_allclose(res.speed[sel], 100.0 * t["speed"])
+    np.testing.assert_array_equal(res.memory_cap[sel], t["memory_cap"])
+    np.testing.assert_allclose(res.bandwidth_up[sel], t["bandwidth"])
+  expected = {1000: [500, 300, 200], 9: [4, 3, 2]}  # largest remainder
+  if n in expected:
+    assert counts.tolist() == expected[n]
+
+
+def test_custom_tiers_override_and_optional_fields():
+  table = [
+      {"name": "a", "share": 1, "speed": 2.0, "memory_cap": 8,
+       "bandwidth": 10.0, "latency": 0.5, "availability": 0.5},
+      {"name": "b", "share": 3, "speed": 0.5, "memory_cap": 16,
+       "bandwidth": 20.0},
+  ]
+  res = make_resources("tiers", 100, seed=5, tiers=table, latency=0.1)
+  assert np.bincount(res.tier).tolist() == [25, 75]  # shares normalized
+  a, b = res.tier == 0, res.tier == 1
+  np.testing.assert_allclose(res.speed[a], 2000.0)
+  np.testing.assert_allclose(res.latency[a], 0.5)
+  np.testing.assert_allclose(res.latency[b], 0.1)
+  np.testing.assert_allclose(res.availability[a], 0.5)
+  np.testing.assert_allclose(res.availability[b], 1.0)
+  np.testing.assert_array_equal(res.memory_cap[b], 16)
+
+
+@pytest.mark.parametrize("profile", ["lognormal", "tiers"])
+def test_seeded_reproducibility(profile):
+  a = make_resources(profile, 200, seed=11)
+  b = make_resources(profile, 200, seed=11)
+  c = make_resources(profile, 200, seed=12)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  differs = [not np.array_equal(x, z) for x, z in zip(a, c)]
+  assert any(differs)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("num_clients", 0), ("num_clients", 2.5), ("base_speed", 0.0),
+    ("base_speed", float("nan")), ("speed_sigma", -0.1),
+    ("step_overhead", -1.0), ("memory_cap", 0), ("memory_cap", 3.5),
+    ("memory_sigma", -1.0), ("bandwidth", 0.0), ("bandwidth", -5.0),
+    ("availability", 0.0), ("availability", 1.5), ("latency", -0.1),
+])
+def test_bad_arguments_name_the_argument(name, value):
+  kwargs = {"num_clients": 10}
+  kwargs[name] = value
+  n = kwargs.pop("num_clients")
+  with pytest.raises(ValueError, match=name) as e:
+    make_resources("lognormal", n, 0, **kwargs)
+  assert repr(value) in str(e.value) or str(value) in str(e.value)
+
+
+def test_unknown_profile_lists_allowed():
+  with pytest.raises(ValueError, match="gaussian") as e:
+    make_resources("gaussian", 10, 0)
+  for p in PROFILES:
+    assert p in str(e.value)
+
+
+@pytest.mark.parametrize("table, needle", [
+    ([{"name": "x", "share": 1.0, "speed": 1.0, "memory_cap": 4}],
+     "bandwidth"),
+    ([{"name": "x", "share": -1.0, "speed": 1.0, "memory_cap": 4,
+       "bandwidth": 1.0}], "share"),
+    ([{"name": "x", "share": 1.0, "speed": 1.0, "memory_cap": 4,
+       "bandwidth": 1.0, "color": "red"}], "color"),
+    ([], "tiers"),
+])
+def test_bad_tier_tables(table, needle):
+  with pytest.raises(ValueError, match=needle):
+    make_resources("tiers", 10, 0, tiers=table)
+
+
+def test_profile_specific_arguments_are_checked():
+  with pytest.raises(ValueError, match="tiers"):
+    make_resources("uniform", 10, 0, tiers=DEFAULT_TIERS)
+  with pytest.raises(ValueError, match="trace_path"):
+    make_resources("uniform", 10, 0, trace_path="x.pkl")
+  with pytest.raises(ValueError, match="trace_path"):
+    make_resources("trace", 10, 0)
+  make_resources("uniform", 10, 0, trace_path="")  # a config's unset value
+
+
+def test_describe():
+  res = make_resources("tiers", 10, seed=0, base_speed=100.0)
+  d = describe(res)
+  assert d["num_clients"] == 10
+  assert d["tier_counts"] == {0: 5, 1: 3, 2: 2}
+  assert d["speed"]["min"] == pytest.approx(25.0)
+  assert d["speed"]["max"] == pytest.approx(400.0)
+  assert d["memory_cap"]["max"] == 512
+  assert set(d) >= {"speed", "memory_cap", "bandwidth_up", "bandwidth_down",
+                    "availability_mean", "tier_counts"}
+
+
+# ------------------------------------------------------------------- trace ---
+
+@pytest.mark.parametrize("fmt", ["pkl", "json", "csv"])
+def test_trace_units(tmp_path, fmt):
+  path = _write_trace(tmp_path, fmt)
+  res = make_resources("trace", 3, seed=0, trace_path=path, memory_cap=32,
+                       step_overhead=0.05, availability=0.9)
+  np.testing.assert_allclose(res.speed, _SPEED, rtol=1e-6)
+  np.testing.assert_allclose(res.bandwidth_up, _BW, rtol=1e-6)
+  np.testing.assert_allclose(res.bandwidth_down, _BW, rtol=1e-6)
+  np.testing.assert_array_equal(res.memory_cap, 32)
+  np.testing.assert_allclose(res.step_overhead, 0.05)
+  np.testing.assert_allclose(res.availability, 0.9)
+  for name, dtype in _DTYPES.items():
+    assert getattr(res, name).dtype == dtype
+
+
+def test_trace_json_dict_with_string_keys(tmp_path):
+  path = os.path.join(tmp_path, "trace.json")
+  with open(path, "w") as f:
+    json.dump({str(c): {"computation": ms, "communication": kb}
+               for c, (ms, kb) in _TRACE.items()}, f)
+  res = make_resources("trace", 3, 0, trace_path=path)
+  np.testing.assert_allclose(res.speed, _SPEED, rtol=1e-6)
+
+
+def test_trace_numpy_scalars_and_unknown_extension(tmp_path):
+  path = os.path.join(tmp_path, "device_info")  # FedScale ships no suffix
+  recs = {np.int64(c): {"computation": np.float64(ms),
+                        "communication": np.float32(kb)}
+          for c, (ms, kb) in _TRACE.items()}
+  with open(path, "wb") as f:
+    pickle.dump(recs, f)
+  res = make_resources("trace", 3, 0, trace_path=path)
+  np.testing.assert_allclose(res.bandwidth_up, _BW, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "csv"])
+def test_trace_cyclic_assignment_and_availability(tmp_path, fmt):
+  path = _write_trace(tmp_path, fmt, with_availability=True)
+  res = make_resources("trace", 7, 0, trace_path=path)
+  rows = np.arange(7) % 3
+  np.testing.assert_allclose(res.speed, _SPEED[rows], rtol=1e-6)
+  np.testing.assert_allclose(res.availability,
+                             np.array([0.5, 1.0, 0.25])[rows])
+  t = load_trace(path)
+  assert t["client_id"].tolist() == [1, 3, 7]
+
+
+def test_missing_trace_names_path(tmp_path):
+  path = os.path.join(tmp_path, "nope.pkl")
+  with pytest.raises(ValueError, match="nope.pkl"):
+    make_resources("trace", 3, 0, trace_path=path)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bad.pkl", b"\x80\x04this is not a pickle"),
+    ("bad.json", b"{not json"),
+    ("bad.csv", b"id,ms\n1,2\n"),
+    ("bad.bin", b"\x00\x01\x02garbage"),
+    ("empty.json", b"{}"),
+    ("list.json", b"[1, 2, 3]"),
+])
+def test_corrupt_trace_names_path(tmp_path, name, content):
+  path = os.path.join(tmp_path, name)
+  with open(path, "wb") as f:
+    f.write(content)
+  with pytest.raises(ValueError) as e:
+    make_resources("trace", 3, 0, trace_path=path)
+  assert path in str(e.value)
+
+
+@pytest.mark.parametrize("record, needle", [
+    ({"computation": -1.0, "communication": 10.0}, "computation"),
+    ({"computation": 1.0, "communication": 0.0}, "communication"),
+    ({"computation": 1.0}, "communication"),
+    ({"computation": 1.0, "communication": 1.0, "availability": 2.0},
+     "availability"),
+])
+def test_trace_bad_values_name_path_and_field(tmp_path, record, needle):
+  path = os.path.join(tmp_path, "t.pkl")
+  with open(path, "wb") as f:
+    pickle.dump({0: record}, f)
+  with pytest.raises(ValueError, match=needle) as e:
+    make_resources("trace", 3, 0, trace_path=path)
+  assert path in str(e.value)
+
+
+def test_trace_pickle_refuses_code(tmp_path):
+  path = os.path.join(tmp_path, "evil.pkl")
+  with open(path, "wb") as f:
+    pickle.dump({0: {"computation": os.getcwd, "communication": 1.0}}, f)
+  with pytest.raises(ValueError, match="disallowed"):
+    resources.load_trace(path)
