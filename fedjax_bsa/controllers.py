@@ -193,35 +193,61 @@ class NoiseState(NamedTuple):
   """Per-client gradient-noise estimates (bias-corrected EMAs)."""
   g_sq: noise.EmaState      # [N] EMA of |G|^2 estimates
   trace: noise.EmaState     # [N] EMA of tr(Sigma) estimates
+  last: jax.Array           # int32 [N], round of each client's last estimate
   cohort_g_sq: noise.EmaState   # [1] EMA of the cohort mean of |G|^2
   cohort_trace: noise.EmaState  # [1] EMA of the cohort mean of tr(Sigma)
 
 
 def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
                 client_lr, ema_decay, microbatch: int, time_budget=0.0,
-                use_gain: bool = True) -> Controller:
+                use_gain: bool = True, max_gain=4.0) -> Controller:
   """Ours: batch from each client's own gradient-noise scale.
 
   ``b_k = clip(kappa * B_simple_k, batch_min, batch_max)`` quantized to the
-  kernel's microbatch (memory and deadline bounds come from :func:`clamp`),
-  learning rate ``client_lr * r_k`` with the AdaScale gain for
-  ``S = b_k / batch_size``, and local steps from the time budget (if any).
-  ``B_simple_k = tr(Sigma_k) / |G_k|^2`` from separate bias-corrected EMAs;
-  a client never seen uses the cohort's EMAs; before any estimate exists the
-  batch is ``batch_size``.
+  kernel's microbatch and at least two microbatches (so every step yields a
+  noise estimate; memory and deadline bounds come from :func:`clamp`),
+  learning rate ``client_lr * min(r_k, max_gain)`` with the AdaScale gain
+  ``r_k`` for ``S = b_k / batch_size``, and local steps from the time budget
+  (if any). ``B_simple_k = tr(Sigma_k) / |G_k|^2`` is the ratio of separate
+  bias-corrected EMAs of the client's own per-round estimates; a client
+  never seen, or whose smoothed ``|G|^2`` is not yet positive, uses the
+  cohort's EMAs; before any estimate exists the batch is ``batch_size`` and
+  the gain 1.
+
+  Args:
+    batch_size: reference batch ``b_0`` (the learning rate is tuned for it).
+    batch_min: smallest batch (raised to two microbatches).
+    batch_max: largest batch.
+    kappa: target batch in units of ``B_simple``.
+    local_steps: local steps (the maximum, with a time budget).
+    client_lr: learning rate at ``b_0``.
+    ema_decay: EMA decay of the per-client estimates.
+    microbatch: the kernel's ``mu``.
+    time_budget: local compute seconds per round (0: fixed steps).
+    use_gain: scale the learning rate by the AdaScale gain.
+    max_gain: cap on the gain: local SGD with many steps tolerates less than
+      the single-step analysis of AdaScale assumes.
   """
+  low = max(int(batch_min), 2 * int(microbatch))
 
   def init(num_clients):
     return NoiseState(noise.ema_init(num_clients), noise.ema_init(num_clients),
+                      jnp.zeros((num_clients,), jnp.int32),
                       noise.ema_init(1), noise.ema_init(1))
 
   def update(feedback, state, ctx):
     st = feedback.stats
     seen = st.noise_steps > 0
+    # decay per round elapsed, so a rarely sampled client's old estimates
+    # fade as fast as the cohort's
+    gap = jnp.maximum(ctx.round - state.last[feedback.cohort], 1)
+    decay = jnp.asarray(ema_decay, jnp.float32) ** gap.astype(jnp.float32)
     g_sq = noise.ema_update(state.g_sq, feedback.cohort, st.grad_sq, seen,
-                            ema_decay)
+                            decay)
     trace = noise.ema_update(state.trace, feedback.cohort, st.trace, seen,
-                             ema_decay)
+                             decay)
+    last = state.last.at[feedback.cohort].set(
+        jnp.where(seen, ctx.round, state.last[feedback.cohort]))
     any_seen = seen.any()
     cnt = jnp.maximum(seen.sum(), 1)
     one = jnp.zeros((1,), jnp.int32)
@@ -231,21 +257,21 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
     ct = noise.ema_update(state.cohort_trace, one,
                           jnp.where(seen, st.trace, 0.0).sum()[None] / cnt,
                           any_seen[None], ema_decay)
-    state = NoiseState(g_sq, trace, cg, ct)
+    state = NoiseState(g_sq, trace, last, cg, ct)
 
-    known = g_sq.weight[ctx.cohort] > 0
-    cohort_b = noise.noise_scale(noise.ema_value(cg)[0],
-                                 noise.ema_value(ct)[0])
-    own_b = noise.noise_scale(noise.ema_value(g_sq)[ctx.cohort],
-                              noise.ema_value(trace)[ctx.cohort])
-    have_cohort = cg.weight[0] > 0
-    b_simple = jnp.where(known, own_b, cohort_b)
+    own_g = noise.ema_value(g_sq)[ctx.cohort]
+    own_t = noise.ema_value(trace)[ctx.cohort]
+    coh_g, coh_t = noise.ema_value(cg)[0], noise.ema_value(ct)[0]
+    known = (g_sq.weight[ctx.cohort] > 0) & (own_g > 0) & (own_t > 0)
+    have_cohort = (cg.weight[0] > 0) & (coh_g > 0) & (coh_t > 0)
+    b_simple = jnp.where(known, noise.noise_scale(own_g, own_t),
+                         noise.noise_scale(coh_g, coh_t))
     estimated = known | have_cohort
     target = jnp.where(estimated, kappa * b_simple, batch_size)
-    target = jnp.clip(target, batch_min, batch_max)
+    target = jnp.clip(target, low, batch_max)
     b = quantize(target, microbatch, jnp.asarray(batch_max, jnp.int32))
     gain = adascale_gain(b_simple, b / jnp.asarray(batch_size, jnp.float32))
-    gain = jnp.where(estimated & use_gain, gain, 1.0)
+    gain = jnp.where(estimated & use_gain, jnp.minimum(gain, max_gain), 1.0)
     steps = steps_for_budget(b, ctx, time_budget, local_steps)
     return Plan(b, steps, (client_lr * gain).astype(jnp.float32)), state
 

@@ -71,7 +71,7 @@ def ema_update(state: EmaState, index, sample, mask, decay) -> EmaState:
     index: int32 ``[K]`` entries to update (distinct).
     sample: ``[K, ...]`` new observations.
     mask: bool ``[K]``; entries with ``False`` keep their value.
-    decay: EMA decay in ``[0, 1)``.
+    decay: EMA decay in ``[0, 1)``, a scalar or ``[K]`` (per entry).
 
   Returns:
     The new :class:`EmaState`.
@@ -79,7 +79,9 @@ def ema_update(state: EmaState, index, sample, mask, decay) -> EmaState:
   old_v = state.value[index]
   old_w = state.weight[index]
   m = mask.reshape(mask.shape + (1,) * (old_v.ndim - 1))
-  new_v = jnp.where(m, decay * old_v + (1.0 - decay) * sample, old_v)
+  decay = jnp.asarray(decay, jnp.float32)
+  dv = decay.reshape(decay.shape + (1,) * (old_v.ndim - decay.ndim))
+  new_v = jnp.where(m, dv * old_v + (1.0 - dv) * sample, old_v)
   new_w = jnp.where(mask, decay * old_w + (1.0 - decay), old_w)
   return EmaState(state.value.at[index].set(new_v),
                   state.weight.at[index].set(new_w))

@@ -1,0 +1,181 @@
+"""Controllers: pure, jittable, vmappable, and every plan within bounds."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_bsa import controllers as C
+from fedjax_bsa.kernel import ClientStats
+
+N, K, MU = 12, 5, 4
+
+
+def _ctx(rnd=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return C.Context(
+      round=jnp.int32(rnd),
+      cohort=jnp.array(rng.choice(N, K, replace=False), jnp.int32),
+      speed=jnp.array(rng.lognormal(0, 1, K) * 500, jnp.float32),
+      step_overhead=jnp.full((K,), 0.01, jnp.float32),
+      memory_cap=jnp.array([10, 64, 3, 200, 33], jnp.int32),
+      key=jax.random.key(seed))
+
+
+def _feedback(seed=1, g=0.5, tr=20.0):
+  rng = np.random.default_rng(seed)
+  cohort = jnp.array(rng.choice(N, K, replace=False), jnp.int32)
+  ones = jnp.ones((K,), jnp.float32)
+  stats = ClientStats(loss=ones, examples=jnp.full((K,), 40, jnp.int32),
+                      steps=jnp.full((K,), 5, jnp.int32),
+                      grad_sq=g * jnp.array(rng.uniform(0.5, 2, K),
+                                            jnp.float32),
+                      trace=tr * ones, noise_steps=jnp.full((K,), 5,
+                                                            jnp.int32),
+                      update_sq=ones)
+  return C.Feedback(cohort, stats)
+
+
+def _controllers(time_budget=0.0):
+  ns = C.noise_scale(8, 8, 128, 1.0, 10, 0.1, 0.9, MU, time_budget)
+  return {
+      "constant": C.clamp(C.constant(32, 10, 0.1), time_budget=time_budget),
+      "random": C.clamp(C.random(1, 300, 10, 0.1), time_budget=time_budget),
+      "schedule": C.clamp(C.schedule("doubling", 8, 256, 2, 50, 10, 0.1),
+                          time_budget=time_budget),
+      "resource_proportional": C.clamp(
+          C.resource_proportional(16, 500.0, 10, 0.1),
+          time_budget=time_budget),
+      "noise_scale": C.clamp(ns, microbatch=MU, time_budget=time_budget),
+  }
+
+
+def _run(ctrl, n_rounds=4, seed=0):
+  state = ctrl.init(N)
+  plans = []
+  fb = C.empty_feedback(K)
+  for r in range(n_rounds):
+    plan, state = ctrl.update(fb, state, _ctx(r, seed + r))
+    plans.append(plan)
+    fb = _feedback(seed + r)
+  return plans, state
+
+
+@pytest.mark.parametrize("name", list(_controllers()))
+def test_pure_and_jit_equal(name):
+  ctrl = _controllers()[name]
+  state = ctrl.init(N)
+  fb, ctx = _feedback(), _ctx()
+  p1, s1 = ctrl.update(fb, state, ctx)
+  p2, s2 = ctrl.update(fb, state, ctx)
+  p3, s3 = jax.jit(ctrl.update)(fb, state, ctx)
+  for a, b, c in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2)),
+                     jax.tree.leaves((p3, s3))):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, rtol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05])
+@pytest.mark.parametrize("name", list(_controllers()))
+def test_plans_respect_memory_budget_and_quantization(name, budget):
+  ctrl = _controllers(budget)[name]
+  for seed in range(3):
+    plans, _ = _run(ctrl, seed=seed)
+    for r, plan in enumerate(plans):
+      ctx = _ctx(r, seed + r)
+      b = np.asarray(plan.batch_size)
+      s = np.asarray(plan.steps)
+      assert (b >= 1).all() and (s >= 1).all()
+      cap = np.asarray(ctx.memory_cap)
+      if budget:
+        by_time = np.maximum(np.floor((budget - 0.01) * np.asarray(ctx.speed)),
+                             1)
+        cap = np.minimum(cap, by_time)
+        # more than one step only while the steps fit the budget
+        per_step = 0.01 + b / np.asarray(ctx.speed)
+        assert ((s == 1) | (s * per_step <= budget * (1 + 1e-6))).all()
+      assert (b <= cap).all(), (b, cap)
+      if name == "noise_scale":
+        assert (b[cap >= MU] % MU == 0).all(), b
+
+
+def test_vmap_over_states_and_hyperparameters_equals_one_by_one():
+  kappas = jnp.array([0.5, 1.0, 3.0])
+  lrs = jnp.array([0.05, 0.1, 0.2])
+  fbs = [_feedback(seed=s, g=0.2 * (s + 1)) for s in range(3)]
+  ctx = _ctx()
+
+  def one(kappa, lr, fb):
+    ctrl = C.clamp(C.noise_scale(8, 8, 128, kappa, 10, lr, 0.9, MU),
+                   microbatch=MU)
+    state = ctrl.init(N)
+    _, state = ctrl.update(fb, state, ctx)   # fold in the feedback
+    return ctrl.update(fb, state, ctx)[0]
+
+  stacked_fb = jax.tree.map(lambda *x: jnp.stack(x), *fbs)
+  batched = jax.jit(jax.vmap(one, in_axes=(0, 0, 0)))(kappas, lrs, stacked_fb)
+  for i in range(3):
+    single = one(kappas[i], lrs[i], fbs[i])
+    for a, b in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
+      np.testing.assert_allclose(np.asarray(a)[i], b, rtol=1e-6)
+  # the experiments really differ
+  assert not np.array_equal(batched.batch_size[0], batched.batch_size[2])
+
+
+def test_noise_scale_follows_b_simple_and_gain():
+  ctrl = C.noise_scale(8, 8, 1024, 1.0, 10, 0.1, 0.0, MU, max_gain=100.0)
+  state = ctrl.init(N)
+  ctx = _ctx()
+  # before any estimate: batch_size and gain 1
+  plan, state = ctrl.update(C.empty_feedback(K), state, ctx)
+  np.testing.assert_array_equal(plan.batch_size, 8)
+  np.testing.assert_allclose(plan.lr, 0.1)
+  # the cohort reports |G|^2 = 0.25, tr = 16: B_simple = 64 for everyone
+  stats = _feedback().stats._replace(grad_sq=jnp.full((K,), 0.25),
+                                     trace=jnp.full((K,), 16.0))
+  fb = C.Feedback(ctx.cohort, stats)
+  plan, state = ctrl.update(fb, state, ctx)
+  np.testing.assert_array_equal(plan.batch_size, 64)
+  s = 64 / 8
+  gain = (64 + 1) / (64 / s + 1)
+  np.testing.assert_allclose(plan.lr, 0.1 * gain, rtol=1e-5)
+  # a client never seen gets the cohort estimate
+  other = ctx._replace(cohort=jnp.array(
+      [i for i in range(N) if i not in np.asarray(ctx.cohort)][:K],
+      jnp.int32))
+  plan, _ = ctrl.update(C.empty_feedback(K), state, other)
+  np.testing.assert_array_equal(plan.batch_size, 64)
+
+
+def test_noise_scale_per_client_estimates_differ():
+  ctrl = C.noise_scale(8, 8, 1024, 1.0, 10, 0.1, 0.0, MU)
+  ctx = _ctx()
+  stats = _feedback().stats._replace(
+      grad_sq=jnp.array([1.0, 0.5, 0.25, 0.125, 1.0]),
+      trace=jnp.full((K,), 16.0))
+  _, state = ctrl.update(C.Feedback(ctx.cohort, stats), ctrl.init(N), ctx)
+  plan, _ = ctrl.update(C.empty_feedback(K), state, ctx)
+  np.testing.assert_array_equal(plan.batch_size, [16, 32, 64, 128, 16])
+
+
+def test_schedule_rules():
+  ctx = _ctx()
+  for rule, expect in (("doubling", [8, 8, 16, 16, 32, 32]),
+                       ("step", [8, 8, 16, 16, 16, 16])):
+    ctrl = C.schedule(rule, 8, 256, 2, 6, 10, 0.1)
+    got = [int(ctrl.update(None, (), ctx._replace(round=jnp.int32(r)))[0]
+               .batch_size[0]) for r in range(6)]
+    assert got == expect, rule
+  ctrl = C.schedule("linear", 8, 108, 1, 11, 10, 0.1)
+  got = [int(ctrl.update(None, (), ctx._replace(round=jnp.int32(r)))[0]
+             .batch_size[0]) for r in (0, 5, 10)]
+  assert got == [8, 58, 108]
+
+
+def test_resource_proportional():
+  ctx = _ctx()
+  ctrl = C.resource_proportional(16, 500.0, 10, 0.1)
+  plan, _ = ctrl.update(None, (), ctx)
+  np.testing.assert_allclose(plan.batch_size,
+                             np.maximum(np.round(16 * np.asarray(ctx.speed)
+                                                 / 500.0), 1))
