@@ -1,0 +1,157 @@
+"""fedjax_bsa.plot: PNGs of a real (tiny) run, comparison, errors, CLI."""
+
+import json
+import os
+import shutil
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from fedjax_bsa import plot
+from fedjax_bsa import runner
+from fedjax_bsa.config import Config
+
+NAMES = ["accuracy.png", "batch_size.png", "noise_scale.png",
+         "padding_efficiency.png"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  out = tmp_path_factory.mktemp("run")
+  cfg = Config(rounds=4, eval_every=2, num_clients=20, clients_per_round=4,
+               progress=False, hidden=16)
+  runner.run(cfg, out_dir=str(out), print_table=False)
+  return str(out)
+
+
+def _check_png(path):
+  assert os.path.exists(path), path
+  assert os.path.getsize(path) > 5000, f"{path}: suspiciously small"
+  img = matplotlib.image.imread(path)
+  assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+  assert float(np.std(img[..., :3])) > 0.01, f"{path}: blank image"
+
+
+def test_plot_run_writes_valid_pngs(run_dir, tmp_path):
+  out = tmp_path / "figs"
+  paths = plot.plot_run(run_dir, str(out))
+  assert [os.path.basename(p) for p in paths] == NAMES
+  for p in paths:
+    assert os.path.dirname(p) == str(out)
+    _check_png(p)
+
+
+def test_plot_run_default_out_dir(run_dir, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(run_dir, copy)
+  paths = plot.plot_run(str(copy))
+  assert paths == [str(copy / "plots" / n) for n in NAMES]
+  for p in paths:
+    _check_png(p)
+
+
+def test_plot_run_without_clients_file(run_dir, tmp_path):
+  """A run that wrote only metrics (e.g. interrupted) still plots."""
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  shutil.copy(os.path.join(run_dir, "metrics.jsonl"), partial)
+  paths = plot.plot_run(str(partial), str(tmp_path / "figs"))
+  assert len(paths) == 4
+  for p in paths:
+    assert os.path.getsize(p) > 1000
+
+
+def test_noise_plot_without_estimates(run_dir, tmp_path):
+  run = tmp_path / "nonoise"
+  shutil.copytree(run_dir, run)
+  with np.load(run / "clients.npz") as z:
+    clients = {k: z[k] for k in z.files}
+  clients["b_simple"] = np.full_like(clients["b_simple"], np.nan)
+  np.savez(run / "clients.npz", **clients)
+  paths = plot.plot_run(str(run))
+  _check_png(paths[2])
+
+
+def test_load_run_contents(run_dir):
+  run = plot.load_run(run_dir)
+  assert [r["round"] for r in run.records] == [0, 2, 4]
+  assert run.config["rounds"] == 4
+  assert run.clients["batch"].shape == (4, 4)
+  assert run.summary["num_clients"] == 20
+
+
+def test_plot_compare(run_dir, tmp_path):
+  other = tmp_path / "other"
+  shutil.copytree(run_dir, other)
+  out = tmp_path / "cmp" / "compare.png"
+  got = plot.plot_compare({"a": run_dir, "b": str(other)}, str(out),
+                          target=0.5)
+  assert got == str(out)
+  _check_png(got)
+  got = plot.plot_compare([run_dir, str(other)], str(tmp_path / "c2.png"))
+  _check_png(got)
+
+
+def test_missing_dir_errors(tmp_path):
+  missing = tmp_path / "nope"
+  with pytest.raises(ValueError, match="nope"):
+    plot.plot_run(str(missing))
+  empty = tmp_path / "empty_run"
+  empty.mkdir()
+  with pytest.raises(ValueError, match="empty_run.*metrics.jsonl"):
+    plot.plot_run(str(empty))
+  with pytest.raises(ValueError, match="empty_run"):
+    plot.plot_compare({"x": str(empty)}, str(tmp_path / "c.png"))
+  with pytest.raises(ValueError, match="no run directories"):
+    plot.plot_compare({}, str(tmp_path / "c.png"))
+  (empty / "metrics.jsonl").write_text("")
+  with pytest.raises(ValueError, match="no records"):
+    plot.plot_run(str(empty))
+
+
+def test_truncated_last_line_is_tolerated(run_dir, tmp_path):
+  run = tmp_path / "writing"
+  shutil.copytree(run_dir, run)
+  with open(run / "metrics.jsonl", "a") as fh:
+    fh.write('{"round": 6, "sim_ti')
+  assert len(plot.load_run(str(run)).records) == 3
+
+
+def test_client_groups_tiers_and_terciles():
+  base = Config(num_clients=60, clients_per_round=4).to_dict()
+  tiers = plot.Run("x", dict(base, resources="tiers"), [], None,
+                   {"num_clients": 60})
+  group, names, caps = plot.client_groups(tiers)
+  assert group.shape == (60,)
+  assert names[0].startswith("low") and len(names) == 3
+  assert np.bincount(group).tolist() == [30, 18, 12]
+  assert caps == [32, 128, 512]
+  logn = plot.Run("x", dict(base, resources="lognormal"), [], None,
+                  {"num_clients": 60})
+  group, names, _ = plot.client_groups(logn)
+  assert names == ["slow third", "mid third", "fast third"]
+  assert np.bincount(group).tolist() == [20, 20, 20]
+  uni = plot.Run("x", dict(base, resources="uniform"), [], None,
+                 {"num_clients": 60})
+  group, names, caps = plot.client_groups(uni)
+  assert names == ["all"] and not group.any() and caps == [128]
+
+
+def test_main(run_dir, tmp_path, capsys):
+  other = tmp_path / "other"
+  shutil.copytree(run_dir, other)
+  assert plot.main([run_dir, "--out", str(tmp_path / "one")]) == 0
+  printed = capsys.readouterr().out.split()
+  assert printed == [str(tmp_path / "one" / n) for n in NAMES]
+  out = tmp_path / "many"
+  assert plot.main(["plot", run_dir, str(other), "--out", str(out)]) == 0
+  printed = capsys.readouterr().out.split()
+  assert len(printed) == 9 and all(os.path.exists(p) for p in printed)
+  assert printed[-1] == str(out / "compare_accuracy.png")
+  # each run's figures go under OUTDIR/<label>, labels unique
+  assert len({os.path.dirname(p) for p in printed[:-1]}) == 2
+  assert all(p.startswith(str(out) + os.sep) for p in printed)
+  assert plot.main([str(other), str(tmp_path / "missing")]) == 2
+  err = capsys.readouterr().err
+  assert "missing" in err and err.count("\n") == 1
