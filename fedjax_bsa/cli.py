@@ -1,10 +1,17 @@
 """The ``fedjax-bsa`` command.
 
   fedjax-bsa run [--set key=value ...] [--config FILE] [--out DIR]
+  fedjax-bsa run --resume DIR           continue a killed run
+  fedjax-bsa sweep --grid seed=0,1,2 --grid client_lr=0.05,0.1 --out DIR
+                                        experiments as one compiled program
   fedjax-bsa partition [--set ...]      summary of a partition
   fedjax-bsa settings                   every setting, its default and range
   fedjax-bsa bench kernel [...]         the round-kernel benchmark
-  fedjax-bsa sweep / study / plot       (see --help of each)
+
+``run`` and ``sweep`` join a multi-process JAX job with ``--coordinator
+HOST:PORT --num-processes N --process-id I`` (or ``FEDJAX_BSA_COORDINATOR``,
+``FEDJAX_BSA_NUM_PROCESSES``, ``FEDJAX_BSA_PROCESS_ID``); only process 0
+writes.
 
 A wrong setting is a one-line error naming it, exit code 2, and nothing is
 written.
@@ -13,6 +20,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,6 +35,57 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
                  help="a setting (repeatable); see `fedjax-bsa settings`")
   p.add_argument("--config", metavar="FILE",
                  help="settings from a JSON or YAML file (--set wins)")
+
+
+def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
+  p.add_argument("--out", metavar="DIR", help=f"write the {what}'s files "
+                 "here")
+  p.add_argument("--resume", metavar="DIR", help=f"continue the {what} "
+                 "whose outputs are in DIR from its newest valid checkpoint")
+  p.add_argument("--checkpoint-every", type=int, metavar="ROUNDS",
+                 help="rounds between checkpoints (default: every "
+                 "eval_every rounds; -1: none)")
+  p.add_argument("--no-progress", action="store_true")
+  g = p.add_argument_group("several processes (one per host)")
+  g.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="process 0's address (or $FEDJAX_BSA_COORDINATOR)")
+  g.add_argument("--num-processes", metavar="N",
+                 help="processes in the job (or $FEDJAX_BSA_NUM_PROCESSES)")
+  g.add_argument("--process-id", metavar="I",
+                 help="this process (or $FEDJAX_BSA_PROCESS_ID)")
+
+
+def _initialize(args) -> None:
+  from fedjax_bsa import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(args.coordinator, args.num_processes,
+                         args.process_id)
+
+
+_RESUME_MAY_CHANGE = ("rounds", "progress")
+
+
+def _resumed_config(args, out_dir: str) -> Config:
+  """The saved config of ``out_dir``; ``--set`` may change only
+  ``rounds`` and ``progress``."""
+  path = os.path.join(out_dir, "config.json")
+  try:
+    with open(path) as fh:
+      saved = Config.from_dict(json.load(fh))
+  except OSError as e:
+    raise ConfigError(f"--resume {out_dir}: cannot read {path}: "
+                      f"{e.strerror}") from None
+  given = {}
+  if args.config:
+    given.update(load_config_file(args.config))
+  given.update(parse_assignments(args.set))
+  cfg = saved.replace(**given)
+  for key in given:
+    if getattr(cfg, key) != getattr(saved, key) and (
+        key not in _RESUME_MAY_CHANGE):
+      raise ConfigError(f"--set {key}={given[key]} cannot change a resumed "
+                        f"run (saved: {getattr(saved, key)!r}); only "
+                        f"{', '.join(_RESUME_MAY_CHANGE)} may change")
+  return cfg
 
 
 def config_from_args(args) -> Config:
@@ -46,27 +105,72 @@ def _parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   r = sub.add_parser("run", help="run one simulation")
   _add_settings(r)
-  r.add_argument("--out", metavar="DIR", help="write config.json, "
-                 "metrics.jsonl, clients.npz and summary.json here")
-  r.add_argument("--no-progress", action="store_true")
+  _add_scale_out(r, "run")
+  s = sub.add_parser("sweep", help="run a grid of experiments as one "
+                     "vmapped, compiled program")
+  _add_settings(s)
+  s.add_argument("--grid", action="append", default=[],
+                 metavar="KEY=V1,V2,...", help="values of a setting to sweep "
+                 "(repeatable; the cartesian product is run)")
+  _add_scale_out(s, "sweep")
   part = sub.add_parser("partition", help="print a partition's summary")
   _add_settings(part)
   sub.add_parser("settings", help="list every setting")
   b = sub.add_parser("bench", help="benchmarks")
-  b.add_argument("what", choices=["kernel"])
+  b.add_argument("what", choices=["kernel", "sweep"])
   b.add_argument("rest", nargs=argparse.REMAINDER)
+  st = sub.add_parser("study", help="the time-to-accuracy study "
+                      "(benchmarks/time_to_accuracy.py)")
+  st.add_argument("rest", nargs=argparse.REMAINDER)
+  pl = sub.add_parser("plot", help="PNG plots of run folders: plot DIR "
+                      "[DIR ...] [--out OUTDIR]")
+  pl.add_argument("rest", nargs=argparse.REMAINDER)
   return p
 
 
+def _out_dir(args) -> str | None:
+  if args.resume and args.out and (os.path.abspath(args.resume) !=
+                                   os.path.abspath(args.out)):
+    raise ConfigError(f"--out {args.out} is not allowed with --resume "
+                      f"{args.resume}: a resumed run writes into its own "
+                      "folder")
+  return args.resume or args.out
+
+
 def _run(args) -> int:
+  out = _out_dir(args)
+  cfg = _resumed_config(args, out) if args.resume else config_from_args(args)
+  if args.no_progress:
+    cfg = cfg.replace(progress=False)
+  _initialize(args)
+  from fedjax_bsa import distributed  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa import runner  # pylint: disable=g-import-not-at-top
+  runner.run(cfg, out, resume=bool(args.resume),
+             checkpoint_every=args.checkpoint_every)
+  if out and distributed.is_main():
+    print(f"wrote {os.path.join(out, 'metrics.jsonl')} and summary.json")
+  return 0
+
+
+def _sweep(args) -> int:
+  from fedjax_bsa import sweep  # pylint: disable=g-import-not-at-top
+  out = _out_dir(args)
+  if args.resume:
+    if args.grid or args.set or args.config:
+      raise ConfigError("--grid/--set/--config are not allowed with "
+                        "--resume: the sweep's settings are in "
+                        f"{os.path.join(args.resume, 'sweep.json')}")
+    _initialize(args)
+    kw = dict(progress=False) if args.no_progress else {}
+    sweep.resume_sweep(out, checkpoint_every=args.checkpoint_every, **kw)
+    return 0
   cfg = config_from_args(args)
   if args.no_progress:
     cfg = cfg.replace(progress=False)
-  from fedjax_bsa import runner  # pylint: disable=g-import-not-at-top
-  runner.run(cfg, args.out)
-  if args.out:
-    print(f"wrote {os.path.join(args.out, 'metrics.jsonl')} and "
-          f"summary.json")
+  grid = sweep.parse_grid(args.grid)
+  overrides = sweep.expand_grid(grid)
+  _initialize(args)
+  sweep.run_sweep(cfg, overrides, out, checkpoint_every=args.checkpoint_every)
   return 0
 
 
@@ -88,14 +192,25 @@ def main(argv=None) -> int:
   try:
     if args.command == "run":
       return _run(args)
+    if args.command == "sweep":
+      return _sweep(args)
     if args.command == "partition":
       return _partition(args)
     if args.command == "settings":
       print(Config.describe())
       return 0
     if args.command == "bench":
+      if args.what == "sweep":
+        from benchmarks import sweep as sweep_bench  # pylint: disable=g-import-not-at-top
+        return sweep_bench.main(args.rest)
       from benchmarks import round_kernel  # pylint: disable=g-import-not-at-top
       return round_kernel.main(args.rest)
+    if args.command == "study":
+      from benchmarks import time_to_accuracy  # pylint: disable=g-import-not-at-top
+      return time_to_accuracy.main(args.rest)
+    if args.command == "plot":
+      from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+      return plot.main(args.rest)
   except ConfigError as e:
     print(f"fedjax-bsa: error: {e}", file=sys.stderr)
     return 2

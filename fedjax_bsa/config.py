@@ -70,7 +70,7 @@ class Config:
   algorithm: str = _field("fedavg", "client objective and aggregation",
                           choices=ALGORITHMS)
   prox_mu: float = _field(0.01, "FedProx proximal weight", lo=0.0)
-  client_lr: float = _field(0.1, "client SGD learning rate", lo=0.0,
+  client_lr: float = _field(0.2, "client SGD learning rate", lo=0.0,
                             lo_open=True)
   client_momentum: float = _field(0.0, "client SGD momentum", lo=0.0, hi=0.999)
   server_optimizer: str = _field("sgd", "server optimizer (optax)",
@@ -79,12 +79,14 @@ class Config:
   server_momentum: float = _field(0.9, "server momentum (momentum)", lo=0.0,
                                   hi=0.999)
   # --- batch-size controller
-  controller: str = _field("constant", "batch-size controller",
+  controller: str = _field("noise_scale", "batch-size controller",
                            choices=CONTROLLERS)
-  batch_size: int = _field(16, "constant batch / reference batch b_0", lo=1)
+  batch_size: int = _field(8, "constant batch / reference batch b_0", lo=1)
   batch_min: int = _field(8, "smallest batch a controller may pick", lo=1)
   batch_max: int = _field(128, "largest batch a controller may pick", lo=1)
   local_steps: int = _field(10, "local steps per round", lo=1)
+  local_epochs: float = _field(0.0, "if > 0: steps = ceil(epochs * n_k / b_k)"
+                               " instead of local_steps", lo=0.0)
   schedule: str = _field("doubling", "schedule controller's rule",
                          choices=SCHEDULES)
   schedule_every: int = _field(25, "rounds between schedule changes", lo=1)
@@ -94,7 +96,7 @@ class Config:
   time_budget: float = _field(0.0, "per-client local-time budget in s (0: "
                               "none)", lo=0.0)
   # --- kernel
-  microbatch: int = _field(8, "kernel microbatch size mu", lo=1)
+  microbatch: int = _field(4, "kernel microbatch size mu", lo=1)
   lanes: int = _field(0, "vmapped lanes (0: automatic)", lo=0)
   noise_stats: bool = _field(True, "estimate gradient noise in the kernel")
   # --- resources and clock

@@ -29,7 +29,7 @@ class Experiment(NamedTuple):
   cfg: Config
   dataset: datasets.Dataset
   parts: list
-  data: federated.FederatedData           # numpy, [N, n_max, ...]
+  data: federated.FederatedData | None    # numpy, [N, n_max, ...]
   resources: resources_lib.ClientResources  # numpy, [N]
   model: models.Model
   controller: controllers.Controller
@@ -76,11 +76,13 @@ def default_model(cfg: Config, ds: datasets.Dataset) -> str:
 
 
 def make_controller(cfg: Config, resources=None, client_lr=None,
-                    kappa=None, ema_decay=None) -> controllers.Controller:
+                    kappa=None, ema_decay=None,
+                    reference_speed=None) -> controllers.Controller:
   """The configured controller, wrapped in the memory/time :func:`clamp`.
 
-  ``client_lr``, ``kappa`` and ``ema_decay`` may be traced scalars (sweeps);
-  by default they come from ``cfg``.
+  ``client_lr``, ``kappa``, ``ema_decay`` and ``reference_speed`` (the
+  ``resource_proportional`` controller's speed scale) may be traced scalars
+  (sweeps); by default they come from ``cfg`` and ``resources``.
   """
   lr = cfg.client_lr if client_lr is None else client_lr
   kappa = cfg.kappa if kappa is None else kappa
@@ -97,8 +99,10 @@ def make_controller(cfg: Config, resources=None, client_lr=None,
                                  cfg.schedule_every, cfg.rounds,
                                  cfg.local_steps, lr)
   elif name == "resource_proportional":
-    ref = (float(np.median(resources.speed)) if resources is not None
-           else cfg.base_speed)
+    ref = reference_speed
+    if ref is None:
+      ref = (float(np.median(resources.speed)) if resources is not None
+             else cfg.base_speed)
     inner = controllers.resource_proportional(cfg.batch_size, ref,
                                               cfg.local_steps, lr)
   elif name == "noise_scale":
@@ -108,6 +112,8 @@ def make_controller(cfg: Config, resources=None, client_lr=None,
     quantize = cfg.microbatch
   else:  # validated by Config
     raise ValueError(f"controller={name!r} is not allowed")
+  if cfg.local_epochs > 0:
+    inner = controllers.epochs(inner, cfg.local_epochs)
   return controllers.clamp(inner, microbatch=quantize,
                            time_budget=cfg.time_budget)
 
@@ -121,16 +127,27 @@ def make_resources(cfg: Config, num_clients: int):
       trace_path=cfg.trace_path or None)
 
 
-def build(cfg: Config, n_max: int | None = None) -> Experiment:
-  """Builds the host-side pieces of a simulation from a validated config."""
+def build(cfg: Config, n_max: int | None = None, *,
+          with_data: bool = True, dataset: datasets.Dataset | None = None
+          ) -> Experiment:
+  """Builds the host-side pieces of a simulation from a validated config.
+
+  Args:
+    cfg: the settings.
+    n_max: rows per client in ``data`` (default: the largest client).
+    with_data: build ``data`` (False: ``data`` is None, for callers that
+      place the clients' rows themselves, e.g. sharded over hosts).
+    dataset: the dataset, if already loaded (default: ``load_dataset``).
+  """
   cfg.validate()
-  ds = load_dataset(cfg)
+  ds = dataset if dataset is not None else load_dataset(cfg)
   parts = make_parts(cfg, ds)
   num_clients = len(parts)
   if cfg.clients_per_round > num_clients:
     raise ValueError(f"clients_per_round={cfg.clients_per_round} is out of "
                      f"range: the partition has {num_clients} clients")
-  data = federated.from_partition(ds.x_train, ds.y_train, parts, n_max)
+  data = (federated.from_partition(ds.x_train, ds.y_train, parts, n_max)
+          if with_data else None)
   res = make_resources(cfg, num_clients)
   model = models.make_model(default_model(cfg, ds), ds.x_train.shape[1:],
                             ds.num_classes, hidden=cfg.hidden)

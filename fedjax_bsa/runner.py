@@ -1,28 +1,39 @@
-"""The host loop of one run: compiled chunks, evaluation, files, progress.
+"""The host loop of one run: compiled chunks, evaluation, files, checkpoints.
 
 Writes, under ``out_dir`` (DESIGN.md section 6): ``config.json`` (first),
 ``metrics.jsonl`` (one object per evaluated round, flushed as it goes),
-``clients.npz`` (per-client plans per round) and ``summary.json`` (last).
+``clients.npz`` (per-client plans per round), ``summary.json`` (last) and,
+between chunks, ``checkpoints/<round>/`` (the last two), from which
+``run(..., resume=True)`` continues. Only process 0 writes.
+
+With several devices (or processes) the clients' data is sharded over a
+``clients`` mesh axis spanning all of them, and the round kernel's lanes with
+it (:mod:`fedjax_bsa.distributed`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
+import shutil
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_bsa import checkpoint as checkpoint_lib
+from fedjax_bsa import distributed
 from fedjax_bsa import simulate
 from fedjax_bsa.config import Config
 from fedjax_bsa.experiment import build
+from fedjax_bsa.outputs import Outputs, chunk_records, format_table
 
-__all__ = ["RunResult", "run", "chunk_records", "format_table"]
+__all__ = ["RunResult", "run", "drive", "clear_checkpoints", "chunk_records",
+           "format_table", "Outputs", "CLIENTS_AXIS"]
+
+CLIENTS_AXIS = "clients"
 
 
 class RunResult(NamedTuple):
@@ -33,67 +44,107 @@ class RunResult(NamedTuple):
   state: Any             # final SimState
 
 
-def _f(x) -> float:
-  x = float(x)
-  return x if math.isfinite(x) else None
+def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
+          outputs: list, *, ckpt: checkpoint_lib.Checkpointer | None = None,
+          checkpoint_every: int = 0, progress: bool = False, start=None,
+          stream=None):
+  """The host loop over chunks of rounds, for ``E >= 1`` experiments.
+
+  Args:
+    rounds: rounds to run in total.
+    chunk: rounds per ``step`` call.
+    state: the device state (restored from ``ckpt`` when it holds a step).
+    step: ``step(state, rounds_left) -> (state, metrics)``, ``metrics`` a
+      dict of numpy arrays ``[E, chunk, ...]``.
+    evaluate: ``evaluate(state) -> (accuracy[E], loss[E], sim_time[E])``
+      as numpy.
+    outputs: one :class:`Outputs` per experiment.
+    ckpt: where to checkpoint (None: nowhere).
+    checkpoint_every: rounds between checkpoints (rounded up to whole
+      chunks; 0: every chunk).
+    progress: show a progress bar (process 0).
+    start: ``time.perf_counter()`` at the start of the run.
+    stream: where to print messages.
+
+  Returns:
+    The final state.
+  """
+  start = time.perf_counter() if start is None else start
+  stream = stream or sys.stderr
+  wall0, done = 0.0, 0
+  restored = ckpt.restore(state) if ckpt is not None else None
+  if restored is not None:
+    state, done = restored.state, restored.step
+    wall0 = restored.meta["wall_time_s"]
+    for e, out in enumerate(outputs):
+      out.load(restored.meta["experiments"][e], restored.host, e, wall0)
+  wall = lambda: wall0 + time.perf_counter() - start
+  for out in outputs:
+    out.open()
+
+  def evaluated(chunk_m, n):
+    acc, loss, sim_time = evaluate(state)
+    for e, out in enumerate(outputs):
+      if out.active:
+        extra = (chunk_records(jax.tree.map(lambda a: a[e], chunk_m), n)
+                 if chunk_m is not None else None)
+        out.record(done, float(sim_time[e]), wall(), acc[e], loss[e], extra)
+
+  if restored is None:
+    evaluated(None, 0)
+  bar = None
+  if progress and distributed.is_main():
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round",
+               file=sys.stderr, leave=False)
+  last_saved = done
+  while done < rounds and any(o.active for o in outputs):
+    left = rounds - done
+    state, m = step(state, np.int32(left))
+    n = min(chunk, left)
+    for e, out in enumerate(outputs):
+      if out.active:
+        out.add_clients(jax.tree.map(lambda a: a[e], m), n)
+    done += n
+    if bar is not None:
+      bar.update(n)
+      losses = m["train_loss"][:, n - 1]
+      finite = losses[np.isfinite(losses)]
+      bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
+    evaluated(m, n)
+    for e, out in enumerate(outputs):
+      bad = ~np.isfinite(m["train_loss"][e, :n])
+      if out.active and bad.any():
+        out.diverged = done - n + int(np.argmax(bad)) + 1
+        if distributed.is_main():
+          print(f"diverged{out.label}: the training loss became non-finite "
+                f"at round {out.diverged}; stopped after round {done}, "
+                f"keeping the {len(out.records)} records written",
+                file=stream)
+    finished = done >= rounds or not any(o.active for o in outputs)
+    if ckpt is not None and (finished or
+                             done - last_saved >= checkpoint_every):
+      meta = dict(wall_time_s=wall(), rounds=done,
+                  experiments=[o.meta() for o in outputs])
+      host = {}
+      for e, o in enumerate(outputs):
+        host.update(o.host_arrays(e))
+      ckpt.save(done, state, meta, host)
+      last_saved = done
+  if bar is not None:
+    bar.close()
+  return state
 
 
-def chunk_records(m: dict, n: int) -> dict:
-  """Aggregates the first ``n`` rounds of a chunk's metrics (numpy)."""
-  took = m["participants"][:n] > 0
-  b_simple = m["noise_scale"][:n][took & (m["noise_scale"][:n] > 0)]
-  mins = m["min_batch"][:n][took]
-  maxs = m["max_batch"][:n][took]
-  return dict(
-      train_loss=_f(m["train_loss"][n - 1]),
-      mean_batch_size=_f(np.mean(m["mean_batch"][:n][took])) if took.any()
-      else None,
-      min_batch_size=_f(mins.min()) if mins.size else None,
-      max_batch_size=_f(maxs.max()) if maxs.size else None,
-      batch_over_memory_cap=int(m["over_cap"][:n].sum()),
-      noise_scale=_f(np.median(b_simple)) if b_simple.size else None,
-      mean_adascale_gain=_f(np.mean(m["mean_gain"][:n][took]))
-      if took.any() else None,
-      heterogeneity=_f(np.mean(m["heterogeneity"][:n])),
-      round_time_s=_f(m["round_time"][n - 1]),
-      participants=int(m["participants"][n - 1]),
-      dropped=int(m["dropped"][:n].sum()),
-      partial=int(m["partial"][:n].sum()),
-      examples=int(m["examples"][:n].sum()),
-      padding_efficiency=_f(np.mean(m["padding_efficiency"][:n][took]))
-      if took.any() else None)
-
-
-def format_table(records: list, summary: dict) -> str:
-  """A short text table of the evaluated rounds (at most ~12 rows)."""
-  cols = [("round", "{:>6}"), ("sim_time_s", "{:>10.1f}"),
-          ("wall_time_s", "{:>8.1f}"), ("test_accuracy", "{:>8.4f}"),
-          ("test_loss", "{:>8.4f}"), ("mean_batch_size", "{:>7.1f}"),
-          ("noise_scale", "{:>9.2f}")]
-  head = ["round", "sim_s", "wall_s", "test_acc", "test_loss", "batch",
-          "B_simple"]
-  widths = [6, 10, 8, 8, 8, 7, 9]
-  lines = [" ".join(h.rjust(w) for h, w in zip(head, widths))]
-  step = max(1, math.ceil(len(records) / 12))
-  rows = records[::step]
-  if records and rows[-1] is not records[-1]:
-    rows.append(records[-1])
-  for r in rows:
-    cells = []
-    for (key, fmt), w in zip(cols, widths):
-      v = r.get(key)
-      cells.append(fmt.format(v) if v is not None else "-".rjust(w))
-    lines.append(" ".join(cells))
-  lines.append(
-      f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
-      f"{summary['best_test_accuracy']:.4f}, simulated "
-      f"{summary['sim_time_s']:.1f} s, wall {summary['wall_time_s']:.1f} s, "
-      f"{summary['compiles']} compile(s) of the round loop")
-  return "\n".join(lines)
+def _sharding(mesh):
+  return {} if mesh is None else dict(
+      out_shardings=NamedSharding(mesh, P()))
 
 
 def run(cfg: Config, out_dir: str | None = None, *,
-        print_table: bool = True, stream=None) -> RunResult:
+        print_table: bool = True, stream=None, mesh: Any = "auto",
+        resume: bool = False, checkpoint_every: int | None = None
+        ) -> RunResult:
   """Runs one simulation end to end.
 
   Args:
@@ -101,6 +152,13 @@ def run(cfg: Config, out_dir: str | None = None, *,
     out_dir: where to write the outputs (None: write nothing).
     print_table: print the final table to ``stream``.
     stream: text stream for messages (default ``sys.stdout``).
+    mesh: ``"auto"`` (a ``clients`` mesh over every device when there are
+      several, else none), a ``jax.sharding.Mesh`` with a ``clients`` axis,
+      or None (one device, required to be a single process).
+    resume: continue from the newest valid checkpoint in
+      ``out_dir/checkpoints`` (start afresh if there is none).
+    checkpoint_every: rounds between checkpoints when ``out_dir`` is given
+      (None or 0: after every chunk of ``eval_every`` rounds; -1: never).
 
   Returns:
     A :class:`RunResult`.
@@ -108,92 +166,71 @@ def run(cfg: Config, out_dir: str | None = None, *,
   stream = stream or sys.stdout
   start = time.perf_counter()
   cfg = cfg.validate()
-  exp = build(cfg)
-  sim = simulate.make_simulation(exp)
-  data = jax.device_put(exp.data)
-  res = jax.device_put(exp.resources)
-  hp = simulate.hparams_of(cfg)
-  x_test = jnp.asarray(exp.dataset.x_test)
-  y_test = jnp.asarray(exp.dataset.y_test)
-  state = jax.jit(sim.init)(jax.random.key(cfg.seed), data, res, hp)
-  run_chunk = jax.jit(sim.run_chunk)
-  evaluate = jax.jit(sim.evaluate)
-
-  metrics_file = None
+  if isinstance(mesh, str):
+    if mesh != "auto":
+      raise ValueError(f"mesh={mesh!r} is not allowed: 'auto', a Mesh or "
+                       "None")
+    mesh = (distributed.make_mesh(CLIENTS_AXIS) if jax.device_count() > 1
+            else None)
+  if mesh is None and jax.process_count() > 1:
+    raise ValueError("mesh=None is not allowed with several processes")
+  if resume and not out_dir:
+    raise ValueError("resume needs out_dir: the run's output folder")
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as fh:
-      json.dump(cfg.to_dict(), fh, indent=1)
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+    distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
+  exp = build(cfg, with_data=False)
+  ds = exp.dataset
+  n_max = max(len(p) for p in exp.parts)
+  data = distributed.client_data(ds.x_train, ds.y_train, exp.parts, n_max,
+                                 mesh, CLIENTS_AXIS)
+  sim = simulate.make_simulation(exp, mesh=mesh, axis_name=CLIENTS_AXIS)
+  res, hp, kd, x_test, y_test = distributed.replicated(
+      (exp.resources, simulate.hparams_of(cfg, exp.resources),
+       np.asarray(jax.random.key_data(jax.random.key(cfg.seed))),
+       np.asarray(ds.x_test, np.float32), np.asarray(ds.y_test)), mesh)
+  kw = _sharding(mesh)
+  init = jax.jit(lambda k, *a: sim.init(jax.random.wrap_key_data(k), *a),
+                 **kw)
+  run_chunk = jax.jit(sim.run_chunk, **kw)
+  evaluate = jax.jit(sim.evaluate, **kw)
+  state = init(kd, data, res, hp)
 
-  records = []
+  def step(st, left):
+    st, m = run_chunk(st, data, res, hp, left)
+    return st, {k: v[None] for k, v in distributed.to_host(
+        m._asdict()).items()}
 
-  def record(done, extra):
-    acc, loss = evaluate(state.params, x_test, y_test)
-    r = dict(round=done, sim_time_s=_f(state.sim_time),
-             wall_time_s=time.perf_counter() - start,
-             test_accuracy=_f(acc), test_loss=_f(loss), **extra)
-    records.append(r)
-    if metrics_file:
-      metrics_file.write(json.dumps(r) + "\n")
-      metrics_file.flush()
+  def evaluate_state(st):
+    acc, loss, sim_time = distributed.to_host(
+        (*evaluate(st.params, x_test, y_test), st.sim_time))
+    return acc[None], loss[None], sim_time[None]
 
-  empty = dict(train_loss=None, mean_batch_size=None, min_batch_size=None,
-               max_batch_size=None, noise_scale=None)
-  record(0, empty)
-  bar = None
-  if cfg.progress:
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", file=sys.stderr,
-               leave=False)
-  per_client = {k: [] for k in ("cohort", "batch", "steps", "lr",
-                                "b_simple")}
-  done, diverged = 0, None
-  while done < cfg.rounds:
-    left = cfg.rounds - done
-    state, m = run_chunk(state, data, res, hp, jnp.int32(left))
-    m = jax.tree.map(np.asarray, m._asdict())
-    n = min(sim.chunk, left)
-    for k in per_client:
-      per_client[k].append(m[k][:n])
-    bad = ~np.isfinite(m["train_loss"][:n])
-    done += n
-    if bar is not None:
-      bar.update(n)
-      bar.set_postfix(loss=f"{m['train_loss'][n - 1]:.3f}")
-    if bad.any():
-      diverged = done - n + int(np.argmax(bad)) + 1
-      record(done, chunk_records(m, n))
-      print(f"diverged: the training loss became non-finite at round "
-            f"{diverged}; stopped after round {done}, keeping the "
-            f"{len(records)} records written", file=sys.stderr)
-      break
-    record(done, chunk_records(m, n))
-  if bar is not None:
-    bar.close()
+  out = Outputs(cfg, out_dir)
+  ckpt = None
+  if out_dir and (checkpoint_every or 0) >= 0:
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir, "checkpoints"))
+    if not resume:
+      clear_checkpoints(ckpt)
+  elif resume:
+    raise ValueError("resume needs checkpoints: checkpoint_every=-1 "
+                     "disables them")
+  state = drive(cfg.rounds, sim.chunk, state, step, evaluate_state, [out],
+                ckpt=ckpt, checkpoint_every=checkpoint_every or 0,
+                progress=cfg.progress, start=start, stream=sys.stderr)
+  summary = out.finish(compiles=len(sim.traces), lanes=exp.lanes,
+                       num_clients=len(exp.parts), wall=time.perf_counter()
+                       - start + out.wall_offset,
+                       devices=[str(d) for d in jax.devices()])
+  if print_table and distributed.is_main():
+    print(format_table(out.records, summary), file=stream)
+  return RunResult(out.records, summary, len(sim.traces), out.clients(),
+                   state)
 
-  clients = {k: np.concatenate(v) if v else np.zeros((0,))
-             for k, v in per_client.items()}
-  clients["round"] = np.arange(1, len(clients["cohort"]) + 1)
-  accs = [r["test_accuracy"] for r in records if r["test_accuracy"] is not None]
-  batches = [r["mean_batch_size"] for r in records[1:]
-             if r["mean_batch_size"] is not None]
-  summary = dict(
-      rounds=done, diverged_round=diverged,
-      final_test_accuracy=records[-1]["test_accuracy"] or 0.0,
-      best_test_accuracy=max(accs) if accs else 0.0,
-      final_test_loss=records[-1]["test_loss"],
-      sim_time_s=records[-1]["sim_time_s"],
-      wall_time_s=time.perf_counter() - start,
-      compiles=len(sim.traces), num_clients=int(exp.data.y.shape[0]),
-      lanes=exp.lanes,
-      mean_batch_size=float(np.mean(batches)) if batches else None,
-      devices=[str(d) for d in jax.devices()])
-  if out_dir:
-    metrics_file.close()
-    np.savez(os.path.join(out_dir, "clients.npz"), **clients)
-    with open(os.path.join(out_dir, "summary.json"), "w") as fh:
-      json.dump(summary, fh, indent=1)
-  if print_table:
-    print(format_table(records, summary), file=stream)
-  return RunResult(records, summary, len(sim.traces), clients, state)
+
+def clear_checkpoints(ckpt: checkpoint_lib.Checkpointer) -> None:
+  """Removes a previous run's checkpoints from a fresh run's folder."""
+  if distributed.is_main():
+    for step in ckpt.steps():
+      shutil.rmtree(os.path.join(ckpt.directory, str(step)),
+                    ignore_errors=True)
+  distributed.sync("fedjax_bsa_ckpt_clear")

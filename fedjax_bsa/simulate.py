@@ -11,10 +11,12 @@ shows progress and stops on divergence.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_bsa import algorithms
@@ -68,12 +70,26 @@ class RoundMetrics(NamedTuple):
   b_simple: jax.Array         # float32 [K], this round's own estimate
 
 
-def hparams_of(cfg) -> dict:
-  """Hyperparameters that may be traced (and vmapped by a sweep)."""
-  return dict(client_lr=jnp.float32(cfg.client_lr),
-              server_lr=jnp.float32(cfg.server_lr),
-              kappa=jnp.float32(cfg.kappa),
-              ema_decay=jnp.float32(cfg.ema_decay))
+def hparams_of(cfg, resources=None) -> dict:
+  """Hyperparameters that may be traced (and vmapped by a sweep).
+
+  Args:
+    cfg: the settings.
+    resources: the clients' :class:`~fedjax_bsa.resources.ClientResources`
+      (host); gives ``reference_speed``, the median client speed the
+      ``resource_proportional`` controller scales by (``cfg.base_speed``
+      when omitted).
+
+  Returns:
+    A dict of float32 scalars (numpy, so that they can be stacked).
+  """
+  ref = (np.median(np.asarray(resources.speed)) if resources is not None
+         else cfg.base_speed)
+  return dict(client_lr=np.float32(cfg.client_lr),
+              server_lr=np.float32(cfg.server_lr),
+              kappa=np.float32(cfg.kappa),
+              ema_decay=np.float32(cfg.ema_decay),
+              reference_speed=np.float32(ref))
 
 
 def _masked_median(x, mask):
@@ -94,18 +110,43 @@ class Simulation:
   traces: list     # one entry per trace of run_chunk (compile counter)
 
 
-def make_simulation(exp: Experiment, chunk: int | None = None) -> Simulation:
-  """Pure functions of one configured simulation (the caller jits them)."""
+def make_simulation(exp: Experiment, chunk: int | None = None,
+                    mesh: jax.sharding.Mesh | None = None,
+                    axis_name: str = "clients",
+                    batch_axis: str | None = None) -> Simulation:
+  """Pure functions of one configured simulation (the caller jits them).
+
+  Args:
+    exp: the built experiment; only its static parts are closed over (the
+      config's shapes and choices, the model); data, resources and
+      hyperparameters are arguments of the returned functions.
+    chunk: rounds per ``run_chunk`` call (default ``cfg.eval_every``).
+    mesh: if given, the round kernel's lanes are sharded over its
+      ``axis_name`` axis (see :func:`fedjax_bsa.kernel.make_round_kernel`).
+      The data may then carry padding clients past ``len(exp.parts)``;
+      they are never sampled.
+    axis_name: the mesh axis of the clients.
+    batch_axis: the ``jax.vmap`` axis name when the functions are vmapped
+      over experiments (see the kernel's ``loop_axis_name``).
+
+  Returns:
+    A :class:`Simulation`.
+  """
   cfg = exp.cfg
   K = cfg.clients_per_round
+  num_clients = len(exp.parts)
   chunk = int(chunk or cfg.eval_every)
   algorithm = cfg.algorithm
-  kern = kernel_lib.make_round_kernel(
-      exp.model.apply, microbatch=cfg.microbatch, lanes=exp.lanes,
+  kernel_of = functools.partial(
+      kernel_lib.make_round_kernel, exp.model.apply,
+      microbatch=cfg.microbatch, lanes=exp.lanes,
       noise_stats=cfg.noise_stats,
       prox_mu=cfg.prox_mu if algorithm == "fedprox" else 0.0,
       momentum=cfg.client_momentum,
-      per_client_outputs=algorithm == "scaffold")
+      per_client_outputs=algorithm == "scaffold", mesh=mesh,
+      axis_name=axis_name)
+  kern = kernel_of(loop_axis_name=batch_axis)
+  plain_kern = kernel_of()  # for shapes only: binds no vmap axis
   traces = []
 
   def tx_of(hp):
@@ -114,7 +155,7 @@ def make_simulation(exp: Experiment, chunk: int | None = None) -> Simulation:
 
   def ctrl_of(hp):
     return make_controller(cfg, exp.resources, hp["client_lr"], hp["kappa"],
-                           hp["ema_decay"])
+                           hp["ema_decay"], hp.get("reference_speed"))
 
   def init(key, data, resources, hparams):
     del resources
@@ -122,23 +163,24 @@ def make_simulation(exp: Experiment, chunk: int | None = None) -> Simulation:
     params = exp.model.init(k_params)
     control = ()
     if algorithm == "scaffold":
-      n = data.y.shape[0]
+      n = num_clients
       zeros = tmap(jnp.zeros_like, params)
       control = (zeros, tmap(lambda a: jnp.zeros((n,) + a.shape, a.dtype),
                              params))
     return SimState(params, tx_of(hparams).init(params),
-                    ctrl_of(hparams).init(data.y.shape[0]),
+                    ctrl_of(hparams).init(num_clients),
                     controllers.empty_feedback(K), control,
                     jnp.float32(0.0), jnp.int32(0), k_run)
 
-  def one_round(st: SimState, data, res, hp):
-    n_clients = data.y.shape[0]
+  def one_round(st: SimState, data, res, hp, kern=kern):
+    n_clients = num_clients
     key, k_cohort, k_avail, k_plan, k_kernel = jax.random.split(st.key, 5)
     cohort = jax.random.choice(k_cohort, n_clients, (K,), replace=False)
     cohort = cohort.astype(jnp.int32)
     rc = tmap(lambda a: a[cohort], res)
     ctx = controllers.Context(st.round, cohort, rc.speed, rc.step_overhead,
-                              rc.memory_cap, k_plan)
+                              rc.memory_cap, k_plan,
+                              data.num_examples[cohort])
     plan, ctrl_state = ctrl_of(hp).update(st.feedback, st.ctrl_state, ctx)
     available = clock.sample_available(k_avail, rc.availability)
     outcome = clock.apply_round_policy(
@@ -203,7 +245,8 @@ def make_simulation(exp: Experiment, chunk: int | None = None) -> Simulation:
 
     def body(carry, i):
       def skip(c):
-        _, m = jax.eval_shape(one_round, c, data, res, hp)
+        _, m = jax.eval_shape(
+            functools.partial(one_round, kern=plain_kern), c, data, res, hp)
         m = tmap(lambda s: jnp.zeros(s.shape, s.dtype), m)
         return c, m._replace(done=jnp.bool_(False))
       return jax.lax.cond(i < rounds_left,

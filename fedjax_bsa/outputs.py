@@ -1,0 +1,188 @@
+"""One experiment's host-side results and files: records, tables, summary.
+
+:class:`Outputs` collects what a run reports (the ``metrics.jsonl`` records,
+per-client plans per round, the round it diverged at) and writes it under
+its folder (process 0 only): ``config.json``, ``metrics.jsonl`` (flushed as
+it goes; rewritten from the checkpoint on resume, so each evaluated round
+appears once), ``clients.npz`` and ``summary.json``. A run has one, a sweep
+one per experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from fedjax_bsa import distributed
+from fedjax_bsa.config import Config
+
+__all__ = ["Outputs", "chunk_records", "format_table", "PER_CLIENT"]
+
+PER_CLIENT = ("cohort", "batch", "steps", "lr", "b_simple")
+_EMPTY = dict(train_loss=None, mean_batch_size=None, min_batch_size=None,
+              max_batch_size=None, noise_scale=None)
+
+
+def _f(x) -> float | None:
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
+def chunk_records(m: dict, n: int) -> dict:
+  """Aggregates the first ``n`` rounds of a chunk's metrics (numpy)."""
+  took = m["participants"][:n] > 0
+  b_simple = m["noise_scale"][:n][took & (m["noise_scale"][:n] > 0)]
+  mins = m["min_batch"][:n][took]
+  maxs = m["max_batch"][:n][took]
+  return dict(
+      train_loss=_f(m["train_loss"][n - 1]),
+      mean_batch_size=_f(np.mean(m["mean_batch"][:n][took])) if took.any()
+      else None,
+      min_batch_size=_f(mins.min()) if mins.size else None,
+      max_batch_size=_f(maxs.max()) if maxs.size else None,
+      batch_over_memory_cap=int(m["over_cap"][:n].sum()),
+      noise_scale=_f(np.median(b_simple)) if b_simple.size else None,
+      mean_adascale_gain=_f(np.mean(m["mean_gain"][:n][took]))
+      if took.any() else None,
+      heterogeneity=_f(np.mean(m["heterogeneity"][:n])),
+      round_time_s=_f(m["round_time"][n - 1]),
+      participants=int(m["participants"][n - 1]),
+      dropped=int(m["dropped"][:n].sum()),
+      partial=int(m["partial"][:n].sum()),
+      examples=int(m["examples"][:n].sum()),
+      padding_efficiency=_f(np.mean(m["padding_efficiency"][:n][took]))
+      if took.any() else None)
+
+
+def format_table(records: list, summary: dict) -> str:
+  """A short text table of the evaluated rounds (at most ~12 rows)."""
+  cols = [("round", "{:>6}"), ("sim_time_s", "{:>10.1f}"),
+          ("wall_time_s", "{:>8.1f}"), ("test_accuracy", "{:>8.4f}"),
+          ("test_loss", "{:>8.4f}"), ("mean_batch_size", "{:>7.1f}"),
+          ("noise_scale", "{:>9.2f}")]
+  head = ["round", "sim_s", "wall_s", "test_acc", "test_loss", "batch",
+          "B_simple"]
+  widths = [6, 10, 8, 8, 8, 7, 9]
+  lines = [" ".join(h.rjust(w) for h, w in zip(head, widths))]
+  step = max(1, math.ceil(len(records) / 12))
+  rows = records[::step]
+  if records and rows[-1] is not records[-1]:
+    rows.append(records[-1])
+  for r in rows:
+    cells = []
+    for (key, fmt), w in zip(cols, widths):
+      v = r.get(key)
+      cells.append(fmt.format(v) if v is not None else "-".rjust(w))
+    lines.append(" ".join(cells))
+  lines.append(
+      f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
+      f"{summary['best_test_accuracy']:.4f}, simulated "
+      f"{summary['sim_time_s']:.1f} s, wall {summary['wall_time_s']:.1f} s, "
+      f"{summary['compiles']} compile(s) of the round loop")
+  return "\n".join(lines)
+
+
+class Outputs:
+  """Records, per-client histories and files of one experiment.
+
+  Args:
+    cfg: the experiment's settings (written to ``config.json``).
+    out_dir: its folder (None: keep everything in memory only).
+    label: a name used in messages (e.g. ``" (exp_003)"``).
+  """
+
+  def __init__(self, cfg: Config, out_dir: str | None, label: str = ""):
+    self.cfg, self.out_dir, self.label = cfg, out_dir, label
+    self.records: list = []
+    self.diverged: int | None = None
+    self.wall_offset = 0.0
+    self._clients = {k: [] for k in PER_CLIENT}
+    self._file = None
+    self._write = bool(out_dir) and distributed.is_main()
+
+  @property
+  def active(self) -> bool:
+    """Still running (not diverged)."""
+    return self.diverged is None
+
+  # --------------------------------------------------------- checkpoints
+  def meta(self) -> dict:
+    return dict(records=self.records, diverged=self.diverged)
+
+  def host_arrays(self, e: int) -> dict:
+    return {f"{e}.{k}": v for k, v in self.clients().items()
+            if k in PER_CLIENT}
+
+  def load(self, meta: dict, host: dict, e: int, wall_offset: float = 0.0
+           ) -> None:
+    """Takes the state saved by :meth:`meta` / :meth:`host_arrays`."""
+    self.records = list(meta["records"])
+    self.diverged = meta["diverged"]
+    self.wall_offset = wall_offset
+    self._clients = {k: [host[f"{e}.{k}"]] for k in PER_CLIENT}
+
+  # -------------------------------------------------------------- files
+  def open(self) -> None:
+    """Writes ``config.json`` and (re)writes ``metrics.jsonl`` with the
+    records held so far."""
+    if not self._write:
+      return
+    os.makedirs(self.out_dir, exist_ok=True)
+    with open(os.path.join(self.out_dir, "config.json"), "w") as fh:
+      json.dump(self.cfg.to_dict(), fh, indent=1)
+    self._file = open(os.path.join(self.out_dir, "metrics.jsonl"), "w")
+    for r in self.records:
+      self._file.write(json.dumps(r) + "\n")
+    self._file.flush()
+
+  def record(self, done: int, sim_time, wall: float, acc, loss,
+             extra: dict | None) -> None:
+    """Adds (and writes) the record of round ``done``."""
+    r = dict(round=int(done), sim_time_s=_f(sim_time), wall_time_s=wall,
+             test_accuracy=_f(acc), test_loss=_f(loss),
+             **(_EMPTY if extra is None else extra))
+    self.records.append(r)
+    if self._file is not None:
+      self._file.write(json.dumps(r) + "\n")
+      self._file.flush()
+
+  def add_clients(self, m: dict, n: int) -> None:
+    """Appends the first ``n`` rounds of a chunk's per-client plans."""
+    for k in PER_CLIENT:
+      self._clients[k].append(np.asarray(m[k][:n]))
+
+  def clients(self) -> dict:
+    """Per-client plans of every round run: ``[rounds, K]`` each."""
+    out = {k: np.concatenate(v) if v else np.zeros((0,))
+           for k, v in self._clients.items()}
+    out["round"] = np.arange(1, len(out["cohort"]) + 1)
+    return out
+
+  def finish(self, *, compiles: int, lanes: int, num_clients: int,
+             wall: float, devices: list, **extra) -> dict:
+    """The summary; writes ``clients.npz`` and ``summary.json``."""
+    records = self.records
+    accs = [r["test_accuracy"] for r in records
+            if r["test_accuracy"] is not None]
+    batches = [r["mean_batch_size"] for r in records[1:]
+               if r["mean_batch_size"] is not None]
+    summary = dict(
+        rounds=records[-1]["round"], diverged_round=self.diverged,
+        final_test_accuracy=records[-1]["test_accuracy"] or 0.0,
+        best_test_accuracy=max(accs) if accs else 0.0,
+        final_test_loss=records[-1]["test_loss"],
+        sim_time_s=records[-1]["sim_time_s"], wall_time_s=wall,
+        compiles=compiles, num_clients=num_clients, lanes=lanes,
+        mean_batch_size=float(np.mean(batches)) if batches else None,
+        devices=devices, **extra)
+    if self._write:
+      if self._file is not None:
+        self._file.close()
+        self._file = None
+      np.savez(os.path.join(self.out_dir, "clients.npz"), **self.clients())
+      with open(os.path.join(self.out_dir, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    return summary
