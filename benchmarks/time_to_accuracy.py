@@ -50,10 +50,10 @@ RESOURCES = {
     "heterogeneous": dict(speed_sigma=1.0, memory_sigma=1.0, memory_cap=64),
 }
 DATASETS = {
-    "digits": dict(dataset="digits", num_clients=100, clients_per_round=10,
+    "digits": dict(dataset="digits", num_clients=50, clients_per_round=10,
                    min_examples=5, hidden=256, client_lr=0.1),
-    "mnist1d": dict(dataset="mnist1d", num_examples=12000, num_clients=200,
-                    clients_per_round=20, min_examples=10, client_lr=0.1),
+    "mnist1d": dict(dataset="mnist1d", num_examples=20000, num_clients=200,
+                    clients_per_round=20, min_examples=2, client_lr=0.1),
 }
 COMMON = dict(local_epochs=1.0, microbatch=4, resources="lognormal",
               eval_every=5, progress=False, noise_stats=True)
@@ -66,7 +66,7 @@ def _modes(quick: bool):
                 rounds={"digits": 10})
   return dict(datasets=list(DATASETS), methods=list(METHODS),
               alphas=[0.1, 0.5, 10.0], resources=list(RESOURCES),
-              seeds=[0, 1, 2], rounds={"digits": 100, "mnist1d": 100})
+              seeds=[0, 1, 2], rounds={"digits": 100, "mnist1d": 60})
 
 
 def _first_reach(records, target, key):
@@ -277,12 +277,20 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="fedjax-bsa study")
   p.add_argument("--quick", action="store_true", help="CI size (minutes)")
   p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--datasets", default=None,
+                 help="comma-separated subset of digits,mnist1d (full mode)")
+  p.add_argument("--rounds", type=int, default=None,
+                 help="override the rounds of every dataset")
   p.add_argument("--runs", default=None,
                  help="where the sweeps' run folders go (default OUT/study_"
                  "runs_<mode>)")
   args = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   mode = _modes(args.quick)
+  if args.datasets:
+    mode["datasets"] = args.datasets.split(",")
+  if args.rounds:
+    mode["rounds"] = {d: args.rounds for d in mode["datasets"]}
   name = "quick" if args.quick else "full"
   runs_dir = args.runs or os.path.join(args.out, f"study_runs_{name}")
   start = time.perf_counter()
@@ -308,6 +316,8 @@ def main(argv=None) -> int:
       trends=trends(cells, mode))
   os.makedirs(args.out, exist_ok=True)
   suffix = "" if name == "full" else "_quick"
+  if args.datasets and name == "full":
+    suffix = "_" + "_".join(mode["datasets"])
   with open(os.path.join(args.out, f"time_to_accuracy{suffix}.json"),
             "w") as fh:
     json.dump(report, fh, indent=1)
