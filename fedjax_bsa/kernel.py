@@ -153,6 +153,7 @@ def make_round_kernel(apply_fn: Callable, *, microbatch: int, lanes: int,
                       noise_stats: bool = True, prox_mu: float = 0.0,
                       momentum: float = 0.0,
                       per_client_outputs: bool = False,
+                      example_loss: Callable | None = None,
                       mesh: jax.sharding.Mesh | None = None,
                       axis_name: str = "clients",
                       loop_axis_name: str | None = None):
@@ -168,6 +169,8 @@ def make_round_kernel(apply_fn: Callable, *, microbatch: int, lanes: int,
     momentum: client SGD momentum ``rho``.
     per_client_outputs: also return each client's delta (SCAFFOLD); uses one
       lane per client.
+    example_loss: ``(params, x[B, ...], y[B]) -> [B]`` per-example losses
+      (default: softmax cross-entropy of ``apply_fn``'s logits).
     mesh: if given, the lanes are split over its ``axis_name`` axis with
       ``jax.shard_map``: ``L`` is rounded up to a multiple of the axis size
       ``D``, the cohort's rows ``[K, n_max, ...]`` are gathered from ``data``
@@ -191,7 +194,8 @@ def make_round_kernel(apply_fn: Callable, *, microbatch: int, lanes: int,
     plan.
   """
   mu = int(microbatch)
-  loss_fn = functools.partial(models.example_losses, apply_fn)
+  loss_fn = (functools.partial(models.example_losses, apply_fn)
+             if example_loss is None else example_loss)
   D = 1 if mesh is None else int(mesh.shape[axis_name])
 
   def slot(pr: _Prep, st: _Lane, lane) -> _Lane:
