@@ -66,7 +66,7 @@ def _modes(quick: bool):
                 rounds={"digits": 10})
   return dict(datasets=list(DATASETS), methods=list(METHODS),
               alphas=[0.1, 0.5, 10.0], resources=list(RESOURCES),
-              seeds=[0, 1, 2], rounds={"digits": 100, "mnist1d": 60})
+              seeds=[0, 1, 2], rounds={"digits": 100, "mnist1d": 40})
 
 
 def _first_reach(records, target, key):
@@ -281,6 +281,8 @@ def main(argv=None) -> int:
                  help="comma-separated subset of digits,mnist1d (full mode)")
   p.add_argument("--rounds", type=int, default=None,
                  help="override the rounds of every dataset")
+  p.add_argument("--seeds", default=None,
+                 help="comma-separated seeds (default 0,1,2 in full mode)")
   p.add_argument("--runs", default=None,
                  help="where the sweeps' run folders go (default OUT/study_"
                  "runs_<mode>)")
@@ -289,6 +291,8 @@ def main(argv=None) -> int:
   mode = _modes(args.quick)
   if args.datasets:
     mode["datasets"] = args.datasets.split(",")
+  if args.seeds:
+    mode["seeds"] = [int(s) for s in args.seeds.split(",")]
   if args.rounds:
     mode["rounds"] = {d: args.rounds for d in mode["datasets"]}
   name = "quick" if args.quick else "full"
