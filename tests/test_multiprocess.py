@@ -64,7 +64,9 @@ def _close(a, b):
   for ra, rb in zip(a, b):
     assert ra.keys() == rb.keys()
     for k in ra:
-      if k in ("wall_time_s", "padding_efficiency"):  # lanes: 2 vs 2 * 1
+      # lanes are rounded up to a multiple of the device count, so the
+      # layout's padding may differ; the training metrics may not
+      if k in ("wall_time_s", "padding_efficiency"):
         continue
       if ra[k] is None or rb[k] is None:
         assert ra[k] == rb[k], k
