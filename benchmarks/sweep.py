@@ -200,6 +200,7 @@ def main(argv=None) -> int:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fedjax_bsa import config  # pylint: disable=g-import-not-at-top
 
+  load_before = os.getloadavg()
   base = config.Config().replace(**config.parse_assignments(args.set))
   base = base.replace(rounds=args.rounds, eval_every=args.rounds,
                       progress=False)
@@ -230,7 +231,9 @@ def main(argv=None) -> int:
       machine=dict(hostname=machine, platform=platform.platform(),
                    processor=platform.processor(), cpus=os.cpu_count(),
                    devices=[str(d) for d in jax.devices()],
-                   xla_flags=os.environ.get("XLA_FLAGS", "")),
+                   xla_flags=os.environ.get("XLA_FLAGS", ""),
+                   load_average_before=load_before,
+                   load_average_after=os.getloadavg()),
       versions=dict(jax=jax.__version__, numpy=np.__version__,
                     python=platform.python_version()),
       config=base.to_dict(), reps=args.reps,
