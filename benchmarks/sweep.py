@@ -190,15 +190,18 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="JSON path (default: benchmarks/results/"
                  "sweep_<machine>[_<label>].json)")
   args = p.parse_args(argv)
-  if args.cpu_devices:
-    if "jax" in __import__("sys").modules:
-      raise SystemExit("--cpu-devices must be set before jax is imported")
+  if args.cpu_devices:  # read when the CPU backend starts, not at import
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_"
                                "force_host_platform_device_count="
                                f"{args.cpu_devices}").strip()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fedjax_bsa import config  # pylint: disable=g-import-not-at-top
+  if args.cpu_devices and jax.device_count() != args.cpu_devices:
+    raise SystemExit(f"--cpu-devices {args.cpu_devices}: JAX already "
+                     f"started with {jax.device_count()} device(s); set "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count="
+                     f"{args.cpu_devices} before starting instead")
 
   load_before = os.getloadavg()
   base = config.Config().replace(**config.parse_assignments(args.set))
