@@ -2,7 +2,7 @@
 
 import json
 
-import numpy as np
+from records_util import assert_records_close
 import pytest
 
 from fedjax_bsa import cli
@@ -15,18 +15,7 @@ BASE = dict(rounds=4, eval_every=2, clients_per_round=5, num_clients=15,
 RUN_FILES = {"config.json", "metrics.jsonl", "clients.npz", "summary.json"}
 
 
-def _close(a, b):
-  assert len(a) == len(b)
-  for ra, rb in zip(a, b):
-    assert ra.keys() == rb.keys()
-    for k in ra:
-      if k == "wall_time_s":
-        continue
-      if ra[k] is None or rb[k] is None:
-        assert ra[k] == rb[k], k
-      else:
-        np.testing.assert_allclose(ra[k], rb[k], rtol=2e-4, atol=2e-5,
-                                   err_msg=f"round {ra['round']} {k}")
+_close = assert_records_close
 
 
 def test_grid_is_a_cartesian_product_in_order():
