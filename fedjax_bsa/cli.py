@@ -13,8 +13,9 @@ HOST:PORT --num-processes N --process-id I`` (or ``FEDJAX_BSA_COORDINATOR``,
 ``FEDJAX_BSA_NUM_PROCESSES``, ``FEDJAX_BSA_PROCESS_ID``); only process 0
 writes.
 
-A wrong setting is a one-line error naming it, exit code 2, and nothing is
-written.
+Exit codes: 0 success; 2 a user error (a wrong setting or file: one line
+naming it, nothing written); 3 a run whose training loss became non-finite
+(the records so far are kept); 1 anything else (a bug: with its traceback).
 """
 
 from __future__ import annotations
@@ -145,10 +146,12 @@ def _run(args) -> int:
   _initialize(args)
   from fedjax_bsa import distributed  # pylint: disable=g-import-not-at-top
   from fedjax_bsa import runner  # pylint: disable=g-import-not-at-top
-  runner.run(cfg, out, resume=bool(args.resume),
-             checkpoint_every=args.checkpoint_every)
+  result = runner.run(cfg, out, resume=bool(args.resume),
+                      checkpoint_every=args.checkpoint_every)
   if out and distributed.is_main():
     print(f"wrote {os.path.join(out, 'metrics.jsonl')} and summary.json")
+  if result.summary["diverged_round"] is not None:
+    return runner.DIVERGED_EXIT_CODE
   return 0
 
 
@@ -188,36 +191,45 @@ def _partition(args) -> int:
 
 
 def main(argv=None) -> int:
+  """Runs the command; returns its exit code.
+
+  Exit codes: 0 success; 2 a user error (a bad setting or file: one line
+  on stderr, nothing written); 3 a run whose training loss became
+  non-finite (its records so far are kept); 1 anything else (a bug: the
+  traceback is printed).
+  """
   args = _parser().parse_args(argv)
+  commands = dict(run=_run, sweep=_sweep, partition=_partition,
+                  settings=_settings, bench=_bench, study=_study, plot=_plot)
   try:
-    if args.command == "run":
-      return _run(args)
-    if args.command == "sweep":
-      return _sweep(args)
-    if args.command == "partition":
-      return _partition(args)
-    if args.command == "settings":
-      print(Config.describe())
-      return 0
-    if args.command == "bench":
-      if args.what == "sweep":
-        from benchmarks import sweep as sweep_bench  # pylint: disable=g-import-not-at-top
-        return sweep_bench.main(args.rest)
-      from benchmarks import round_kernel  # pylint: disable=g-import-not-at-top
-      return round_kernel.main(args.rest)
-    if args.command == "study":
-      from benchmarks import time_to_accuracy  # pylint: disable=g-import-not-at-top
-      return time_to_accuracy.main(args.rest)
-    if args.command == "plot":
-      from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
-      return plot.main(args.rest)
+    return commands[args.command](args)
   except ConfigError as e:
     print(f"fedjax-bsa: error: {e}", file=sys.stderr)
     return 2
-  except ValueError as e:
-    print(f"fedjax-bsa: error: {e}", file=sys.stderr)
-    return 2
+
+
+def _settings(args) -> int:
+  del args
+  print(Config.describe())
   return 0
+
+
+def _bench(args) -> int:
+  if args.what == "sweep":
+    from benchmarks import sweep as sweep_bench  # pylint: disable=g-import-not-at-top
+    return sweep_bench.main(args.rest)
+  from benchmarks import round_kernel  # pylint: disable=g-import-not-at-top
+  return round_kernel.main(args.rest)
+
+
+def _study(args) -> int:
+  from benchmarks import time_to_accuracy  # pylint: disable=g-import-not-at-top
+  return time_to_accuracy.main(args.rest)
+
+
+def _plot(args) -> int:
+  from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+  return plot.main(args.rest)
 
 
 if __name__ == "__main__":

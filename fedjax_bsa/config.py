@@ -1,9 +1,21 @@
-"""Every setting of a simulation, as one frozen, validated dataclass.
+"""Every setting of a simulation, declared once, as one frozen dataclass.
 
 Settings are flat (``rounds``, ``client_lr``, ...) so that ``--set key=value``,
 YAML/JSON files and sweeps all address them the same way. Each field carries
-its allowed values in its metadata; :func:`Config.validate` checks them and
-raises a ``ValueError`` that names the field, the value and what is allowed.
+its metadata, the single place a setting is described:
+
+* ``choices``: a :class:`~fedjax_bsa.registry.Registry` (or tuple) of the
+  allowed names; ``lo``/``hi``/``lo_open``: the allowed range;
+* ``traced=True``: the value enters the compiled program as an array
+  (:func:`hparams`), so a sweep may vary it without recompiling; whoever
+  consumes it reads ``hparams[name]``;
+* ``host=True``: the value shapes host-built inputs of unchanged shape
+  (partition, resources, seed), so a sweep may vary it too;
+* ``part``: the section it belongs to (for ``fedjax-bsa settings``).
+
+:data:`SWEEPABLE` and :func:`hparams` are derived from this metadata.
+:func:`Config.validate` checks every field and raises a :class:`ConfigError`
+that names the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,7 +25,12 @@ import json
 import math
 from typing import Any, Mapping
 
-__all__ = ["Config", "ConfigError", "load_config_file", "parse_assignments"]
+import numpy as np
+
+from fedjax_bsa import registry as reg
+
+__all__ = ["Config", "ConfigError", "load_config_file", "parse_assignments",
+           "SWEEPABLE", "TRACED", "hparams", "check_sweepable"]
 
 
 class ConfigError(ValueError):
@@ -21,107 +38,138 @@ class ConfigError(ValueError):
 
 
 def _field(default, help_: str, *, choices=None, lo=None, hi=None,
-           lo_open=False):
+           lo_open=False, traced=False, host=False, part=""):
   return dataclasses.field(
       default=default,
       metadata=dict(help=help_, choices=choices, lo=lo, hi=hi,
-                    lo_open=lo_open))
+                    lo_open=lo_open, traced=traced, host=host, part=part))
 
 
-DATASETS = ("digits", "mnist1d", "synthetic", "leaf", "cifar10", "npz")
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "natural")
-MODELS = ("auto", "mlp", "cnn1d", "logreg", "cnn")
-ALGORITHMS = ("fedavg", "fedprox", "fednova", "scaffold")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
-CONTROLLERS = ("constant", "random", "schedule", "resource_proportional",
-               "noise_scale")
-SCHEDULES = ("step", "linear", "doubling")
-RESOURCE_PROFILES = ("uniform", "lognormal", "tiers", "trace")
-ROUND_POLICIES = ("wait_all", "deadline_drop", "deadline_partial")
+def _data(default, help_, **kw):
+  return _field(default, help_, part="data", **kw)
+
+
+def _fed(default, help_, **kw):
+  return _field(default, help_, part="federated optimisation", **kw)
+
+
+def _plan(default, help_, **kw):
+  return _field(default, help_, part="plans (controller, local work)", **kw)
+
+
+def _res(default, help_, **kw):
+  return _field(default, help_, part="resources and clock", **kw)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """All settings of one simulation (defaults: the embedded digits run)."""
   # --- data
-  dataset: str = _field("digits", "dataset", choices=DATASETS)
-  data_path: str = _field("", "file or folder for leaf / cifar10 / npz")
-  num_examples: int = _field(4000, "examples generated (mnist1d)", lo=100)
-  synthetic_alpha: float = _field(1.0, "Synthetic(alpha, beta): model skew",
-                                  lo=0.0)
-  synthetic_beta: float = _field(1.0, "Synthetic(alpha, beta): feature skew",
-                                 lo=0.0)
-  num_clients: int = _field(100, "clients in the federation", lo=1)
-  partition: str = _field("dirichlet", "how train data is split",
-                          choices=PARTITIONS)
-  alpha: float = _field(0.3, "Dirichlet concentration (label skew)", lo=0.0,
-                        lo_open=True)
-  min_examples: int = _field(5, "fewest examples a client may hold", lo=1)
-  shards_per_client: int = _field(2, "shards per client (shards)", lo=1)
-  quantity_sigma: float = _field(1.0, "lognormal sigma of client sizes",
-                                 lo=0.0)
+  dataset: str = _data("digits", "dataset", choices=reg.DATASETS)
+  data_path: str = _data("", "file or folder for leaf / cifar10 / npz")
+  num_examples: int = _data(4000, "examples generated (mnist1d)", lo=100)
+  synthetic_alpha: float = _data(1.0, "Synthetic(alpha, beta): model skew",
+                                 lo=0.0, host=True)
+  synthetic_beta: float = _data(1.0, "Synthetic(alpha, beta): feature "
+                                "skew", lo=0.0, host=True)
+  num_clients: int = _data(100, "clients in the federation", lo=1)
+  partition: str = _data("dirichlet", "how train data is split",
+                         choices=reg.PARTITIONS)
+  alpha: float = _data(0.3, "Dirichlet concentration (label skew)", lo=0.0,
+                       lo_open=True, host=True)
+  min_examples: int = _data(5, "fewest examples a client may hold", lo=1,
+                            host=True)
+  shards_per_client: int = _data(2, "shards per client (shards)", lo=1,
+                                 host=True)
+  quantity_sigma: float = _data(1.0, "lognormal sigma of client sizes",
+                                lo=0.0, host=True)
   # --- model
   model: str = _field("auto", "model ('auto' picks the dataset's own)",
-                      choices=MODELS)
-  hidden: int = _field(256, "hidden width of the MLP", lo=1)
+                      choices=reg.MODELS, part="model")
+  hidden: int = _field(256, "hidden width of the MLP", lo=1, part="model")
   # --- federated optimisation
-  rounds: int = _field(150, "communication rounds", lo=1)
-  clients_per_round: int = _field(10, "cohort size", lo=1)
-  algorithm: str = _field("fedavg", "client objective and aggregation",
-                          choices=ALGORITHMS)
-  prox_mu: float = _field(0.01, "FedProx proximal weight", lo=0.0)
-  client_lr: float = _field(0.2, "client SGD learning rate", lo=0.0,
-                            lo_open=True)
-  client_momentum: float = _field(0.0, "client SGD momentum", lo=0.0, hi=0.999)
-  server_optimizer: str = _field("sgd", "server optimizer (optax)",
-                                 choices=SERVER_OPTIMIZERS)
-  server_lr: float = _field(1.0, "server learning rate", lo=0.0, lo_open=True)
-  server_momentum: float = _field(0.9, "server momentum (momentum)", lo=0.0,
-                                  hi=0.999)
-  # --- batch-size controller
-  controller: str = _field("noise_scale", "batch-size controller",
-                           choices=CONTROLLERS)
-  batch_size: int = _field(8, "constant batch / reference batch b_0", lo=1)
-  batch_min: int = _field(8, "smallest batch a controller may pick", lo=1)
-  batch_max: int = _field(128, "largest batch a controller may pick", lo=1)
-  local_steps: int = _field(10, "local steps per round", lo=1)
-  local_epochs: float = _field(0.0, "if > 0: steps = ceil(epochs * n_k / b_k)"
-                               " instead of local_steps", lo=0.0)
-  schedule: str = _field("doubling", "schedule controller's rule",
-                         choices=SCHEDULES)
-  schedule_every: int = _field(25, "rounds between schedule changes", lo=1)
-  kappa: float = _field(1.0, "noise_scale: batch = kappa * B_simple", lo=0.0,
-                        lo_open=True)
-  ema_decay: float = _field(0.9, "noise_scale: EMA decay", lo=0.0, hi=0.999)
-  time_budget: float = _field(0.0, "per-client local-time budget in s (0: "
-                              "none)", lo=0.0)
+  rounds: int = _fed(150, "communication rounds", lo=1)
+  clients_per_round: int = _fed(10, "cohort size", lo=1)
+  algorithm: str = _fed("fedavg", "federated algorithm",
+                        choices=reg.ALGORITHMS)
+  prox_mu: float = _fed(0.01, "FedProx proximal weight", lo=0.0, traced=True)
+  client_optimizer: str = _fed("sgd", "client optimizer (optax)",
+                               choices=reg.CLIENT_OPTIMIZERS)
+  client_lr: float = _fed(0.2, "client learning rate", lo=0.0, lo_open=True,
+                          traced=True)
+  client_momentum: float = _fed(0.0, "client heavy-ball momentum (sgd, "
+                                "momentum)", lo=0.0, hi=0.999)
+  server_optimizer: str = _fed("sgd", "server optimizer (optax)",
+                               choices=reg.SERVER_OPTIMIZERS)
+  server_lr: float = _fed(1.0, "server learning rate", lo=0.0, lo_open=True,
+                          traced=True)
+  server_momentum: float = _fed(0.9, "server momentum (momentum)", lo=0.0,
+                                hi=0.999)
+  # --- plans: batch-size controller and local work
+  controller: str = _plan("noise_scale", "batch-size controller",
+                          choices=reg.CONTROLLERS)
+  batch_size: int = _plan(8, "constant batch / reference batch b_0", lo=1,
+                          traced=True)
+  batch_min: int = _plan(8, "smallest batch a controller may pick", lo=1)
+  batch_max: int = _plan(128, "largest batch a controller may pick", lo=1)
+  local_work: str = _plan("steps", "local work per round: fixed steps, "
+                          "epochs, or what fits the deadline",
+                          choices=reg.LOCAL_WORK)
+  local_steps: int = _plan(10, "local steps per round (local_work=steps; "
+                           "the cap otherwise)", lo=1, traced=True)
+  local_epochs: float = _plan(1.0, "local epochs (local_work=epochs): "
+                              "steps = ceil(epochs * n_k / b_k)", lo=0.0,
+                              lo_open=True, traced=True)
+  schedule: str = _plan("doubling", "schedule controller's rule",
+                        choices=reg.SCHEDULES)
+  schedule_every: int = _plan(25, "rounds between schedule changes", lo=1)
+  kappa: float = _plan(1.0, "noise_scale: batch = kappa * critical batch",
+                       lo=0.0, lo_open=True, traced=True)
+  ema_decay: float = _plan(0.9, "noise_scale/goodput: EMA decay", lo=0.0,
+                           hi=0.999, traced=True)
+  max_gain: float = _plan(4.0, "cap on the AdaScale learning-rate gain",
+                          lo=1.0, traced=True)
+  time_budget: float = _plan(0.0, "per-client local-time budget in s (0: "
+                             "none)", lo=0.0, traced=True)
   # --- kernel
-  microbatch: int = _field(4, "kernel microbatch size mu", lo=1)
-  lanes: int = _field(0, "vmapped lanes (0: automatic)", lo=0)
-  noise_stats: bool = _field(True, "estimate gradient noise in the kernel")
+  microbatch: int = _field(4, "kernel microbatch size mu", lo=1,
+                           part="kernel")
+  lanes: int = _field(0, "vmapped lanes (0: from the backend's cost model)",
+                      lo=0, part="kernel")
+  noise_stats: bool = _field(True, "estimate gradient noise in the kernel",
+                             part="kernel")
   # --- resources and clock
-  resources: str = _field("lognormal", "client resource profile",
-                          choices=RESOURCE_PROFILES)
-  trace_path: str = _field("", "FedScale device trace (resources=trace)")
-  base_speed: float = _field(2000.0, "examples per simulated second", lo=0.0,
-                             lo_open=True)
-  speed_sigma: float = _field(0.5, "lognormal sigma of client speeds", lo=0.0)
-  step_overhead: float = _field(0.01, "simulated seconds per local step",
-                                lo=0.0)
-  memory_cap: int = _field(128, "largest batch a client can hold", lo=1)
-  memory_sigma: float = _field(0.0, "lognormal sigma of memory caps", lo=0.0)
-  bandwidth: float = _field(1e6, "bytes per second, each way", lo=0.0,
-                            lo_open=True)
-  availability: float = _field(1.0, "probability a client is available",
-                               lo=0.0, hi=1.0, lo_open=True)
-  round_policy: str = _field("wait_all", "what a round waits for",
-                             choices=ROUND_POLICIES)
-  deadline: float = _field(0.0, "round deadline in simulated s (0: none)",
-                           lo=0.0)
+  resources: str = _res("lognormal", "client resource profile",
+                        choices=reg.RESOURCE_PROFILES)
+  trace_path: str = _res("", "FedScale device trace (resources=trace)")
+  base_speed: float = _res(2000.0, "examples per simulated second", lo=0.0,
+                           lo_open=True, host=True)
+  speed_sigma: float = _res(0.5, "lognormal sigma of client speeds", lo=0.0,
+                            host=True)
+  step_overhead: float = _res(0.01, "simulated seconds per local step",
+                              lo=0.0, host=True)
+  memory_cap: int = _res(128, "largest batch a client can hold", lo=1,
+                         host=True)
+  memory_sigma: float = _res(0.0, "lognormal sigma of memory caps", lo=0.0,
+                             host=True)
+  bandwidth: float = _res(1e6, "bytes per second, each way", lo=0.0,
+                          lo_open=True, host=True)
+  availability: float = _res(1.0, "probability a client is available",
+                             lo=0.0, hi=1.0, lo_open=True, host=True)
+  round_policy: str = _res("wait_all", "what a round waits for",
+                           choices=reg.ROUND_POLICIES)
+  deadline_rule: str = _res("fixed", "how the round's deadline is set",
+                            choices=reg.DEADLINE_RULES)
+  deadline: float = _res(0.0, "deadline in simulated s (deadline_rule="
+                         "fixed; 0: none)", lo=0.0, traced=True)
+  deadline_quantile: float = _res(0.8, "deadline_rule=quantile: quantile of "
+                                  "the cohort's predicted one-epoch times",
+                                  lo=0.0, hi=1.0, lo_open=True, traced=True)
   # --- run
-  seed: int = _field(0, "random seed", lo=0)
-  eval_every: int = _field(10, "rounds between evaluations", lo=1)
-  progress: bool = _field(True, "show a progress bar")
+  seed: int = _field(0, "random seed", lo=0, host=True, part="run")
+  eval_every: int = _field(10, "rounds between evaluations", lo=1,
+                           part="run")
+  progress: bool = _field(True, "show a progress bar", part="run")
 
   # ------------------------------------------------------------------ api
   def validate(self) -> "Config":
@@ -137,9 +185,10 @@ class Config:
       value = getattr(self, f.name)
       _check_type(f, value)
       meta = f.metadata
-      if meta.get("choices") is not None and value not in meta["choices"]:
+      allowed = _choices(f)
+      if allowed is not None and value not in allowed:
         raise ConfigError(f"{f.name}={value!r} is not allowed: choose one of "
-                          f"{', '.join(meta['choices'])}")
+                          f"{', '.join(allowed)}")
       lo, hi = meta.get("lo"), meta.get("hi")
       if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
         bound = f"> {lo}" if meta["lo_open"] else f">= {lo}"
@@ -156,9 +205,13 @@ class Config:
     if self.batch_min > self.batch_max:
       raise ConfigError(f"batch_min={self.batch_min} is out of range: must be "
                         f"<= batch_max={self.batch_max}")
-    if self.round_policy != "wait_all" and self.deadline <= 0:
-      raise ConfigError(f"deadline={self.deadline} is out of range: "
-                        f"round_policy={self.round_policy} needs deadline > 0")
+    needs_deadline = (self.round_policy != "wait_all"
+                      or self.local_work == "deadline")
+    if needs_deadline and self.deadline_rule == "fixed" and self.deadline <= 0:
+      why = (f"round_policy={self.round_policy}"
+             if self.round_policy != "wait_all" else "local_work=deadline")
+      raise ConfigError(f"deadline={self.deadline} is out of range: {why} "
+                        "with deadline_rule=fixed needs deadline > 0")
     if self.dataset in ("leaf", "cifar10", "npz") and not self.data_path:
       raise ConfigError(f"data_path='' is not allowed: dataset={self.dataset} "
                         "reads a file, give its path")
@@ -180,14 +233,30 @@ class Config:
 
   @classmethod
   def describe(cls) -> str:
-    """One line per field: name, default, allowed values, meaning."""
-    lines = []
+    """One line per field: name, default, allowed values, whether a sweep
+    may vary it (``traced``: inside the compiled program; ``host``: in the
+    host-built inputs), meaning."""
+    lines, part = [], None
     for f in dataclasses.fields(cls):
       m = f.metadata
-      allowed = ("|".join(m["choices"]) if m.get("choices") else
-                 _range_text(m))
-      lines.append(f"{f.name:<18} {f.default!s:<10} {allowed:<40} {m['help']}")
+      choices = _choices(f)
+      allowed = "|".join(choices) if choices is not None else _range_text(m)
+      flag = "traced" if m["traced"] else ("host" if m["host"] else "")
+      if m["part"] != part:
+        part = m["part"]
+        lines.append(f"# {part}")
+      lines.append(f"{f.name:<18} {f.default!s:<10} {allowed:<40} "
+                   f"{flag:<6} {m['help']}")
     return "\n".join(lines)
+
+
+def _choices(f: dataclasses.Field):
+  """The allowed names of a choice field (None for other fields)."""
+  c = f.metadata.get("choices")
+  if c is None:
+    return None
+  names = tuple(c.names()) if isinstance(c, reg.Registry) else tuple(c)
+  return ("auto",) + names if f.name == "model" else names
 
 
 def _range_text(meta) -> str:
@@ -284,3 +353,39 @@ def load_config_file(path: str) -> dict[str, Any]:
   if not isinstance(values, dict):
     raise ConfigError(f"--config {path}: expected a mapping of settings")
   return values
+
+
+#: Settings that enter the compiled program as arrays (:func:`hparams`).
+TRACED = tuple(f.name for f in dataclasses.fields(Config)
+               if f.metadata["traced"])
+
+#: Settings a sweep may vary in one compiled program: the traced ones and
+#: those that only change host-built inputs of the same shapes.
+SWEEPABLE = TRACED + tuple(f.name for f in dataclasses.fields(Config)
+                           if f.metadata["host"])
+
+
+def hparams(cfg: Config) -> dict[str, np.ndarray]:
+  """The traced settings as numpy scalars (float32 or int32), by name.
+
+  Consumers in compiled code read ``hparams[name]``; a sweep stacks these
+  dicts over experiments and ``vmap``s them.
+
+  >>> sorted(hparams(Config()))[:3]
+  ['batch_size', 'client_lr', 'deadline']
+  """
+  out = {}
+  for name in TRACED:
+    v = getattr(cfg, name)
+    out[name] = np.int32(v) if isinstance(v, int) else np.float32(v)
+  return out
+
+
+def check_sweepable(keys) -> None:
+  """Raises ``ConfigError`` naming the first key a sweep cannot vary."""
+  for key in keys:
+    if key not in SWEEPABLE:
+      raise ConfigError(
+          f"cannot sweep {key!r} in one compiled program: it changes array "
+          "shapes or the program's static structure (run separate sweeps "
+          f"for each value); sweepable settings: {', '.join(SWEEPABLE)}")

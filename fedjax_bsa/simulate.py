@@ -1,11 +1,15 @@
-"""The driver: rounds in chunks under one ``jit``, evaluation and outputs.
+"""The round loop: ``E >= 1`` experiments, rounds in chunks under one jit.
 
 :func:`make_simulation` returns pure functions (``init``, ``run_chunk``,
 ``evaluate``) over explicit arrays, in the style of PureJaxRL's
-``make_train``: the data, resources and hyperparameters are arguments, so a
-sweep can ``vmap`` them. :func:`run` is the host loop around them: it runs
-``eval_every`` rounds per compiled call, evaluates, writes ``metrics.jsonl``,
-shows progress and stops on divergence.
+``make_train``; every argument and state leaf carries a leading experiment
+axis ``[E]`` (a single run is ``E = 1``). Per round, each experiment samples
+its cohort and plans it (:mod:`fedjax_bsa.plans`, ``vmap``-ped over
+experiments); then the client jobs of **all** experiments are flattened
+into one pool and run by one round kernel (:mod:`fedjax_bsa.kernel`), so a
+sweep costs its total work, not ``E x`` its slowest experiment; then each
+experiment's algorithm and server optimizer update its model (``vmap``-ped
+again). See ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_bsa import algorithms
@@ -25,24 +28,34 @@ from fedjax_bsa import controllers
 from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa import models
 from fedjax_bsa import noise
-from fedjax_bsa.experiment import Experiment, make_controller
+from fedjax_bsa import plans
+from fedjax_bsa.data import federated
+from fedjax_bsa.experiment import Experiment
 
 __all__ = ["SimState", "RoundMetrics", "Simulation", "make_simulation",
-           "hparams_of"]
+           "Inputs"]
 
 tmap = jax.tree.map
 
 
 class SimState(NamedTuple):
-  """Everything carried from round to round (a pytree of arrays)."""
+  """Everything carried from round to round (leaves ``[E, ...]``)."""
   params: Any
   opt_state: Any
+  alg_state: Any       # the algorithm's server state (control variates...)
   ctrl_state: Any
   feedback: controllers.Feedback
-  control: Any        # SCAFFOLD (c, c_k [N, ...]) or () for other algorithms
-  sim_time: jax.Array  # float32 [], simulated seconds so far
-  round: jax.Array     # int32 [], rounds done
+  sim_time: jax.Array  # float32 [E], simulated seconds so far
+  round: jax.Array     # int32 [E], rounds done
   key: jax.Array
+
+
+class Inputs(NamedTuple):
+  """Per-experiment inputs (leaves ``[E, ...]``) besides the shared data."""
+  resources: Any       # ClientResources [E, N]
+  hparams: dict        # traced settings [E]
+  first_client: jax.Array  # int32 [E], experiment's client 0 in the data
+  num_examples: jax.Array  # int32 [E, N], rows of each client
 
 
 class RoundMetrics(NamedTuple):
@@ -50,15 +63,18 @@ class RoundMetrics(NamedTuple):
   train_loss: jax.Array
   round_time: jax.Array
   sim_time: jax.Array
+  deadline: jax.Array
   mean_batch: jax.Array
   min_batch: jax.Array
   max_batch: jax.Array
   over_cap: jax.Array         # clients whose batch exceeded their memory cap
-  noise_scale: jax.Array      # median B_simple over reporting clients
+  noise_scale: jax.Array      # median within-client B_simple of reporters
+  cohort_noise_scale: jax.Array  # B_simple across clients (mean updates)
   mean_gain: jax.Array        # mean lr_k / client_lr over participants
   heterogeneity: jax.Array
   participants: jax.Array
   dropped: jax.Array
+  no_fit: jax.Array           # clients with no step that fits the deadline
   partial: jax.Array          # clients whose steps were cut by a deadline
   examples: jax.Array
   padding_efficiency: jax.Array
@@ -68,28 +84,6 @@ class RoundMetrics(NamedTuple):
   steps: jax.Array            # int32 [K]
   lr: jax.Array               # float32 [K]
   b_simple: jax.Array         # float32 [K], this round's own estimate
-
-
-def hparams_of(cfg, resources=None) -> dict:
-  """Hyperparameters that may be traced (and vmapped by a sweep).
-
-  Args:
-    cfg: the settings.
-    resources: the clients' :class:`~fedjax_bsa.resources.ClientResources`
-      (host); gives ``reference_speed``, the median client speed the
-      ``resource_proportional`` controller scales by (``cfg.base_speed``
-      when omitted).
-
-  Returns:
-    A dict of float32 scalars (numpy, so that they can be stacked).
-  """
-  ref = (np.median(np.asarray(resources.speed)) if resources is not None
-         else cfg.base_speed)
-  return dict(client_lr=np.float32(cfg.client_lr),
-              server_lr=np.float32(cfg.server_lr),
-              kappa=np.float32(cfg.kappa),
-              ema_decay=np.float32(cfg.ema_decay),
-              reference_speed=np.float32(ref))
 
 
 def _masked_median(x, mask):
@@ -103,158 +97,143 @@ def _masked_median(x, mask):
 
 @dataclasses.dataclass(frozen=True)
 class Simulation:
-  init: Any        # (key, data, resources, hparams) -> SimState
-  run_chunk: Any   # (state, data, resources, hparams, rounds_left) -> ...
-  evaluate: Any    # (params, x, y) -> (accuracy, loss)
+  init: Any        # (key[E], data, inputs) -> SimState
+  run_chunk: Any   # (state, data, inputs, rounds_left) -> (state, metrics)
+  evaluate: Any    # (params[E], x[E], y[E]) -> (accuracy[E], loss[E])
   chunk: int
+  lanes: int
   traces: list     # one entry per trace of run_chunk (compile counter)
 
 
-def make_simulation(exp: Experiment, chunk: int | None = None,
+def make_simulation(exp: Experiment, num_experiments: int = 1, *,
+                    chunk: int | None = None, lanes: int | None = None,
                     mesh: jax.sharding.Mesh | None = None,
                     axis_name: str = "clients",
-                    batch_axis: str | None = None) -> Simulation:
-  """Pure functions of one configured simulation (the caller jits them).
+                    max_rows: int | None = None) -> Simulation:
+  """Pure functions of ``E`` experiments that share static settings.
 
   Args:
-    exp: the built experiment; only its static parts are closed over (the
-      config's shapes and choices, the model); data, resources and
-      hyperparameters are arguments of the returned functions.
+    exp: one of the experiments (its config's static choices, model and
+      algorithm are shared by all; data, resources and traced settings are
+      arguments of the returned functions).
+    num_experiments: ``E``.
     chunk: rounds per ``run_chunk`` call (default ``cfg.eval_every``).
-    mesh: if given, the round kernel's lanes are sharded over its
-      ``axis_name`` axis (see :func:`fedjax_bsa.kernel.make_round_kernel`).
-      The data may then carry padding clients past ``len(exp.parts)``;
-      they are never sampled.
-    axis_name: the mesh axis of the clients.
-    batch_axis: the ``jax.vmap`` axis name when the functions are vmapped
-      over experiments (see the kernel's ``loop_axis_name``).
+    lanes: the kernel's lane pool (default: from :func:`fedjax_bsa.kernel.
+      default_lanes` for ``E x K`` jobs).
+    mesh: if given, the kernel's lanes are split over its ``axis_name``
+      axis and the data may be sharded over rows (``max_rows`` is then the
+      static bound of a round's rows, see :func:`fedjax_bsa.kernel.
+      cohort_rows`).
+    axis_name: the mesh axis of the lanes.
+    max_rows: see ``mesh``.
 
   Returns:
     A :class:`Simulation`.
   """
   cfg = exp.cfg
-  K = cfg.clients_per_round
-  num_clients = len(exp.parts)
+  E, K, N = int(num_experiments), cfg.clients_per_round, exp.num_clients
   chunk = int(chunk or cfg.eval_every)
-  algorithm = cfg.algorithm
-  kernel_of = functools.partial(
-      kernel_lib.make_round_kernel, exp.model.apply,
-      microbatch=cfg.microbatch, lanes=exp.lanes,
-      noise_stats=cfg.noise_stats,
-      prox_mu=cfg.prox_mu if algorithm == "fedprox" else 0.0,
-      momentum=cfg.client_momentum,
-      per_client_outputs=algorithm == "scaffold", mesh=mesh,
-      axis_name=axis_name)
-  kern = kernel_of(loop_axis_name=batch_axis)
-  plain_kern = kernel_of()  # for shapes only: binds no vmap axis
+  alg = exp.algorithm
+  loss_fn = functools.partial(models.example_losses, exp.model.apply)
+  lanes = int(lanes or cfg.lanes or kernel_lib.default_lanes(E * K))
+  kern = kernel_lib.make_round_kernel(
+      loss_fn, alg.client_tx, alg.client_init, microbatch=cfg.microbatch,
+      lanes=lanes, num_experiments=E, noise_stats=cfg.noise_stats,
+      client_deltas=alg.client_deltas, mesh=mesh, axis_name=axis_name)
   traces = []
 
-  def tx_of(hp):
-    return algorithms.server_optimizer(cfg.server_optimizer, hp["server_lr"],
-                                       cfg.server_momentum)
+  def server_tx(hp):
+    return algorithms.server_optimizer(cfg, hp["server_lr"])
 
-  def ctrl_of(hp):
-    return make_controller(cfg, exp.resources, hp["client_lr"], hp["kappa"],
-                           hp["ema_decay"], hp.get("reference_speed"))
-
-  def init(key, data, resources, hparams):
-    del resources
+  def init_one(key, hp):
     k_params, k_run = jax.random.split(key)
     params = exp.model.init(k_params)
-    control = ()
-    if algorithm == "scaffold":
-      n = num_clients
-      zeros = tmap(jnp.zeros_like, params)
-      control = (zeros, tmap(lambda a: jnp.zeros((n,) + a.shape, a.dtype),
-                             params))
-    return SimState(params, tx_of(hparams).init(params),
-                    ctrl_of(hparams).init(num_clients),
-                    controllers.empty_feedback(K), control,
-                    jnp.float32(0.0), jnp.int32(0), k_run)
+    return SimState(params, server_tx(hp).init(params),
+                    alg.init(params, N),
+                    plans.make_controller(cfg, hp).init(N),
+                    controllers.empty_feedback(K), jnp.float32(0.0),
+                    jnp.int32(0), k_run)
 
-  def one_round(st: SimState, data, res, hp, kern=kern):
-    n_clients = num_clients
-    key, k_cohort, k_avail, k_plan, k_kernel = jax.random.split(st.key, 5)
-    cohort = jax.random.choice(k_cohort, n_clients, (K,), replace=False)
-    cohort = cohort.astype(jnp.int32)
+  def init(keys, data, inputs: Inputs):
+    del data
+    return jax.vmap(init_one)(keys, inputs.hparams)
+
+  def plan_one(st: SimState, res, hp, n_all):
+    key, k_cohort, k_avail, k_plan, k_shuffle = jax.random.split(st.key, 5)
+    cohort = jax.random.choice(k_cohort, N, (K,), replace=False).astype(
+        jnp.int32)
     rc = tmap(lambda a: a[cohort], res)
+    n = n_all[cohort]
     ctx = controllers.Context(st.round, cohort, rc.speed, rc.step_overhead,
-                              rc.memory_cap, k_plan,
-                              data.num_examples[cohort])
-    plan, ctrl_state = ctrl_of(hp).update(st.feedback, st.ctrl_state, ctx)
+                              rc.memory_cap, k_plan, n)
     available = clock.sample_available(k_avail, rc.availability)
-    outcome = clock.apply_round_policy(
-        cfg.round_policy, rc, plan.batch_size, plan.steps, available,
-        exp.model_bytes, cfg.deadline if cfg.deadline > 0 else None)
-    run_plan = plan._replace(steps=outcome.steps)
-    examples = run_plan.batch_size * run_plan.steps
-    weights = algorithms.aggregation_weights(
-        algorithm, examples, run_plan.steps, data.num_examples[cohort],
-        cfg.client_momentum)
-    correction, control = None, st.control
-    if algorithm == "scaffold":
-      c_server, c_clients = st.control
-      correction = tmap(lambda cs, cc: cs[None] - cc[cohort], c_server,
-                        c_clients)
-    out = kern(st.params, data, cohort, run_plan, weights, k_kernel,
-               correction)
-    if algorithm == "scaffold":
-      control = algorithms.scaffold_update(
-          c_server, c_clients, cohort, out.client_delta, run_plan.steps,
-          run_plan.lr, n_clients)
-    tx = tx_of(hp)
-    updates, opt_state = tx.update(tmap(jnp.negative, out.delta),
-                                   st.opt_state, st.params)
-    params = optax.apply_updates(st.params, updates)
-    sim_time = st.sim_time + outcome.round_time
+    rp, ctrl_state = plans.plan_round(
+        cfg, hp, plans.make_controller(cfg, hp), st.feedback, st.ctrl_state,
+        ctx, rc, available, exp.model_bytes)
+    run = rp.plan
+    weights = alg.weights(run.batch_size * run.steps, run.steps, n, hp)
+    inputs = alg.client_inputs(st.alg_state, cohort, hp)
+    seeds = federated.shuffle_seeds(k_shuffle, cohort)
+    return (cohort, rc, n, rp, weights, inputs, seeds, ctrl_state, key)
 
-    took = outcome.participated & (run_plan.steps > 0)
-    ftook = took.astype(jnp.float32)
-    nt = jnp.maximum(ftook.sum(), 1.0)
-    bf = run_plan.batch_size.astype(jnp.float32)
-    stats = out.stats
-    b_simple = noise.noise_scale(stats.grad_sq, stats.trace)
-    reporting = took & (stats.noise_steps > 0)
-    metrics = RoundMetrics(
-        train_loss=jnp.sum(stats.loss * stats.examples) /
-        jnp.maximum(stats.examples.sum(), 1),
-        round_time=outcome.round_time, sim_time=sim_time,
-        mean_batch=jnp.sum(bf * ftook) / nt,
-        min_batch=jnp.min(jnp.where(took, bf, jnp.inf)),
-        max_batch=jnp.max(jnp.where(took, bf, 0.0)),
-        over_cap=jnp.sum(took & (run_plan.batch_size > rc.memory_cap)),
-        noise_scale=_masked_median(b_simple, reporting),
-        mean_gain=jnp.sum(run_plan.lr / hp["client_lr"] * ftook) / nt,
-        heterogeneity=out.heterogeneity, participants=took.sum(),
-        dropped=outcome.dropped.sum(),
-        partial=jnp.sum(took & (outcome.steps < plan.steps)),
-        examples=examples.sum(),
-        padding_efficiency=out.useful / jnp.maximum(
-            out.slots * cfg.microbatch, 1),
-        done=jnp.bool_(True), cohort=cohort,
-        batch=run_plan.batch_size, steps=run_plan.steps, lr=run_plan.lr,
-        b_simple=jnp.where(reporting, b_simple, jnp.nan))
-    feedback = controllers.Feedback(cohort, stats)
-    new = SimState(params, opt_state, ctrl_state, feedback, control,
-                   sim_time, st.round + 1, key)
+  def finish_one(st: SimState, hp, cohort, rc, n, rp: plans.RoundPlan,
+                 ctrl_state, key, delta, stats, usum, cdeltas):
+    run = rp.plan
+    result = algorithms.RoundResult(delta, cdeltas, cohort, run.steps,
+                                    run.lr, N)
+    delta, alg_state = alg.server_update(st.alg_state, result, hp)
+    updates, opt_state = server_tx(hp).update(tmap(jnp.negative, delta),
+                                              st.opt_state, st.params)
+    params = optax.apply_updates(st.params, updates)
+    sim_time = st.sim_time + rp.outcome.round_time
+    metrics = _metrics(hp, cohort, rc, rp, stats, usum, sim_time, N)
+    new = SimState(params, opt_state, alg_state, ctrl_state,
+                   controllers.Feedback(cohort, stats), sim_time,
+                   st.round + 1, key)
     return new, metrics
 
-  def run_chunk(st, data, res, hp, rounds_left):
-    """Runs ``min(chunk, rounds_left)`` rounds (shapes fixed at ``chunk``)."""
+  def one_round(st: SimState, data, inputs: Inputs):
+    (cohort, rc, n, rp, weights, cinputs, seeds, ctrl_state,
+     key) = jax.vmap(plan_one)(st, inputs.resources, inputs.hparams,
+                               inputs.num_examples)
+    flat = lambda a: a.reshape((E * K,) + a.shape[2:])
+    run = rp.plan
+    jobs = kernel_lib.Jobs(
+        flat(cohort + inputs.first_client[:, None]),
+        jnp.repeat(jnp.arange(E, dtype=jnp.int32), K), flat(run.batch_size),
+        flat(run.steps), flat(run.lr), flat(weights), flat(seeds))
+    kdata = data
+    if mesh is not None:
+      kdata = kernel_lib.cohort_rows(data, jobs.client, max_rows)
+      jobs = jobs._replace(client=jnp.arange(E * K, dtype=jnp.int32))
+    out = kern(st.params, kdata, jobs, tmap(flat, cinputs))
+    unflat = lambda a: a.reshape((E, K) + a.shape[1:])
+    stats = tmap(unflat, out.stats)
+    cdeltas = None if out.client_deltas is None else tmap(unflat,
+                                                          out.client_deltas)
+    new, m = jax.vmap(finish_one)(st, inputs.hparams, cohort, rc, n, rp,
+                                  ctrl_state, key, out.delta, stats,
+                                  out.update_sum_sq, cdeltas)
+    eff = out.useful / jnp.maximum(out.slots * cfg.microbatch, 1)
+    return new, m._replace(padding_efficiency=jnp.broadcast_to(eff, (E,)))
+
+  def run_chunk(st, data, inputs: Inputs, rounds_left):
+    """Runs ``min(chunk, rounds_left)`` rounds (shapes fixed at ``chunk``);
+    metrics are ``[E, chunk, ...]``."""
     traces.append(1)
 
     def body(carry, i):
       def skip(c):
-        _, m = jax.eval_shape(
-            functools.partial(one_round, kern=plain_kern), c, data, res, hp)
+        _, m = jax.eval_shape(one_round, c, data, inputs)
         m = tmap(lambda s: jnp.zeros(s.shape, s.dtype), m)
-        return c, m._replace(done=jnp.bool_(False))
+        return c, m._replace(done=jnp.zeros((E,), bool))
       return jax.lax.cond(i < rounds_left,
-                          lambda c: one_round(c, data, res, hp), skip, carry)
+                          lambda c: one_round(c, data, inputs), skip, carry)
 
-    return jax.lax.scan(body, st, jnp.arange(chunk))
+    st, m = jax.lax.scan(body, st, jnp.arange(chunk))
+    return st, tmap(lambda a: jnp.moveaxis(a, 0, 1), m)
 
-  def evaluate(params, x, y):
+  def evaluate_one(params, x, y):
     """Test accuracy and mean loss, in batches of 512."""
     n = x.shape[0]
     bs = 512
@@ -277,4 +256,41 @@ def make_simulation(exp: Experiment, chunk: int | None = None,
         batch, (jnp.int32(0), jnp.float32(0.0)), jnp.arange((n + pad) // bs))
     return correct / n, loss / n
 
-  return Simulation(init, run_chunk, evaluate, chunk, traces)
+  return Simulation(init, run_chunk, jax.vmap(evaluate_one), chunk, lanes,
+                    traces)
+
+
+def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
+             num_clients) -> RoundMetrics:
+  """One experiment's round metrics."""
+  run, outcome = rp.plan, rp.outcome
+  took = outcome.participated & (run.steps > 0)
+  ftook = took.astype(jnp.float32)
+  nt = jnp.maximum(ftook.sum(), 1.0)
+  bf = run.batch_size.astype(jnp.float32)
+  b_simple = noise.noise_scale(stats.grad_sq, stats.trace)
+  reporting = took & (stats.noise_steps > 0)
+  mean_sq = jnp.sum(stats.update_sq * ftook) / nt
+  c_g, c_t = noise.cohort_estimates(mean_sq, usum / nt ** 2, took.sum(),
+                                    num_clients)
+  return RoundMetrics(
+      train_loss=jnp.sum(stats.loss * stats.examples) /
+      jnp.maximum(stats.examples.sum(), 1),
+      round_time=outcome.round_time, sim_time=sim_time, deadline=rp.deadline,
+      mean_batch=jnp.sum(bf * ftook) / nt,
+      min_batch=jnp.min(jnp.where(took, bf, jnp.inf)),
+      max_batch=jnp.max(jnp.where(took, bf, 0.0)),
+      over_cap=jnp.sum(took & (run.batch_size > rc.memory_cap)),
+      noise_scale=_masked_median(b_simple, reporting),
+      cohort_noise_scale=jnp.where(took.sum() >= 2,
+                                   noise.noise_scale(c_g, c_t), jnp.nan),
+      mean_gain=jnp.sum(run.lr / hp["client_lr"] * ftook) / nt,
+      heterogeneity=jnp.maximum(mean_sq - usum / nt ** 2, 0.0),
+      participants=took.sum(), dropped=outcome.dropped.sum(),
+      no_fit=rp.no_fit.sum(),
+      partial=jnp.sum(took & (outcome.steps < rp.planned_steps)),
+      examples=(run.batch_size * run.steps).sum(),
+      padding_efficiency=jnp.float32(0.0), done=jnp.bool_(True),
+      cohort=cohort,
+      batch=run.batch_size, steps=run.steps, lr=run.lr,
+      b_simple=jnp.where(reporting, b_simple, jnp.nan))

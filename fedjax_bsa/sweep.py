@@ -1,15 +1,13 @@
-"""Many experiments as one compiled program: seeds and hyperparameters
-``vmap``-ped (PureJaxRL style), sharded over an ``experiments`` mesh axis.
+"""Many experiments as one compiled program (PureJaxRL style).
 
-Each experiment's host-side pieces (partition, padded client rows, resources,
-hyperparameters, key, test set) are built on the host and stacked on a
-leading ``[E]`` axis, the rows padded to one ``n_max``; :mod:`simulate`'s
-pure ``init`` / ``run_chunk`` / ``evaluate`` are ``vmap``-ped over it and,
-with several devices, wrapped in ``jax.shard_map`` so each device runs its
-``E / D`` experiments (``E`` is padded to a multiple of ``D`` by repeating
-the last experiment; the padding is dropped). One compile serves all ``E``.
-Only settings that keep shapes and the program's structure can vary
-(:data:`SWEEPABLE`); anything else is rejected naming the key.
+Each experiment's host-side pieces (partition, resources, traced settings,
+key, test set) are built on the host; the round loop steps every
+experiment's model together, and the client jobs of all experiments share
+one pool of kernel lanes, so a sweep costs its total work
+(:mod:`fedjax_bsa.simulate`, :mod:`fedjax_bsa.driver`). Only settings that
+keep shapes and the program's structure can vary
+(:data:`~fedjax_bsa.config.SWEEPABLE`, declared in the config's metadata);
+anything else is rejected naming the key.
 
 Outputs under ``out_dir``: ``sweep.json`` (the base settings and each
 experiment's overrides, for ``--resume``), one folder per experiment
@@ -28,37 +26,17 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
-from jax.sharding import PartitionSpec as P
 
-from fedjax_bsa import checkpoint as checkpoint_lib
 from fedjax_bsa import distributed
-from fedjax_bsa import federated
-from fedjax_bsa import runner
-from fedjax_bsa import simulate
-from fedjax_bsa.config import Config, ConfigError, parse_assignments
-from fedjax_bsa.experiment import build, load_dataset
+from fedjax_bsa import driver
+from fedjax_bsa import regime
+from fedjax_bsa.config import SWEEPABLE, Config, ConfigError
+from fedjax_bsa.config import check_sweepable
+from fedjax_bsa.config import parse_assignments
 from fedjax_bsa.outputs import Outputs
 
-__all__ = ["SWEEPABLE", "SweepResult", "Prepared", "parse_grid",
-           "expand_grid", "check_sweepable", "prepare", "default_group",
-           "run_sweep",
-           "resume_sweep", "format_sweep"]
-
-EXPERIMENTS_AXIS = "experiments"
-_VMAP_AXIS = "experiment"  # the vmap axis within a device
-
-#: Settings a sweep may vary: traced hyperparameters, or inputs built on the
-#: host whose shapes do not change (partitions, resources, seeds).
-SWEEPABLE = (
-    "seed", "client_lr", "server_lr", "kappa", "ema_decay",   # traced
-    "alpha", "min_examples", "quantity_sigma", "shards_per_client",
-    "synthetic_alpha", "synthetic_beta",                      # data
-    "speed_sigma", "memory_sigma", "memory_cap", "base_speed",
-    "step_overhead", "bandwidth", "availability",              # resources
-)
-_DATASET_KEYS = ("dataset", "data_path", "num_examples", "synthetic_alpha",
-                 "synthetic_beta", "num_clients")
+__all__ = ["SWEEPABLE", "SweepResult", "parse_grid", "expand_grid",
+           "check_sweepable", "run_sweep", "resume_sweep", "format_sweep"]
 
 
 class SweepResult(NamedTuple):
@@ -88,16 +66,6 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
   return grid
 
 
-def check_sweepable(keys) -> None:
-  """Raises ``ConfigError`` naming the first key a sweep cannot vary."""
-  for key in keys:
-    if key not in SWEEPABLE:
-      raise ConfigError(
-          f"cannot sweep {key!r} in one compiled program: it changes array "
-          "shapes or the program's static structure (run separate sweeps "
-          f"for each value); sweepable settings: {', '.join(SWEEPABLE)}")
-
-
 def expand_grid(grid: dict[str, list]) -> list[dict]:
   """The cartesian product of ``grid``, in order, as override dicts."""
   check_sweepable(grid)
@@ -121,144 +89,9 @@ def format_sweep(names: list, overrides: list, summaries: list) -> str:
   return "\n".join(lines)
 
 
-def _datasets(cfgs: list[Config]) -> list:
-  """Each config's dataset, loaded once per distinct dataset setting."""
-  cache, out = {}, []
-  for c in cfgs:
-    key = tuple(getattr(c, k) for k in _DATASET_KEYS) + (
-        c.seed if c.dataset in ("mnist1d", "synthetic") else None,)
-    if key not in cache:
-      cache[key] = load_dataset(c)
-    out.append(cache[key])
-  return out
-
-
-def _check_same(exps, what: str, get) -> None:
-  first = get(exps[0])
-  for e, exp in enumerate(exps[1:], 1):
-    if get(exp) != first:
-      raise ConfigError(f"experiment {e} has {what} {get(exp)} but "
-                        f"experiment 0 has {first}: a sweep needs one shape")
-
-
-class Prepared(NamedTuple):
-  """A sweep ready to run: stacked inputs and jitted batched functions."""
-  configs: list      # per experiment, its Config
-  experiments: list  # per experiment, its Experiment (data not built)
-  sim: simulate.Simulation
-  inputs: tuple      # (data, resources, hparams, key_data, x_test, y_test)
-  init: Any          # jit: (key_data, data, res, hp) -> state [E', ...]
-  run_chunk: Any     # jit: (state, data, res, hp, rounds_left) -> (state, m)
-  evaluate: Any      # jit: (params, x_test, y_test) -> (acc, loss) [E']
-  mesh: Any          # the experiments mesh, or None
-
-
-def default_group() -> int | None:
-  """Experiments vmapped together per step on a device: 8 on CPUs (larger
-  batches fall out of cache), all of them on accelerators."""
-  return 8 if jax.default_backend() == "cpu" else None
-
-
-def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
-            group: int | None | str = "auto") -> Prepared:
-  """Builds and stacks every experiment's inputs; batches the functions.
-
-  Args:
-    base: the settings shared by every experiment.
-    overrides: per experiment, ``{key: value}`` of :data:`SWEEPABLE` keys.
-    mesh: ``"auto"`` (an ``experiments`` mesh over every device when there
-      are several), a ``Mesh`` with an ``experiments`` axis, or None.
-    group: experiments ``vmap``-ped together on a device; a device holding
-      more runs its groups one after another (``lax.map``), still in one
-      program. None: all at once; ``"auto"``: :func:`default_group`.
-
-  Returns:
-    A :class:`Prepared`; stacked leaves are ``[E', ...]`` with ``E'`` the
-    experiment count padded (by repeating the last experiment) to a multiple
-    of the device count times the group size.
-  """
-  if not overrides:
-    raise ConfigError("a sweep needs at least one experiment")
-  for o in overrides:
-    check_sweepable(o)
-  cfgs = [base.replace(**o) for o in overrides]
-  E = len(cfgs)
-  if isinstance(mesh, str):
-    mesh = (distributed.make_mesh(EXPERIMENTS_AXIS)
-            if jax.device_count() > 1 else None)
-  if mesh is None and jax.process_count() > 1:
-    raise ValueError("mesh=None is not allowed with several processes")
-  exps = [build(c, with_data=False, dataset=ds)
-          for c, ds in zip(cfgs, _datasets(cfgs))]
-  _check_same(exps, "num_clients", lambda x: len(x.parts))
-  _check_same(exps, "input shape", lambda x: x.dataset.x_train.shape[1:])
-  _check_same(exps, "test set shape", lambda x: x.dataset.x_test.shape)
-  n_max = max(max(len(p) for p in x.parts) for x in exps)
-
-  def host_inputs(e):
-    x = exps[e]
-    ds = x.dataset
-    return (federated.from_partition(ds.x_train, ds.y_train, x.parts, n_max),
-            x.resources, simulate.hparams_of(x.cfg, x.resources),
-            np.asarray(jax.random.key_data(jax.random.key(x.cfg.seed))),
-            np.asarray(ds.x_test, np.float32), np.asarray(ds.y_test))
-
-  devices = 1 if mesh is None else mesh.devices.size
-  per_device = -(-E // devices)
-  group = default_group() if group == "auto" else group
-  if group is not None and int(group) < 1:
-    raise ValueError(f"group={group} is out of range: must be >= 1 (or "
-                     "None: all experiments at once)")
-  group = min(int(group or per_device), per_device)
-  total = distributed.padded(E, mesh, group)
-  inputs = distributed.stacked(E, host_inputs, mesh, EXPERIMENTS_AXIS, total)
-  sim = simulate.make_simulation(exps[0], batch_axis=_VMAP_AXIS)
-
-  def batched(f, in_axes):
-    g = _grouped(jax.vmap(f, in_axes=in_axes, axis_name=_VMAP_AXIS),
-                 in_axes, group)
-    if mesh is not None:
-      g = jax.shard_map(
-          g, mesh=mesh, out_specs=P(EXPERIMENTS_AXIS), check_vma=False,
-          in_specs=tuple(P(EXPERIMENTS_AXIS) if a == 0 else P()
-                         for a in in_axes))
-    return jax.jit(g)
-
-  return Prepared(
-      cfgs, exps, sim, inputs,
-      batched(lambda k, *a: sim.init(jax.random.wrap_key_data(k), *a),
-              (0, 0, 0, 0)),
-      batched(sim.run_chunk, (0, 0, 0, 0, None)),
-      batched(sim.evaluate, (0, 0, 0)), mesh)
-
-
-def _grouped(vf, in_axes, group: int):
-  """``vf`` (vmapped over axis 0 of the ``in_axes == 0`` arguments) applied
-  to ``[n * group, ...]`` inputs as ``n`` steps of ``group`` (``lax.map``)."""
-
-  def run(*args):
-    n = next(a for a, ax in zip(args, in_axes) if ax == 0)
-    n = jax.tree.leaves(n)[0].shape[0] // group
-    if n <= 1:
-      return vf(*args)
-    split = lambda t: jax.tree.map(
-        lambda a: a.reshape((n, group) + a.shape[1:]), t)
-    mapped = tuple(split(a) if ax == 0 else None
-                   for a, ax in zip(args, in_axes))
-
-    def one(xs):
-      return vf(*(x if ax == 0 else a
-                  for x, a, ax in zip(xs, args, in_axes)))
-
-    out = jax.lax.map(one, mapped)
-    return jax.tree.map(lambda a: a.reshape((n * group,) + a.shape[2:]),
-                        out)
-  return run
-
-
 def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
               *, print_table: bool = True, stream=None, mesh: Any = "auto",
-              group: int | None | str = "auto", resume: bool = False,
+              resume: bool = False,
               checkpoint_every: int | None = None) -> SweepResult:
   """Runs ``len(overrides)`` experiments as one vmapped program.
 
@@ -268,8 +101,7 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
     out_dir: where to write (None: nothing).
     print_table: print the summary table to ``stream``.
     stream: text stream (default ``sys.stdout``).
-    mesh: as :func:`prepare`.
-    group: as :func:`prepare`.
+    mesh: as :func:`fedjax_bsa.driver.prepare`.
     resume: continue from ``out_dir/checkpoints``.
     checkpoint_every: as :func:`fedjax_bsa.runner.run`.
 
@@ -281,46 +113,25 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
   start = time.perf_counter()
   if out_dir:
     distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
-  pre = prepare(base, overrides, mesh, group)
-  E, sim = len(pre.configs), pre.sim
-  data, res, hp, kd, x_test, y_test = pre.inputs
-  state = pre.init(kd, data, res, hp)
-
-  def step(st, left):
-    st, m = pre.run_chunk(st, data, res, hp, left)
-    return st, {k: v[:E] for k, v in distributed.to_host(
-        m._asdict()).items()}
-
-  def evaluate_state(st):
-    out = distributed.to_host((*pre.evaluate(st.params, x_test, y_test),
-                               st.sim_time))
-    return tuple(a[:E] for a in out)
-
+  pre = driver.prepare(base, overrides, mesh)
+  E = len(pre.configs)
   names = [f"exp_{e:03d}" for e in range(E)]
   outs = [Outputs(c, os.path.join(out_dir, n) if out_dir else None,
                   f" ({n})") for c, n in zip(pre.configs, names)]
-  ckpt = None
-  if out_dir:
-    if distributed.is_main():
-      os.makedirs(out_dir, exist_ok=True)
-      with open(os.path.join(out_dir, "sweep.json"), "w") as fh:
-        json.dump(dict(base=base.to_dict(), overrides=overrides), fh,
-                  indent=1)
-    if (checkpoint_every or 0) >= 0:
-      ckpt = checkpoint_lib.Checkpointer(os.path.join(out_dir,
-                                                      "checkpoints"))
-      if not resume:
-        runner.clear_checkpoints(ckpt)
-  if resume and ckpt is None:
-    raise ValueError("resume needs out_dir and checkpoints")
-  state = runner.drive(base.rounds, sim.chunk, state, step, evaluate_state,
-                       outs, ckpt=ckpt, checkpoint_every=checkpoint_every or 0,
-                       progress=base.progress, start=start, stream=sys.stderr)
+  if out_dir and distributed.is_main():
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w") as fh:
+      json.dump(dict(base=base.to_dict(), overrides=overrides), fh, indent=1)
+  ckpt = driver.checkpointer(out_dir, checkpoint_every, resume)
+  state, compiles = driver.execute(pre, outs, ckpt=ckpt,
+                                   checkpoint_every=checkpoint_every or 0,
+                                   progress=base.progress, start=start)
   wall = time.perf_counter() - start + outs[0].wall_offset
-  summaries = [o.finish(compiles=len(sim.traces), lanes=x.lanes,
-                        num_clients=len(x.parts), wall=wall,
+  summaries = [o.finish(compiles=compiles, lanes=pre.sim.lanes,
+                        num_clients=x.num_clients, wall=wall,
                         devices=[str(d) for d in jax.devices()],
-                        overrides=ov, experiments=E)
+                        overrides=ov, experiments=E,
+                        **regime.describe(x, o.records))
                for o, x, ov in zip(outs, pre.experiments, overrides)]
   table = format_sweep(names, overrides, summaries)
   if out_dir and distributed.is_main():
@@ -331,10 +142,10 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
       fh.write(table + "\n")
   if print_table and distributed.is_main():
     print(table, file=stream)
-    print(f"{E} experiments, {len(sim.traces)} compile(s) of the round "
+    print(f"{E} experiments, {compiles} compile(s) of the round "
           f"loop, wall {wall:.1f} s", file=stream)
   return SweepResult([o.records for o in outs], summaries, list(overrides),
-                     len(sim.traces), state)
+                     compiles, state)
 
 
 def resume_sweep(out_dir: str, **kwargs) -> SweepResult:
@@ -344,7 +155,7 @@ def resume_sweep(out_dir: str, **kwargs) -> SweepResult:
     with open(path) as fh:
       spec = json.load(fh)
   except OSError as e:
-    raise ValueError(f"--resume {out_dir}: cannot read {path}: "
+    raise ConfigError(f"--resume {out_dir}: cannot read {path}: "
                      f"{e.strerror}") from None
   base = Config.from_dict(spec["base"])
   if "progress" in kwargs:

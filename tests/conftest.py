@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import federated
 from fedjax_bsa import models
 from fedjax_bsa.data import datasets
+from fedjax_bsa.data import federated
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -21,7 +21,7 @@ def digits():
 
 @pytest.fixture(scope="session")
 def small_fed(digits):
-  """20 clients of 5..40 digits examples each, on device."""
+  """20 clients of 5..40 digits examples each, on device (ragged)."""
   rng = np.random.default_rng(0)
   sizes = rng.integers(5, 41, size=20)
   idx = rng.permutation(len(digits.y_train))

@@ -1,6 +1,5 @@
-"""The round kernel equals a per-client loop with exact shapes, compiles once."""
-
-import functools
+"""The round kernel equals a per-job loop with exact shapes, packs several
+experiments into one lane pool, and compiles once."""
 
 import jax
 import jax.numpy as jnp
@@ -9,103 +8,141 @@ import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
+from fedjax_bsa import Config
+from fedjax_bsa import algorithms
 from fedjax_bsa import kernel as kernel_lib
+from fedjax_bsa import layout
 from fedjax_bsa import reference
+from kernel_util import close, loss_of, make_jobs, stack
 
-K = 5
 MU = 4
+_CACHE = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(apply_fn, lanes, momentum, prox_mu, noise_stats=True,
-            per_client=False):
-  return jax.jit(kernel_lib.make_round_kernel(
-      apply_fn, microbatch=MU, lanes=lanes, noise_stats=noise_stats,
-      prox_mu=prox_mu, momentum=momentum, per_client_outputs=per_client))
+def _kernel(model, alg, lanes, E, noise_stats=True):
+  key = (model.name, id(alg.client_tx), lanes, E, noise_stats)
+  if key not in _CACHE:
+    _CACHE[key] = jax.jit(kernel_lib.make_round_kernel(
+        loss_of(model), alg.client_tx, alg.client_init, microbatch=MU,
+        lanes=lanes, num_experiments=E, noise_stats=noise_stats,
+        client_deltas=alg.client_deltas))
+  return _CACHE[key]
 
 
-def _close(a, b, rtol=2e-4, atol=2e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=atol)
+_ALGS = {}
 
 
-def _check(small_fed, small_mlp, cohort, b, s, lr, lanes, momentum=0.0,
-           prox_mu=0.0, seed=0, correction=None, per_client=False):
-  params = small_mlp.init(jax.random.key(seed))
-  plan = kernel_lib.Plan(jnp.array(b, jnp.int32), jnp.array(s, jnp.int32),
-                         jnp.array(lr, jnp.float32))
-  w = jnp.linspace(0.5, 1.5, len(cohort)).astype(jnp.float32)
-  key = jax.random.key(seed + 1)
-  cohort = jnp.array(cohort, jnp.int32)
-  out = _jitted(small_mlp.apply, lanes, momentum, prox_mu,
-                per_client=per_client)(params, small_fed, cohort, plan, w,
-                                       key, correction)
-  ref, stats, deltas = reference.reference_round(
-      small_mlp.apply, params, small_fed, cohort, plan, w, key,
-      microbatch=MU, momentum=momentum, prox_mu=prox_mu,
-      correction=correction)
-  _close(out.delta, ref)
+def _alg(**kw):
+  key = tuple(sorted(kw.items()))
+  if key not in _ALGS:
+    _ALGS[key] = algorithms.make_algorithm(Config(**kw))
+  return _ALGS[key]
+
+
+def _check(data, model, jobs, lanes, alg, E=1, inputs=None, seed=0):
+  params = stack(*[model.init(jax.random.key(seed + e)) for e in range(E)])
+  out = _kernel(model, alg, lanes, E)(params, data, jobs, inputs)
+  ref, stats, deltas, usum = reference.reference_round(
+      loss_of(model), alg.client_tx, alg.client_init, params, data, jobs,
+      inputs, microbatch=MU)
+  close(out.delta, ref)
   for f in ("loss", "examples", "steps", "noise_steps"):
     np.testing.assert_allclose(getattr(out.stats, f), getattr(stats, f),
                                rtol=2e-4, atol=1e-5, err_msg=f)
   for f in ("grad_sq", "trace", "update_sq"):
     np.testing.assert_allclose(getattr(out.stats, f), getattr(stats, f),
                                rtol=5e-3, atol=1e-4, err_msg=f)
-  useful = int(np.sum(np.maximum(np.array(b), 1) * np.array(s)))
+  np.testing.assert_allclose(out.update_sum_sq, usum, rtol=2e-3, atol=1e-5)
+  b = np.maximum(np.asarray(jobs.batch), 1)
+  useful = int(np.sum(b * np.asarray(jobs.steps)))
   assert int(out.useful) == useful
   assert int(out.slots) * MU >= useful
-  if per_client:
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
-    _close(out.client_delta, stacked)
+  if alg.client_deltas:
+    close(out.client_deltas, stack(*deltas))
   return out
 
 
 plans = st.tuples(
-    st.lists(st.integers(1, 13), min_size=K, max_size=K),
-    st.lists(st.integers(0, 5), min_size=K, max_size=K),
-    st.lists(st.floats(0.01, 0.5), min_size=K, max_size=K),
-    st.lists(st.integers(0, 19), min_size=K, max_size=K, unique=True),
+    st.lists(st.integers(1, 13), min_size=6, max_size=6),
+    st.lists(st.integers(0, 5), min_size=6, max_size=6),
+    st.lists(st.floats(0.01, 0.5), min_size=6, max_size=6),
+    st.lists(st.integers(0, 19), min_size=6, max_size=6, unique=True),
     st.sampled_from([1, 2, 5]),
+    st.lists(st.integers(0, 1), min_size=6, max_size=6),
 )
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=10, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plans)
 def test_kernel_matches_reference_random_plans(small_fed, small_mlp, plan):
-  b, s, lr, cohort, lanes = plan
-  _check(small_fed, small_mlp, cohort, b, s, lr, lanes)
+  """Random plans of two experiments packed into one lane pool."""
+  b, s, lr, cohort, lanes, exp = plan
+  jobs = make_jobs(cohort, b, s, lr, exp=exp, key=sum(cohort))
+  _check(small_fed, small_mlp, jobs, lanes, _alg(), E=2)
 
 
-@pytest.mark.parametrize("momentum,prox_mu", [(0.9, 0.0), (0.0, 0.3)])
-def test_kernel_matches_reference_momentum_and_prox(small_fed, small_mlp,
-                                                    momentum, prox_mu):
-  _check(small_fed, small_mlp, [0, 4, 7, 9, 13], [3, 9, 4, 1, 12],
-         [2, 3, 0, 4, 1], [0.1, 0.2, 0.3, 0.05, 0.1], 2, momentum, prox_mu)
+@pytest.mark.parametrize("kw", [
+    dict(client_momentum=0.9), dict(client_optimizer="adam"),
+    dict(algorithm="fedprox", prox_mu=0.3)])
+def test_kernel_runs_any_client_transformation(small_fed, small_mlp, kw):
+  alg = _alg(**kw)
+  jobs = make_jobs([0, 4, 7, 9, 13], [3, 9, 4, 1, 12], [2, 3, 0, 4, 1],
+                   [0.1, 0.2, 0.3, 0.05, 0.1])
+  inputs = alg.client_inputs(None, jobs.client, dict(prox_mu=0.3))
+  _check(small_fed, small_mlp, jobs, 2, alg, inputs=inputs)
+
+
+def test_kernel_client_deltas_and_correction(small_fed, small_mlp):
+  alg = _alg(algorithm="scaffold")
+  params = small_mlp.init(jax.random.key(0))
+  state = alg.init(params, 20)
+  state = state._replace(clients=jax.tree.map(
+      lambda a: 0.01 * jax.random.normal(jax.random.key(3), a.shape),
+      state.clients))
+  jobs = make_jobs([0, 1, 2, 3, 4], [3, 5, 8, 2, 6], [2, 1, 3, 0, 2],
+                   [0.1] * 5)
+  _check(small_fed, small_mlp, jobs, 3, alg,
+         inputs=alg.client_inputs(state, jobs.client, {}))
 
 
 def test_kernel_extreme_skew(small_fed, small_mlp):
-  """One client with 100x the steps, b=1, an absent client (s=0)."""
-  out = _check(small_fed, small_mlp, [1, 2, 3, 4, 5], [1, 8, 5, 1, 4],
-               [100, 1, 0, 1, 1], [0.02, 0.1, 0.1, 0.1, 0.1], 2)
+  """One job with 100x the steps, b=1, an absent job (s=0)."""
+  jobs = make_jobs([1, 2, 3, 4, 5], [1, 8, 5, 1, 4], [100, 1, 0, 1, 1],
+                   [0.02, 0.1, 0.1, 0.1, 0.1])
+  out = _check(small_fed, small_mlp, jobs, 2, _alg())
   assert int(out.stats.steps[2]) == 0 and float(out.stats.loss[2]) == 0.0
-  # the long client alone bounds the loop: 100 slots on its lane
+  # the long job alone bounds the loop: 100 slots on its lane
   assert int(out.slots) == 2 * 100
 
 
-def test_kernel_per_client_outputs_and_correction(small_fed, small_mlp):
-  params = small_mlp.init(jax.random.key(0))
-  corr = jax.tree.map(
-      lambda a: 0.01 * jax.random.normal(jax.random.key(3), (K,) + a.shape),
-      params)
-  _check(small_fed, small_mlp, [0, 1, 2, 3, 4], [3, 5, 8, 2, 6],
-         [2, 1, 3, 0, 2], [0.1] * 5, K, correction=corr, per_client=True)
+def test_packed_experiments_equal_separate_kernels(small_fed, small_mlp):
+  """Jobs of three experiments in one pool give each experiment what its
+  own kernel gives it."""
+  alg = _alg()
+  E = 3
+  exp = [0, 1, 2, 0, 1, 2, 2]
+  jobs = make_jobs([0, 3, 5, 7, 9, 11, 13], [4, 8, 3, 12, 5, 7, 2],
+                   [3, 2, 5, 1, 4, 2, 6], [0.1] * 7, exp=exp)
+  params = stack(*[small_mlp.init(jax.random.key(e)) for e in range(E)])
+  packed = _kernel(small_mlp, alg, 3, E)(params, small_fed, jobs, None)
+  for e in range(E):
+    mine = np.nonzero(np.asarray(exp) == e)[0]
+    sub = jax.tree.map(lambda a: a[mine], jobs)._replace(
+        exp=jnp.zeros(len(mine), jnp.int32))
+    one = _kernel(small_mlp, alg, 1, 1)(
+        jax.tree.map(lambda a: a[e:e + 1], params), small_fed, sub, None)
+    close(jax.tree.map(lambda a: a[e], packed.delta),
+          jax.tree.map(lambda a: a[0], one.delta), rtol=1e-4, atol=1e-6)
+    for f in one.stats._fields:
+      np.testing.assert_allclose(getattr(packed.stats, f)[mine],
+                                 getattr(one.stats, f), rtol=1e-4,
+                                 atol=1e-6, err_msg=f)
 
 
 def test_pack_lanes_is_longest_first_and_complete():
   slots = jnp.array([5, 0, 9, 3, 3, 7], jnp.int32)
-  lane, start, load = kernel_lib.pack_lanes(slots, 2)
+  lane, start, load = layout.pack_lanes(slots, 2)
   lane, start, load = map(np.asarray, (lane, start, load))
   assert lane[1] == 2  # no slots: on no lane
   assert load.sum() == slots.sum()
@@ -115,26 +152,27 @@ def test_pack_lanes_is_longest_first_and_complete():
     assert spans[0][0] == 0
     for (a0, a1), (b0, _) in zip(spans, spans[1:]):
       assert a1 == b0  # back to back, no gaps
-  # LPT on [9,7,5,3,3] with 2 lanes: {9,3,3}=15? no: 9|7 -> 9|12 -> 12|12 -> 15|12
+  # LPT on [9,7,5,3,3] with 2 lanes: 9|7 -> 9|12 -> 12|12 -> 15|12
   assert sorted(load.tolist()) == [12, 15]
 
 
 def test_kernel_compiles_once_for_many_plans(small_fed, small_mlp):
   traces = []
-  base = kernel_lib.make_round_kernel(small_mlp.apply, microbatch=MU, lanes=2)
+  alg = _alg()
+  base = kernel_lib.make_round_kernel(loss_of(small_mlp), alg.client_tx,
+                                      alg.client_init, microbatch=MU,
+                                      lanes=2)
 
   def counted(*args):
     traces.append(1)
     return base(*args)
 
   kern = jax.jit(counted)
-  params = small_mlp.init(jax.random.key(0))
+  params = stack(small_mlp.init(jax.random.key(0)))
   rng = np.random.default_rng(0)
   for r in range(6):
-    plan = kernel_lib.Plan(jnp.array(rng.integers(1, 40, K), jnp.int32),
-                           jnp.array(rng.integers(0, 30, K), jnp.int32),
-                           jnp.full((K,), 0.1, jnp.float32))
-    out = kern(params, small_fed, jnp.arange(K, dtype=jnp.int32), plan,
-               jnp.ones(K) / K, jax.random.key(r))
+    jobs = make_jobs(np.arange(5), rng.integers(1, 40, 5),
+                     rng.integers(0, 30, 5), np.full(5, 0.1), key=r)
+    out = kern(params, small_fed, jobs, None)
     jax.block_until_ready(out.delta)
   assert len(traces) == 1

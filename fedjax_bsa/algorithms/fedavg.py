@@ -1,0 +1,71 @@
+"""FedAvg, FedProx and FedNova: one client loop, three ways to weigh it.
+
+* FedAvg (McMahan et al. 2017): ``c_k = n_k / sum n``, ``n_k`` the examples
+  client ``k`` processed this round.
+* FedProx (Li et al. MLSys 2020): FedAvg's weights; clients minimise
+  ``f_k(w) + mu/2 |w - x|^2`` (the :func:`~.base.pull` with ``mu =
+  prox_mu``).
+* FedNova (Wang et al. NeurIPS 2020): ``x+ = x - tau_eff sum_k p_k d_k /
+  |a_k|_1`` with ``d_k = x - x_k``, ``p_k`` the data share, ``|a_k|_1`` from
+  :func:`~.base.fednova_a_norm` and ``tau_eff = sum_k p_k |a_k|_1``; so
+  ``c_k = tau_eff p_k / |a_k|_1``. With a client Adam the normalisation is
+  ``tau_k`` (FedNova's analysis covers SGD with momentum only).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from fedjax_bsa import registry
+from fedjax_bsa.algorithms import base
+
+__all__ = ["fedavg", "fedprox", "fednova", "fednova_weights"]
+
+
+@registry.ALGORITHMS.register("fedavg")
+def fedavg(cfg) -> base.Algorithm:
+  """FedAvg with the configured client optimizer."""
+  tx, client_init = base.plain_client(cfg)
+  return base.Algorithm(tx, client_init, base.no_state, base.no_inputs,
+                        base.example_weights, base.pass_through)
+
+
+@registry.ALGORITHMS.register("fedprox")
+def fedprox(cfg) -> base.Algorithm:
+  """FedProx: FedAvg plus the proximal pull ``prox_mu (w - x)``."""
+  tx, client_init = base.pulled_client(cfg, with_correction=False)
+
+  def client_inputs(state, cohort, hparams):
+    del state
+    return {"mu": jnp.full(cohort.shape, hparams["prox_mu"], jnp.float32)}
+
+  return base.Algorithm(tx, client_init, base.no_state, client_inputs,
+                        base.example_weights, base.pass_through)
+
+
+def fednova_weights(steps, data_sizes, momentum: float = 0.0):
+  """FedNova's ``c_k = tau_eff p_k / |a_k|_1`` (0 for absent clients).
+
+  >>> fednova_weights(jnp.array([2, 4]), jnp.array([1, 1])).tolist()
+  [1.5, 0.75]
+  """
+  taking_part = steps > 0
+  p = jnp.where(taking_part, data_sizes, 0).astype(jnp.float32)
+  p = p / jnp.maximum(p.sum(), 1.0)
+  a = base.fednova_a_norm(steps, momentum)
+  tau_eff = jnp.sum(p * a)
+  return jnp.where(taking_part, tau_eff * p / jnp.maximum(a, 1e-12), 0.0)
+
+
+@registry.ALGORITHMS.register("fednova")
+def fednova(cfg) -> base.Algorithm:
+  """FedNova's normalised averaging with the configured client optimizer."""
+  tx, client_init = base.plain_client(cfg)
+  rho = base.client_momentum(cfg)
+
+  def weights(examples, steps, data_sizes, hparams=None):
+    del examples, hparams
+    return fednova_weights(steps, data_sizes, rho)
+
+  return base.Algorithm(tx, client_init, base.no_state, base.no_inputs,
+                        weights, base.pass_through)

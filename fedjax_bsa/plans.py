@@ -1,0 +1,219 @@
+"""One round's plan for one experiment: batch, learning rate, local work,
+deadline and who is aggregated.
+
+The pipeline (pure, jittable, ``vmap``-ped over experiments by the round
+loop):
+
+1. the **controller** (:data:`~fedjax_bsa.registry.CONTROLLERS`) picks
+   each cohort client's batch and learning rate from what the last round
+   reported, bounded by the client's memory (:func:`~fedjax_bsa.controllers.
+   clamp`);
+2. the **deadline rule** (:data:`~fedjax_bsa.registry.DEADLINE_RULES`) sets
+   the round's deadline ``D`` from the cohort's predicted one-epoch times;
+3. the **local work** protocol (:data:`~fedjax_bsa.registry.LOCAL_WORK`)
+   sets the steps: a fixed number, ``ceil(epochs n_k / b_k)``, or the steps
+   that fit ``D``; a ``time_budget`` caps them;
+4. the **round policy** (:data:`~fedjax_bsa.registry.ROUND_POLICIES`)
+   decides who is aggregated with how many steps, and the round's length.
+
+Every choice is registered by name here; factories take ``(cfg, hparams)``
+with ``hparams`` the traced settings (:func:`fedjax_bsa.config.hparams`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_bsa import clock
+from fedjax_bsa import controllers
+from fedjax_bsa import deadline as deadline_lib
+from fedjax_bsa import registry as reg
+from fedjax_bsa.kernel import Plan
+
+__all__ = ["RoundPlan", "make_controller", "plan_round"]
+
+
+# ------------------------------------------------------------- controllers
+
+
+@reg.CONTROLLERS.register("constant")
+def _constant(cfg, hp):
+  """One batch for everyone (``batch_size``)."""
+  return controllers.constant(hp["batch_size"], hp["local_steps"],
+                              hp["client_lr"])
+
+
+@reg.CONTROLLERS.register("random")
+def _random(cfg, hp):
+  """A fresh uniform batch in [batch_min, batch_max] per client per round."""
+  return controllers.random(cfg.batch_min, cfg.batch_max, hp["local_steps"],
+                            hp["client_lr"])
+
+
+@reg.CONTROLLERS.register("schedule")
+def _schedule(cfg, hp):
+  """Step, linear ramp or doubling every ``schedule_every`` rounds."""
+  return controllers.schedule(cfg.schedule, hp["batch_size"], cfg.batch_max,
+                              cfg.schedule_every, cfg.rounds,
+                              hp["local_steps"], hp["client_lr"])
+
+
+@reg.CONTROLLERS.register("resource_proportional")
+def _resource_proportional(cfg, hp):
+  """Batch proportional to device speed (Ma et al., IEEE TMC 2021)."""
+  return controllers.resource_proportional(
+      hp["batch_size"], hp["reference_speed"], hp["local_steps"],
+      hp["client_lr"])
+
+
+@reg.CONTROLLERS.register("noise_scale")
+def _noise_scale(cfg, hp):
+  """Ours, v1: batch from each client's critical batch (noise scale)."""
+  return controllers.noise_scale(
+      hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["kappa"],
+      hp["local_steps"], hp["client_lr"], hp["ema_decay"], cfg.microbatch,
+      max_gain=hp["max_gain"])
+
+
+#: Controllers whose batches are quantized to the microbatch (their own
+#: rule picks any integer; the kernel wastes the rest of a slot).
+QUANTIZED = ("noise_scale",)
+
+for _name in ("step", "linear", "doubling"):
+  reg.SCHEDULES.register(_name, _name)
+
+
+def make_controller(cfg, hp) -> controllers.Controller:
+  """The configured controller, bounded by memory caps and the time
+  budget (:func:`~fedjax_bsa.controllers.clamp`)."""
+  inner = reg.CONTROLLERS.get(cfg.controller)(cfg, hp)
+  return controllers.clamp(
+      inner, microbatch=cfg.microbatch if cfg.controller in QUANTIZED
+      else None, time_budget=hp["time_budget"])
+
+
+# ---------------------------------------------------------- deadline rules
+
+
+def _rule(name):
+  def make(cfg, hp):
+    del cfg
+
+    def rule(predicted, active):
+      return deadline_lib.round_deadline(
+          name, predicted, active, seconds=hp["deadline"],
+          quantile=hp["deadline_quantile"])
+    return rule
+  return make
+
+
+for _name in deadline_lib.RULES:
+  reg.DEADLINE_RULES.register(_name, _rule(_name))
+
+
+# -------------------------------------------------------------- local work
+
+
+@reg.LOCAL_WORK.register("steps")
+def _steps(cfg, hp):
+  """A fixed number of local steps (FedScale's default protocol: 20)."""
+  del cfg, hp
+  return lambda plan, ctx, res, deadline, model_bytes: plan.steps
+
+
+@reg.LOCAL_WORK.register("epochs")
+def _epochs(cfg, hp):
+  """``ceil(local_epochs * n_k / b_k)`` steps (McMahan et al. 2017)."""
+  del cfg
+
+  def steps(plan, ctx, res, deadline, model_bytes):
+    del res, deadline, model_bytes
+    n = ctx.num_examples.astype(jnp.float32)
+    b = jnp.maximum(plan.batch_size, 1).astype(jnp.float32)
+    return jnp.maximum(jnp.ceil(hp["local_epochs"] * n / b), 1).astype(
+        jnp.int32)
+  return steps
+
+
+@reg.LOCAL_WORK.register("deadline")
+def _deadline(cfg, hp):
+  """The steps that fit the round's deadline (at most ``local_steps``);
+  0 where none fits (the client is dropped and counted)."""
+  del cfg
+
+  def steps(plan, ctx, res, deadline, model_bytes):
+    del ctx
+    return deadline_lib.deadline_steps(res, plan.batch_size, deadline,
+                                       model_bytes, hp["local_steps"])
+  return steps
+
+
+# ----------------------------------------------------------- round policies
+
+
+def _policy(name):
+  def make(cfg, hp):
+    del cfg, hp
+
+    def policy(res, batch, steps, available, model_bytes, deadline):
+      return clock.apply_round_policy(name, res, batch, steps, available,
+                                      model_bytes, deadline)
+    return policy
+  return make
+
+
+for _name in clock.POLICIES:
+  reg.ROUND_POLICIES.register(_name, _policy(_name))
+
+
+# ------------------------------------------------------------- the pipeline
+
+
+class RoundPlan(NamedTuple):
+  """One experiment's decisions for one round (cohort of ``K``)."""
+  plan: Plan                 # what runs (steps 0: not aggregated)
+  planned_steps: jax.Array   # int32 [K], steps before the round policy
+  outcome: clock.RoundOutcome
+  deadline: jax.Array        # float32 [], the round's deadline (s)
+  no_fit: jax.Array          # bool [K], available, but no step fits D
+
+
+def plan_round(cfg, hp, controller, feedback, ctrl_state,
+               ctx: controllers.Context, res, available, model_bytes: int
+               ) -> tuple[RoundPlan, Any]:
+  """Runs the pipeline of the module docstring for one experiment.
+
+  Args:
+    cfg: the settings (static choices).
+    hp: the traced settings of this experiment.
+    controller: from :func:`make_controller`.
+    feedback: the last round's :class:`~fedjax_bsa.controllers.Feedback`.
+    ctrl_state: the controller's state.
+    ctx: the coming round's :class:`~fedjax_bsa.controllers.Context`.
+    res: the cohort's :class:`~fedjax_bsa.resources.ClientResources` [K].
+    available: bool [K], who is available this round.
+    model_bytes: bytes sent each way.
+
+  Returns:
+    ``(RoundPlan, controller state)``.
+  """
+  plan, ctrl_state = controller.update(feedback, ctrl_state, ctx)
+  b = jnp.maximum(plan.batch_size, 1).astype(jnp.int32)
+  plan = plan._replace(batch_size=b)
+  predicted = deadline_lib.one_epoch_time(res, b, ctx.num_examples,
+                                          model_bytes)
+  D = reg.DEADLINE_RULES.get(cfg.deadline_rule)(cfg, hp)(predicted,
+                                                         available)
+  steps = reg.LOCAL_WORK.get(cfg.local_work)(cfg, hp)(plan, ctx, res, D,
+                                                      model_bytes)
+  steps = controllers.steps_for_budget(b, ctx, hp["time_budget"], steps)
+  no_fit = available & (steps <= 0)
+  outcome = reg.ROUND_POLICIES.get(cfg.round_policy)(cfg, hp)(
+      res, b, steps, available, model_bytes, D)
+  run = plan._replace(steps=outcome.steps)
+  outcome = outcome._replace(dropped=outcome.dropped | no_fit)
+  return RoundPlan(run, steps.astype(jnp.int32), outcome,
+                   jnp.asarray(D, jnp.float32), no_fit), ctrl_state

@@ -1,0 +1,39 @@
+"""Building blocks of the kernel tests: jobs, algorithms' client sides."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_bsa import kernel as kernel_lib
+from fedjax_bsa import models
+from fedjax_bsa.data import federated
+
+
+def loss_of(model):
+  return functools.partial(models.example_losses, model.apply)
+
+
+def make_jobs(cohort, b, s, lr, weights=None, key=0, exp=None):
+  cohort = jnp.asarray(cohort, jnp.int32)
+  J = cohort.shape[0]
+  weights = (jnp.linspace(0.5, 1.5, J) if weights is None
+             else jnp.asarray(weights))
+  exp = jnp.zeros((J,), jnp.int32) if exp is None else jnp.asarray(
+      exp, jnp.int32)
+  seeds = federated.shuffle_seeds(jax.random.key(key), cohort)
+  return kernel_lib.Jobs(cohort, exp, jnp.asarray(b, jnp.int32),
+                         jnp.asarray(s, jnp.int32),
+                         jnp.asarray(lr, jnp.float32),
+                         weights.astype(jnp.float32), seeds)
+
+
+def stack(*trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def close(a, b, rtol=2e-4, atol=2e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
+                               atol=atol)
