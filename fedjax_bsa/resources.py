@@ -159,6 +159,8 @@ _TIER_KEYS = {"share": "positive", "speed": "positive",
               "latency": "nonneg", "availability": "probability"}
 _TIER_REQUIRED = ("name", "share", "speed", "memory_cap", "bandwidth")
 _TIER_TEXT_KEYS = ("name", "device")  # free text, not validated
+_TIER_OPTIONAL = tuple(k for k in (*_TIER_TEXT_KEYS, *_TIER_KEYS)
+                       if k not in _TIER_REQUIRED)
 
 
 def _validate_tiers(tiers: Sequence[Mapping[str, Any]]) -> list:
@@ -177,7 +179,7 @@ def _validate_tiers(tiers: Sequence[Mapping[str, Any]]) -> list:
       raise ValueError(f"tiers[{i}]={dict(t)!r} is invalid: missing keys "
                        f"{missing}, unknown keys {unknown}; allowed keys: "
                        f"{list(_TIER_REQUIRED)} (required), then "
-                       f"{[k for k in (*_TIER_TEXT_KEYS, *_TIER_KEYS) if k not in _TIER_REQUIRED]}.")
+                       f"{list(_TIER_OPTIONAL)}.")
     if "step_overhead" in t and "overhead_scale" in t:
       raise ValueError(f"tiers[{i}] sets both step_overhead="
                        f"{t['step_overhead']!r} (seconds) and overhead_scale="
