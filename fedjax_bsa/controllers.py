@@ -27,7 +27,8 @@ from fedjax_bsa import noise
 __all__ = ["Context", "Feedback", "Controller", "EmptyState", "NoiseState",
            "constant", "random", "schedule", "resource_proportional",
            "noise_scale", "clamp", "adascale_gain", "quantize",
-           "empty_feedback", "steps_for_budget", "epochs"]
+           "empty_feedback", "steps_for_budget", "epochs",
+           "noise_state_init", "noise_state_update", "cohort_noise_scale"]
 
 Plan = kernel_lib.Plan
 
@@ -184,10 +185,40 @@ def resource_proportional(batch_size, reference_speed, local_steps: int,
   return Controller(lambda num_clients: EmptyState(), update)
 
 
-def adascale_gain(b_simple, scale):
-  """AdaScale gain ``r = (tr + |G|^2) / (tr / S + |G|^2)`` (Johnson et al.
-  2020), written with ``B_simple = tr / |G|^2``: ``(B + 1) / (B / S + 1)``."""
-  return (b_simple + 1.0) / (b_simple / scale + 1.0)
+def adascale_gain(b_simple, batch, ref_batch, n=jnp.inf):
+  """AdaScale gain of batch ``b`` over the reference ``b0`` on a client of
+  ``n`` rows (Johnson et al. 2020, with the finite-population coefficient).
+
+  The gain is the ratio of expected squared gradient norms,
+  ``E|G_b0|^2 / E|G_b|^2 = (1 + B c_eff(b0, n)) / (1 + B c_eff(b, n))``
+  with ``B = tr(Sigma) / |G|^2`` and ``c_eff`` =
+  :func:`fedjax_bsa.noise.fpc_coefficient`; for ``n = inf`` it is
+  ``(1 + B / b0) / (1 + B / b)`` (AdaScale's ``r`` for ``S = b / b0``).
+
+  Args:
+    b_simple: ``B``, float ``[K]`` (or any shape).
+    batch: ``b``, broadcastable.
+    ref_batch: ``b0``, the batch the learning rate was tuned for.
+    n: rows each client holds (``inf``: independent draws).
+
+  Returns:
+    float32 gain of the broadcast shape (1 for ``B = 0``; below 1 for
+    ``b < b0``).
+
+  References:
+    Johnson, Agrawal, Gu and Guestrin (2020), AdaScale SGD: A User-Friendly
+    Algorithm for Distributed Training, ICML.
+
+  >>> round(float(adascale_gain(64.0, 64, 8)), 4)     # (1 + 8) / (1 + 1)
+  4.5
+  >>> # b = n = 10 is exact; c_eff(8, 10) = 2 / (8 * 9): 1 + 64 / 36
+  >>> round(float(adascale_gain(64.0, 10, 8, n=10)), 4)
+  2.7778
+  """
+  b_simple = jnp.maximum(jnp.asarray(b_simple, jnp.float32), 0.0)
+  num = 1.0 + b_simple * noise.fpc_coefficient(ref_batch, n)
+  den = 1.0 + b_simple * noise.fpc_coefficient(batch, n)
+  return (num / den).astype(jnp.float32)
 
 
 class NoiseState(NamedTuple):
@@ -199,27 +230,125 @@ class NoiseState(NamedTuple):
   cohort_trace: noise.EmaState  # [1] EMA of the cohort mean of tr(Sigma)
 
 
+def noise_state_init(num_clients: int) -> NoiseState:
+  """An empty :class:`NoiseState` for ``num_clients`` clients.
+
+  >>> noise_state_init(3).last.tolist()
+  [0, 0, 0]
+  """
+  return NoiseState(noise.ema_init(num_clients), noise.ema_init(num_clients),
+                    jnp.zeros((num_clients,), jnp.int32),
+                    noise.ema_init(1), noise.ema_init(1))
+
+
+def noise_state_update(state: NoiseState, feedback: Feedback, ctx: Context,
+                       ema_decay) -> NoiseState:
+  """Folds the last round's per-client estimates into the EMAs.
+
+  A client's EMAs decay by ``ema_decay ** rounds_since_its_last_estimate``
+  (so a rarely sampled client's old estimates fade as fast as the
+  cohort's); clients without a noise step keep theirs. The cohort EMAs take
+  the mean over the reporting clients, once per round.
+
+  Args:
+    state: the per-client and cohort EMAs (``N`` clients).
+    feedback: last round's cohort ``[K]`` and its stats.
+    ctx: the coming round (its ``round`` index).
+    ema_decay: decay per round in ``[0, 1)`` (may be traced).
+
+  Returns:
+    The new :class:`NoiseState`.
+
+  >>> st = noise_state_init(4)
+  >>> fb = empty_feedback(2)._replace(cohort=jnp.array([1, 3]))
+  >>> fb = fb._replace(stats=fb.stats._replace(
+  ...     grad_sq=jnp.array([1.0, 2.0]), trace=jnp.array([8.0, 8.0]),
+  ...     noise_steps=jnp.array([3, 0])))
+  >>> ctx = Context(jnp.int32(1), jnp.array([0, 1]), *([None] * 4))
+  >>> noise.ema_value(noise_state_update(st, fb, ctx, 0.9).trace).tolist()
+  [0.0, 8.0, 0.0, 0.0]
+  """
+  st = feedback.stats
+  seen = st.noise_steps > 0
+  gap = jnp.maximum(ctx.round - state.last[feedback.cohort], 1)
+  decay = jnp.asarray(ema_decay, jnp.float32) ** gap.astype(jnp.float32)
+  g_sq = noise.ema_update(state.g_sq, feedback.cohort, st.grad_sq, seen,
+                          decay)
+  trace = noise.ema_update(state.trace, feedback.cohort, st.trace, seen,
+                           decay)
+  last = state.last.at[feedback.cohort].set(
+      jnp.where(seen, ctx.round, state.last[feedback.cohort]))
+  any_seen = seen.any()
+  cnt = jnp.maximum(seen.sum(), 1)
+  one = jnp.zeros((1,), jnp.int32)
+  cg = noise.ema_update(state.cohort_g_sq, one,
+                        jnp.where(seen, st.grad_sq, 0.0).sum()[None] / cnt,
+                        any_seen[None], ema_decay)
+  ct = noise.ema_update(state.cohort_trace, one,
+                        jnp.where(seen, st.trace, 0.0).sum()[None] / cnt,
+                        any_seen[None], ema_decay)
+  return NoiseState(g_sq, trace, last, cg, ct)
+
+
+def cohort_noise_scale(state: NoiseState, cohort):
+  """Each cohort client's smoothed ``B_simple`` and whether one exists.
+
+  ``B_k`` is the ratio of the client's bias-corrected EMAs of ``tr(Sigma)``
+  and ``|G|^2``; a client never seen, or whose smoothed estimates are not
+  both positive, takes the cohort EMAs' ratio.
+
+  Args:
+    state: the EMAs.
+    cohort: int32 ``[K]`` client ids.
+
+  Returns:
+    ``(b_simple, estimated)``: float32 ``[K]`` and bool ``[K]`` (False
+    before any estimate exists; ``b_simple`` is then meaningless).
+
+  >>> b, est = cohort_noise_scale(noise_state_init(3), jnp.array([0, 2]))
+  >>> est.tolist()
+  [False, False]
+  """
+  own_g = noise.ema_value(state.g_sq)[cohort]
+  own_t = noise.ema_value(state.trace)[cohort]
+  coh_g = noise.ema_value(state.cohort_g_sq)[0]
+  coh_t = noise.ema_value(state.cohort_trace)[0]
+  known = (state.g_sq.weight[cohort] > 0) & (own_g > 0) & (own_t > 0)
+  have_cohort = (state.cohort_g_sq.weight[0] > 0) & (coh_g > 0) & (coh_t > 0)
+  b_simple = jnp.where(known, noise.noise_scale(own_g, own_t),
+                       noise.noise_scale(coh_g, coh_t))
+  return b_simple, known | have_cohort
+
+
+def _rows(ctx: Context):
+  """Rows each cohort client holds, ``inf`` where the context has none."""
+  if ctx.num_examples is None:
+    return jnp.full(ctx.cohort.shape, jnp.inf, jnp.float32)
+  return ctx.num_examples.astype(jnp.float32)
+
+
 def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
                 client_lr, ema_decay, microbatch: int, time_budget=0.0,
                 use_gain: bool = True, max_gain=4.0) -> Controller:
-  """Ours: batch from each client's own gradient-noise scale.
+  """Ours (v1): batch from each client's own critical batch.
 
-  ``b_k = clip(kappa * B_simple_k, batch_min, batch_max)`` quantized to the
+  ``b_k = clip(kappa * b_crit_k, batch_min, batch_max)`` quantized to the
   kernel's microbatch and at least two microbatches (so every step yields a
-  noise estimate; memory and deadline bounds come from :func:`clamp`),
-  learning rate ``client_lr * min(r_k, max_gain)`` with the AdaScale gain
-  ``r_k`` for ``S = b_k / batch_size``, and local steps from the time budget
-  (if any). ``B_simple_k = tr(Sigma_k) / |G_k|^2`` is the ratio of separate
-  bias-corrected EMAs of the client's own per-round estimates; a client
-  never seen, or whose smoothed ``|G|^2`` is not yet positive, uses the
-  cohort's EMAs; before any estimate exists the batch is ``batch_size`` and
-  the gain 1.
+  noise estimate; memory and deadline bounds come from :func:`clamp`), with
+  ``b_crit_k = effective_critical_batch(B_k, n_k)`` (the critical batch of
+  a client of ``n_k`` rows, :func:`fedjax_bsa.noise.effective_critical_batch`;
+  ``B_k`` itself when the context has no ``num_examples``). The learning rate
+  is ``client_lr * min(r_k, max_gain)`` with the AdaScale gain ``r_k`` of
+  ``b_k`` over ``batch_size`` (:func:`adascale_gain`), and local steps come
+  from the time budget (if any). ``B_k`` comes from
+  :func:`cohort_noise_scale`; before any estimate exists the batch is
+  ``batch_size`` and the gain 1.
 
   Args:
     batch_size: reference batch ``b_0`` (the learning rate is tuned for it).
     batch_min: smallest batch (raised to two microbatches).
     batch_max: largest batch.
-    kappa: target batch in units of ``B_simple``.
+    kappa: target batch in units of the critical batch.
     local_steps: local steps (the maximum, with a time budget).
     client_lr: learning rate at ``b_0``.
     ema_decay: EMA decay of the per-client estimates.
@@ -231,52 +360,20 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
   """
   low = max(int(batch_min), 2 * int(microbatch))
 
-  def init(num_clients):
-    return NoiseState(noise.ema_init(num_clients), noise.ema_init(num_clients),
-                      jnp.zeros((num_clients,), jnp.int32),
-                      noise.ema_init(1), noise.ema_init(1))
-
   def update(feedback, state, ctx):
-    st = feedback.stats
-    seen = st.noise_steps > 0
-    # decay per round elapsed, so a rarely sampled client's old estimates
-    # fade as fast as the cohort's
-    gap = jnp.maximum(ctx.round - state.last[feedback.cohort], 1)
-    decay = jnp.asarray(ema_decay, jnp.float32) ** gap.astype(jnp.float32)
-    g_sq = noise.ema_update(state.g_sq, feedback.cohort, st.grad_sq, seen,
-                            decay)
-    trace = noise.ema_update(state.trace, feedback.cohort, st.trace, seen,
-                             decay)
-    last = state.last.at[feedback.cohort].set(
-        jnp.where(seen, ctx.round, state.last[feedback.cohort]))
-    any_seen = seen.any()
-    cnt = jnp.maximum(seen.sum(), 1)
-    one = jnp.zeros((1,), jnp.int32)
-    cg = noise.ema_update(state.cohort_g_sq, one,
-                          jnp.where(seen, st.grad_sq, 0.0).sum()[None] / cnt,
-                          any_seen[None], ema_decay)
-    ct = noise.ema_update(state.cohort_trace, one,
-                          jnp.where(seen, st.trace, 0.0).sum()[None] / cnt,
-                          any_seen[None], ema_decay)
-    state = NoiseState(g_sq, trace, last, cg, ct)
-
-    own_g = noise.ema_value(g_sq)[ctx.cohort]
-    own_t = noise.ema_value(trace)[ctx.cohort]
-    coh_g, coh_t = noise.ema_value(cg)[0], noise.ema_value(ct)[0]
-    known = (g_sq.weight[ctx.cohort] > 0) & (own_g > 0) & (own_t > 0)
-    have_cohort = (cg.weight[0] > 0) & (coh_g > 0) & (coh_t > 0)
-    b_simple = jnp.where(known, noise.noise_scale(own_g, own_t),
-                         noise.noise_scale(coh_g, coh_t))
-    estimated = known | have_cohort
-    target = jnp.where(estimated, kappa * b_simple, batch_size)
+    state = noise_state_update(state, feedback, ctx, ema_decay)
+    b_simple, estimated = cohort_noise_scale(state, ctx.cohort)
+    n = _rows(ctx)
+    crit = noise.effective_critical_batch(b_simple, n)
+    target = jnp.where(estimated, kappa * crit, batch_size)
     target = jnp.clip(target, low, batch_max)
     b = quantize(target, microbatch, jnp.asarray(batch_max, jnp.int32))
-    gain = adascale_gain(b_simple, b / jnp.asarray(batch_size, jnp.float32))
+    gain = adascale_gain(b_simple, b, batch_size, n)
     gain = jnp.where(estimated & use_gain, jnp.minimum(gain, max_gain), 1.0)
     steps = steps_for_budget(b, ctx, time_budget, local_steps)
     return Plan(b, steps, (client_lr * gain).astype(jnp.float32)), state
 
-  return Controller(init, update)
+  return Controller(noise_state_init, update)
 
 
 def epochs(inner: Controller, local_epochs) -> Controller:

@@ -20,23 +20,69 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ClientResources", "DEFAULT_TIERS", "PROFILES", "describe",
-           "load_trace", "make_resources"]
+__all__ = ["ClientResources", "DEFAULT_TIERS", "FEMNIST_CNN_PARAMS",
+           "FLASH_CLASS_WEIGHTS", "FLASH_FEMNIST_BATCH",
+           "FLASH_FEMNIST_MS_PER_BATCH", "FLASH_MEDIAN_DOWN_KBPS",
+           "FLASH_MEDIAN_UP_KBPS", "PROFILES", "describe", "load_trace",
+           "make_resources"]
 
 Array = Any  # numpy.ndarray on the host, jax.Array once moved to a device.
 
 PROFILES = ("uniform", "lognormal", "tiers", "trace")
 
-# Illustrative phone classes, not measurements: ``speed`` is relative to
-# ``base_speed``, ``memory_cap`` is in examples, ``bandwidth`` in bytes/s and
-# ``share`` the fraction of clients in the class.
+# Published per-device measurements behind DEFAULT_TIERS (docs/devices.md
+# says where each number comes from and how it was converted).
+#
+# FLASH (Yang et al., "Characterizing Impacts of Heterogeneity in Federated
+# Learning upon Large-Scale Smartphone Data", WWW 2021), as shipped in its
+# simulator (PKU-Chengxu/FLASH, models/utils/device_util/device_util.py) and
+# reused by FedBalancer's simulator (Shin et al., MobiSys 2022): mean training
+# time of one batch of 10 examples of the LEAF FEMNIST CNN (conv 5x5x32,
+# conv 5x5x64, dense 2048, 62 classes) on its three device classes, slowest
+# first, in milliseconds.
+FLASH_FEMNIST_BATCH = 10
+FLASH_FEMNIST_MS_PER_BATCH = (1642.0, 588.0, 179.0)
+# The weights FLASH's simulator draws a device class with for a phone it
+# cannot map to a class (``Device_Util.unknown``), slowest class first.
+FLASH_CLASS_WEIGHTS = (18820, 16428, 159)
+# Medians over the 19 per-user network records FLASH ships
+# (models/speed_distri.json, "down_u"/"up_u" in KB/s with 1 KB = 1024 bytes).
+FLASH_MEDIAN_DOWN_KBPS = 4317.628571428571
+FLASH_MEDIAN_UP_KBPS = 3285.6857142857143
+# Parameters of the LEAF FEMNIST CNN above (float32: 4 bytes each): the model
+# the per-batch times were measured with; use it as the clock's model_bytes to
+# keep the measured compute-to-communication ratio.
+FEMNIST_CNN_PARAMS = 6_603_710
+
+_MID = FLASH_FEMNIST_MS_PER_BATCH[1]
+
+# Device classes from the measurements above. ``speed`` multiplies
+# ``base_speed`` and ``overhead_scale`` multiplies the ``step_overhead``
+# argument, both as the class's per-batch time relative to the middle class
+# (the measurements have one batch size, so a class is modelled as uniformly
+# slower or faster: overhead and per-example time scale together).
+# ``memory_cap`` (examples) is assumed, not measured. ``bandwidth`` (download)
+# and ``bandwidth_up`` are bytes/s, the same for every class (FLASH draws a
+# phone's network independently of its device class). ``share`` is the
+# fraction of clients in the class.
 DEFAULT_TIERS = (
-    {"name": "low", "share": 0.5, "speed": 0.25, "memory_cap": 32,
-     "bandwidth": 0.25e6},
-    {"name": "mid", "share": 0.3, "speed": 1.0, "memory_cap": 128,
-     "bandwidth": 1e6},
-    {"name": "high", "share": 0.2, "speed": 4.0, "memory_cap": 512,
-     "bandwidth": 4e6},
+    {"name": "low", "device": "FLASH class 0 (slowest)",
+     "share": FLASH_CLASS_WEIGHTS[0] / sum(FLASH_CLASS_WEIGHTS),
+     "speed": _MID / FLASH_FEMNIST_MS_PER_BATCH[0],
+     "overhead_scale": FLASH_FEMNIST_MS_PER_BATCH[0] / _MID,
+     "memory_cap": 32, "bandwidth": FLASH_MEDIAN_DOWN_KBPS * 1024,
+     "bandwidth_up": FLASH_MEDIAN_UP_KBPS * 1024},
+    {"name": "mid", "device": "FLASH class 1",
+     "share": FLASH_CLASS_WEIGHTS[1] / sum(FLASH_CLASS_WEIGHTS),
+     "speed": 1.0, "overhead_scale": 1.0,
+     "memory_cap": 128, "bandwidth": FLASH_MEDIAN_DOWN_KBPS * 1024,
+     "bandwidth_up": FLASH_MEDIAN_UP_KBPS * 1024},
+    {"name": "high", "device": "FLASH class 2 (fastest)",
+     "share": FLASH_CLASS_WEIGHTS[2] / sum(FLASH_CLASS_WEIGHTS),
+     "speed": _MID / FLASH_FEMNIST_MS_PER_BATCH[2],
+     "overhead_scale": FLASH_FEMNIST_MS_PER_BATCH[2] / _MID,
+     "memory_cap": 512, "bandwidth": FLASH_MEDIAN_DOWN_KBPS * 1024,
+     "bandwidth_up": FLASH_MEDIAN_UP_KBPS * 1024},
 )
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -108,9 +154,13 @@ def _assemble(n: int, speed, step_overhead, memory_cap, bw_up, bw_down,
 
 _TIER_KEYS = {"share": "positive", "speed": "positive",
               "memory_cap": "count", "bandwidth": "positive",
-              "step_overhead": "nonneg", "latency": "nonneg",
-              "availability": "probability"}
+              "bandwidth_up": "positive", "bandwidth_down": "positive",
+              "step_overhead": "nonneg", "overhead_scale": "nonneg",
+              "latency": "nonneg", "availability": "probability"}
 _TIER_REQUIRED = ("name", "share", "speed", "memory_cap", "bandwidth")
+_TIER_TEXT_KEYS = ("name", "device")  # free text, not validated
+_TIER_OPTIONAL = tuple(k for k in (*_TIER_TEXT_KEYS, *_TIER_KEYS)
+                       if k not in _TIER_REQUIRED)
 
 
 def _validate_tiers(tiers: Sequence[Mapping[str, Any]]) -> list:
@@ -124,11 +174,17 @@ def _validate_tiers(tiers: Sequence[Mapping[str, Any]]) -> list:
     if not isinstance(t, Mapping):
       raise ValueError(f"tiers[{i}]={t!r} is invalid; allowed: a dict.")
     missing = [k for k in _TIER_REQUIRED if k not in t]
-    unknown = [k for k in t if k != "name" and k not in _TIER_KEYS]
+    unknown = [k for k in t if k not in _TIER_TEXT_KEYS and k not in _TIER_KEYS]
     if missing or unknown:
       raise ValueError(f"tiers[{i}]={dict(t)!r} is invalid: missing keys "
                        f"{missing}, unknown keys {unknown}; allowed keys: "
-                       f"{['name', *_TIER_KEYS]} (the first five required).")
+                       f"{list(_TIER_REQUIRED)} (required), then "
+                       f"{list(_TIER_OPTIONAL)}.")
+    if "step_overhead" in t and "overhead_scale" in t:
+      raise ValueError(f"tiers[{i}] sets both step_overhead="
+                       f"{t['step_overhead']!r} (seconds) and overhead_scale="
+                       f"{t['overhead_scale']!r} (multiplier of the "
+                       "step_overhead argument); allowed: at most one.")
     out.append({"name": str(t["name"]), **{
         k: _checked(f"tiers[{i}][{k!r}]", t[k], rule)
         for k, rule in _TIER_KEYS.items() if k in t}})
@@ -275,14 +331,19 @@ def make_resources(profile: str, num_clients: int, seed: Any, *,
       ``memory_cap = max(1, round(memory_cap * exp(N(0, memory_sigma))))``
       (constant when ``memory_sigma == 0``).
     * ``"tiers"``: device classes from ``tiers`` (default
-      :data:`DEFAULT_TIERS`, illustrative numbers). Each tier dict has
-      ``name``, ``share`` (normalized over tiers), ``speed`` (multiplier of
-      ``base_speed``), ``memory_cap`` (examples), ``bandwidth`` (bytes/s) and
-      optionally ``step_overhead``, ``latency``, ``availability`` overriding
-      the arguments. Tier sizes are ``share * num_clients`` rounded by largest
-      remainder (so they sum to ``num_clients``), and clients are assigned to
-      tiers by a seeded random permutation. Clients within a tier are
-      identical; ``tier`` holds the tier index.
+      :data:`DEFAULT_TIERS`, from published measurements: docs/devices.md).
+      Each tier dict has ``name``, ``share`` (normalized over tiers),
+      ``speed`` (multiplier of ``base_speed``), ``memory_cap`` (examples),
+      ``bandwidth`` (bytes/s, both ways) and optionally: ``bandwidth_up`` /
+      ``bandwidth_down`` (bytes/s, override ``bandwidth`` one way);
+      ``overhead_scale`` (the tier's step overhead is
+      ``overhead_scale * step_overhead``) or ``step_overhead`` (absolute
+      seconds, overriding the argument), not both; ``latency`` and
+      ``availability`` overriding the arguments; ``device`` (free text).
+      Tier sizes are ``share * num_clients`` rounded by largest remainder (so
+      they sum to ``num_clients``), and clients are assigned to tiers by a
+      seeded random permutation. Clients within a tier are identical;
+      ``tier`` holds the tier index.
     * ``"trace"``: a FedScale device trace (see :func:`load_trace`):
       ``speed = 1000 / computation`` (ms/sample -> examples/s) and
       ``bandwidth_{up,down} = communication * 1000 / 8`` (kbps -> bytes/s).
@@ -319,7 +380,13 @@ def make_resources(profile: str, num_clients: int, seed: Any, *,
     >>> res.speed.shape, res.speed.dtype, res.memory_cap.dtype
     ((10,), dtype('float32'), dtype('int32'))
     >>> sorted(describe(res)["tier_counts"].items())
-    [(0, 5), (1, 3), (2, 2)]
+    [(0, 5), (1, 5)]
+    >>> res = make_resources("tiers", 3, seed=0, base_speed=100.0,
+    ...                      step_overhead=0.5, tiers=[
+    ...     {"name": "slow", "share": 1, "speed": 0.5, "overhead_scale": 2.0,
+    ...      "memory_cap": 8, "bandwidth": 1e6, "bandwidth_up": 2e5}])
+    >>> res.speed.tolist(), res.step_overhead.tolist(), res.bandwidth_up[0]
+    ([50.0, 50.0, 50.0], [1.0, 1.0, 1.0], np.float32(200000.0))
   """
   if profile not in PROFILES:
     raise ValueError(f"unknown profile {profile!r}; allowed: {PROFILES}.")
@@ -362,12 +429,16 @@ def make_resources(profile: str, num_clients: int, seed: Any, *,
     counts = _tier_counts(np.array([t["share"] for t in table]), n)
     rng = np.random.default_rng(seed)
     tier = rng.permutation(np.repeat(np.arange(len(table)), counts))
-    col = lambda key, default: np.array(
-        [t.get(key, default) for t in table])[tier]
-    speed = base_speed * col("speed", None).astype(np.float64)
-    bw = col("bandwidth", None)
-    return _assemble(n, speed, col("step_overhead", step_overhead),
-                     col("memory_cap", None), bw, bw,
+    per_client = lambda values: np.array(values, np.float64)[tier]
+    col = lambda key, default: per_client([t.get(key, default) for t in table])
+    overhead = per_client([
+        t["step_overhead"] if "step_overhead" in t
+        else step_overhead * t.get("overhead_scale", 1.0) for t in table])
+    bw_up = per_client([t.get("bandwidth_up", t["bandwidth"]) for t in table])
+    bw_down = per_client([t.get("bandwidth_down", t["bandwidth"])
+                          for t in table])
+    return _assemble(n, base_speed * col("speed", None), overhead,
+                     col("memory_cap", None), bw_up, bw_down,
                      col("latency", latency),
                      col("availability", availability), tier)
 

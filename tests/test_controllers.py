@@ -136,8 +136,8 @@ def test_noise_scale_follows_b_simple_and_gain():
   fb = C.Feedback(ctx.cohort, stats)
   plan, state = ctrl.update(fb, state, ctx)
   np.testing.assert_array_equal(plan.batch_size, 64)
-  s = 64 / 8
-  gain = (64 + 1) / (64 / s + 1)
+  # AdaScale gain of b = 64 over b0 = 8 (no num_examples: infinite clients)
+  gain = (1 + 64 / 8) / (1 + 64 / 64)
   np.testing.assert_allclose(plan.lr, 0.1 * gain, rtol=1e-5)
   # a client never seen gets the cohort estimate
   other = ctx._replace(cohort=jnp.array(
@@ -179,3 +179,42 @@ def test_resource_proportional():
   np.testing.assert_allclose(plan.batch_size,
                              np.maximum(np.round(16 * np.asarray(ctx.speed)
                                                  / 500.0), 1))
+
+
+def test_noise_scale_uses_the_critical_batch_of_finite_clients():
+  """B = 64 everywhere; clients of n rows: b_crit = (1/B' + 1/n)^-1 with
+  B' = B n / (n - 1), then quantized to MU = 4; the gain is
+  (1 + B c(8, n)) / (1 + B c(b, n)), c(b, n) = (n - b) / (b (n - 1))."""
+  ctrl = C.noise_scale(8, 8, 1024, 1.0, 10, 0.1, 0.0, MU, max_gain=100.0)
+  n = np.array([40, 10, 1000, 65, 7])
+  ctx = _ctx()._replace(num_examples=jnp.asarray(n, jnp.int32))
+  stats = _feedback().stats._replace(grad_sq=jnp.full((K,), 0.25),
+                                     trace=jnp.full((K,), 16.0))
+  plan, _ = ctrl.update(C.Feedback(ctx.cohort, stats), ctrl.init(N), ctx)
+  crit = 1 / ((n - 1) / (64.0 * n) + 1 / n)   # 24.85, 8.65, 60.2, 32.5, 6.2
+  want = np.maximum(np.round(crit / MU), 2) * MU
+  np.testing.assert_array_equal(plan.batch_size, want)
+  assert plan.batch_size.tolist() == [24, 8, 60, 32, 8]
+
+  def c(b, nk):
+    r = b % nk if b > nk else b
+    return 0.0 if r in (0, nk) else (r / b) ** 2 * (nk - r) / (r * (nk - 1))
+
+  gain = [(1 + 64 * c(8, nk)) / (1 + 64 * c(b, nk)) for b, nk in zip(want, n)]
+  np.testing.assert_allclose(plan.lr, 0.1 * np.array(gain), rtol=1e-5)
+  # client 0: c(8, 40) = 4/39, c(24, 40) = 2/117; client 1: b = b0
+  np.testing.assert_allclose(plan.lr[:2], [0.1 * 885 / 245, 0.1], rtol=1e-5)
+
+
+def test_adascale_gain_reference_batch():
+  """r = E|G_b0|^2 / E|G_b|^2 (Johnson et al. 2020): with b0 = 1 it is the
+  old (B + 1) / (B / S + 1); with b0 > 1 it is not."""
+  big_b = jnp.array([0.0, 3.0, 64.0])
+  np.testing.assert_allclose(C.adascale_gain(big_b, 16, 1),
+                             (big_b + 1) / (big_b / 16 + 1), rtol=1e-6)
+  np.testing.assert_allclose(C.adascale_gain(big_b, 64, 8),
+                             (1 + big_b / 8) / (1 + big_b / 64), rtol=1e-6)
+  np.testing.assert_allclose(C.adascale_gain(big_b, 8, 8), 1.0)
+  # a client of 20 rows: b = 20 removes all noise
+  np.testing.assert_allclose(C.adascale_gain(big_b, 20, 4, n=20),
+                             1 + big_b * 16 / (4 * 19), rtol=1e-6)

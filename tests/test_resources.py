@@ -112,19 +112,120 @@ def test_lognormal_zero_sigma_is_uniform():
 
 @pytest.mark.parametrize("n", [1000, 9, 7, 1])
 def test_default_tiers_shares_match(n):
-  res = make_resources("tiers", n, seed=0, base_speed=100.0)
+  res = make_resources("tiers", n, seed=0, base_speed=100.0,
+                       step_overhead=0.2)
   counts = np.bincount(res.tier, minlength=3)
   assert counts.sum() == n
   shares = np.array([t["share"] for t in DEFAULT_TIERS])
   assert np.all(np.abs(counts - shares * n) < 1.0)
   for i, t in enumerate(DEFAULT_TIERS):
     sel = res.tier == i
-    np.testing.assert_allclose(res.speed[sel], 100.0 * t["speed"])
+    np.testing.assert_allclose(res.speed[sel], 100.0 * t["speed"], rtol=1e-6)
+    np.testing.assert_allclose(res.step_overhead[sel],
+                               0.2 * t["overhead_scale"], rtol=1e-6)
     np.testing.assert_array_equal(res.memory_cap[sel], t["memory_cap"])
-    np.testing.assert_allclose(res.bandwidth_up[sel], t["bandwidth"])
-  expected = {1000: [500, 300, 200], 9: [4, 3, 2]}  # largest remainder
+    np.testing.assert_allclose(res.bandwidth_down[sel], t["bandwidth"])
+    np.testing.assert_allclose(res.bandwidth_up[sel], t["bandwidth_up"])
+  expected = {1000: [532, 464, 4], 9: [5, 4, 0]}  # largest remainder
   if n in expected:
     assert counts.tolist() == expected[n]
+
+
+def test_default_tiers_are_flash_femnist_measurements():
+  # FLASH (Yang et al., WWW 2021) per-batch times of the FEMNIST CNN, batch
+  # 10: 1642, 588, 179 ms; shares 18820 : 16428 : 159; median bandwidths.
+  ms = [1642.0, 588.0, 179.0]
+  assert resources.FLASH_FEMNIST_MS_PER_BATCH == tuple(ms)
+  assert [t["name"] for t in DEFAULT_TIERS] == ["low", "mid", "high"]
+  for t, m, w in zip(DEFAULT_TIERS, ms, [18820, 16428, 159]):
+    assert t["speed"] == pytest.approx(588.0 / m, rel=1e-12)
+    assert t["overhead_scale"] == pytest.approx(m / 588.0, rel=1e-12)
+    assert t["share"] == pytest.approx(w / 35407, rel=1e-12)
+    assert t["bandwidth"] == pytest.approx(4317.628571428571 * 1024)
+    assert t["bandwidth_up"] == pytest.approx(3285.6857142857143 * 1024)
+  assert resources.FEMNIST_CNN_PARAMS == (
+      5 * 5 * 32 + 32 + 5 * 5 * 32 * 64 + 64 + 7 * 7 * 64 * 2048 + 2048
+      + 2048 * 62 + 62)
+  # Whatever the overhead / per-example split, a step of batch 10 costs the
+  # measured per-batch time once the middle tier is set to 0.588 s.
+  for phi in (0.1, 0.5, 0.75):
+    res = make_resources("tiers", 1000, seed=1, step_overhead=phi * 0.588,
+                         base_speed=10.0 / ((1.0 - phi) * 0.588))
+    step = res.step_overhead.astype(np.float64) + 10.0 / res.speed
+    for i, m in enumerate(ms):
+      np.testing.assert_allclose(step[res.tier == i], m / 1000.0, rtol=1e-6)
+    # uniform slow-down: overhead * speed is the same on every tier
+    np.testing.assert_allclose(res.step_overhead * res.speed,
+                               10.0 * phi / (1.0 - phi), rtol=1e-5)
+
+
+def _doc_tier_table():
+  path = os.path.join(os.path.dirname(__file__), "..", "docs", "devices.md")
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  body = text.split("<!-- tiers:begin -->")[1].split("<!-- tiers:end -->")[0]
+  rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+          for line in body.strip().splitlines()]
+  header, rows = rows[0], [r for r in rows[2:]]
+  return [dict(zip(header, r)) for r in rows]
+
+
+def test_docs_tier_table_matches_default_tiers():
+  rows = _doc_tier_table()
+  assert [r["name"] for r in rows] == [t["name"] for t in DEFAULT_TIERS]
+  for r, t in zip(rows, DEFAULT_TIERS):
+    for key, doc_key in (("share", "share"), ("speed", "speed"),
+                         ("overhead_scale", "overhead_scale"),
+                         ("bandwidth", "bandwidth_down"),
+                         ("bandwidth_up", "bandwidth_up")):
+      assert float(r[doc_key]) == pytest.approx(t[key], rel=1e-6), key
+    assert int(r["memory_cap"]) == t["memory_cap"]
+  # and the builder applies them as documented
+  res = make_resources("tiers", 5000, seed=2, base_speed=50.0,
+                       step_overhead=0.1)
+  for i, r in enumerate(rows):
+    sel = res.tier == i
+    assert sel.any()
+    np.testing.assert_allclose(res.speed[sel], 50.0 * float(r["speed"]),
+                               rtol=2e-6)
+    np.testing.assert_allclose(res.step_overhead[sel],
+                               0.1 * float(r["overhead_scale"]), rtol=2e-6)
+    np.testing.assert_allclose(res.bandwidth_down[sel],
+                               float(r["bandwidth_down"]), rtol=2e-6)
+    np.testing.assert_allclose(res.bandwidth_up[sel],
+                               float(r["bandwidth_up"]), rtol=2e-6)
+    np.testing.assert_array_equal(res.memory_cap[sel], int(r["memory_cap"]))
+  speeds = [float(r["speed"]) for r in rows]
+  assert speeds == sorted(speeds)  # low, mid, high
+  assert all(0.0 < float(r["share"]) < 1.0 for r in rows)
+
+
+def test_tier_overhead_scale_and_absolute_overhead():
+  table = [
+      {"name": "a", "share": 1, "speed": 1.0, "memory_cap": 4,
+       "bandwidth": 1e3, "overhead_scale": 3.0},
+      {"name": "b", "share": 1, "speed": 1.0, "memory_cap": 4,
+       "bandwidth": 1e3, "step_overhead": 0.7, "bandwidth_down": 5e3},
+      {"name": "c", "share": 1, "speed": 1.0, "memory_cap": 4,
+       "bandwidth": 1e3, "bandwidth_up": 2e3, "device": "any text"},
+  ]
+  res = make_resources("tiers", 30, seed=0, step_overhead=0.1, tiers=table)
+  a, b, c = (res.tier == i for i in range(3))
+  np.testing.assert_allclose(res.step_overhead[a], 0.3, rtol=1e-6)
+  np.testing.assert_allclose(res.step_overhead[b], 0.7, rtol=1e-6)
+  np.testing.assert_allclose(res.step_overhead[c], 0.1, rtol=1e-6)
+  np.testing.assert_allclose(res.bandwidth_down[b], 5e3)
+  np.testing.assert_allclose(res.bandwidth_up[b], 1e3)
+  np.testing.assert_allclose(res.bandwidth_up[c], 2e3)
+  np.testing.assert_allclose(res.bandwidth_down[c], 1e3)
+  both = [dict(table[0], step_overhead=0.5)]
+  with pytest.raises(ValueError, match="overhead_scale.*step_overhead|"
+                     "step_overhead.*overhead_scale"):
+    make_resources("tiers", 3, 0, tiers=both)
+  with pytest.raises(ValueError, match="overhead_scale"):
+    make_resources("tiers", 3, 0, tiers=[dict(table[0], overhead_scale=-1)])
+  with pytest.raises(ValueError, match="bandwidth_up"):
+    make_resources("tiers", 3, 0, tiers=[dict(table[2], bandwidth_up=0.0)])
 
 
 def test_custom_tiers_override_and_optional_fields():
@@ -207,9 +308,12 @@ def test_describe():
   res = make_resources("tiers", 10, seed=0, base_speed=100.0)
   d = describe(res)
   assert d["num_clients"] == 10
-  assert d["tier_counts"] == {0: 5, 1: 3, 2: 2}
-  assert d["speed"]["min"] == pytest.approx(25.0)
-  assert d["speed"]["max"] == pytest.approx(400.0)
+  assert d["tier_counts"] == {0: 5, 1: 5}  # the fast tier is 0.45 %
+  assert d["speed"]["min"] == pytest.approx(100.0 * 588 / 1642, rel=1e-6)
+  assert d["speed"]["max"] == pytest.approx(100.0)
+  assert d["memory_cap"]["max"] == 128
+  d = describe(make_resources("tiers", 1000, seed=0, base_speed=100.0))
+  assert d["speed"]["max"] == pytest.approx(100.0 * 588 / 179, rel=1e-6)
   assert d["memory_cap"]["max"] == 512
   assert set(d) >= {"speed", "memory_cap", "bandwidth_up", "bandwidth_down",
                     "availability_mean", "tier_counts"}
