@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from fedjax_bsa import clock
 from fedjax_bsa import controllers
 from fedjax_bsa import deadline as deadline_lib
+from fedjax_bsa import goodput as goodput_lib
 from fedjax_bsa import registry as reg
 from fedjax_bsa.kernel import Plan
 
@@ -78,9 +79,19 @@ def _noise_scale(cfg, hp):
       max_gain=hp["max_gain"])
 
 
+@reg.CONTROLLERS.register("goodput")
+def _goodput(cfg, hp):
+  """Ours, v2: each client at its time-optimal batch
+  ``sqrt(B_eff o_k v_k)`` (see ``docs/method.md``)."""
+  return goodput_lib.goodput(
+      hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["local_steps"],
+      hp["client_lr"], hp["ema_decay"], cfg.microbatch,
+      max_gain=hp["max_gain"])
+
+
 #: Controllers whose batches are quantized to the microbatch (their own
 #: rule picks any integer; the kernel wastes the rest of a slot).
-QUANTIZED = ("noise_scale",)
+QUANTIZED = ("noise_scale", "goodput")
 
 for _name in ("step", "linear", "doubling"):
   reg.SCHEDULES.register(_name, _name)

@@ -5,6 +5,7 @@ subprocess with ``--xla_force_host_platform_device_count=8`` (this file,
 run as a script); the tests read its JSON report.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -15,10 +16,9 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_bsa import algorithms
 from fedjax_bsa import distributed
-from fedjax_bsa import federated
 from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa import models
 from fedjax_bsa import reference
@@ -26,6 +26,7 @@ from fedjax_bsa import runner
 from fedjax_bsa import sweep
 from fedjax_bsa.config import Config
 from fedjax_bsa.data import datasets
+from fedjax_bsa.data import federated
 
 
 DEVICES = 8
@@ -77,7 +78,8 @@ def _close_records(a, b, rtol=2e-4, atol=2e-5, skip=("wall_time_s",)):
 
 
 def _check_kernel():
-
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from kernel_util import make_jobs  # pylint: disable=g-import-not-at-top
   digits = datasets.digits()
   rng = np.random.default_rng(0)
   sizes = rng.integers(5, 41, size=24)
@@ -85,40 +87,43 @@ def _check_kernel():
   parts = np.split(idx[:sizes.sum()], np.cumsum(sizes)[:-1])
   host = federated.from_partition(digits.x_train, digits.y_train, parts)
   mesh = distributed.make_mesh("clients")
-  data = jax.device_put(host, NamedSharding(mesh, P("clients")))
+  data = distributed.replicated(host, mesh)
   mlp = models.make_model("mlp", (64,), 10, hidden=16)
+  loss = functools.partial(models.example_losses, mlp.apply)
   K, mu = 5, 4
-  cases = [  # (cohort, b, s, lanes, momentum, per_client)
-      ([0, 4, 9, 22, 23], [3, 9, 4, 1, 12], [2, 3, 0, 4, 1], 2, 0.9, False),
-      ([0, 1, 2, 3, 4], [3, 5, 8, 2, 6], [2, 1, 3, 0, 2], K, 0.0, True),
+  cases = [  # (cohort, b, s, lanes, algorithm settings)
+      ([0, 4, 9, 22, 23], [3, 9, 4, 1, 12], [2, 3, 0, 4, 1], 2,
+       dict(client_momentum=0.9)),
+      ([0, 1, 2, 3, 4], [3, 5, 8, 2, 6], [2, 1, 3, 0, 2], K,
+       dict(algorithm="scaffold")),
   ]
-  for i, (cohort, b, s, lanes, momentum, per_client) in enumerate(cases):
-    params = mlp.init(jax.random.key(i))
-    plan = kernel_lib.Plan(jnp.array(b, jnp.int32), jnp.array(s, jnp.int32),
-                           jnp.linspace(0.05, 0.3, K).astype(jnp.float32))
-    w = jnp.linspace(0.5, 1.5, K).astype(jnp.float32)
-    key = jax.random.key(100 + i)
-    corr = None
-    if per_client:
-      corr = jax.tree.map(lambda a: 0.01 * jax.random.normal(
-          jax.random.key(3), (K,) + a.shape), params)
+  for i, (cohort, b, s, lanes, kw) in enumerate(cases):
+    alg = algorithms.make_algorithm(Config(**kw))
+    params = jax.tree.map(lambda a: a[None], mlp.init(jax.random.key(i)))
+    jobs = make_jobs(cohort, b, s, np.linspace(0.05, 0.3, K), key=100 + i)
+    inputs = None
+    if alg.client_deltas:
+      state = alg.init(jax.tree.map(lambda a: a[0], params), 24)
+      state = state._replace(clients=jax.tree.map(
+          lambda a: 0.01 * jax.random.normal(jax.random.key(3), a.shape),
+          state.clients))
+      inputs = alg.client_inputs(state, jobs.client, {})
     kern = jax.jit(kernel_lib.make_round_kernel(
-        mlp.apply, microbatch=mu, lanes=lanes, momentum=momentum,
-        per_client_outputs=per_client, mesh=mesh))
-    cohort = jnp.array(cohort, jnp.int32)
-    out = kern(params, data, cohort, plan, w, key, corr)
-    ref, stats, deltas = reference.reference_round(
-        mlp.apply, params, host, cohort, plan, w, key, microbatch=mu,
-        momentum=momentum, correction=corr)
+        loss, alg.client_tx, alg.client_init, microbatch=mu, lanes=lanes,
+        client_deltas=alg.client_deltas, mesh=mesh))
+    out = kern(params, data, jobs, inputs)
+    ref, stats, deltas, _ = reference.reference_round(
+        loss, alg.client_tx, alg.client_init, params, jax.device_put(host),
+        jobs, inputs, microbatch=mu)
     for x, y in zip(jax.tree.leaves(out.delta), jax.tree.leaves(ref)):
       np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
     for f in stats._fields:
       np.testing.assert_allclose(getattr(out.stats, f), getattr(stats, f),
                                  rtol=5e-3, atol=1e-4, err_msg=f)
     assert int(out.slots) % len(jax.devices()) == 0
-    if per_client:
+    if alg.client_deltas:
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
-      for x, y in zip(jax.tree.leaves(out.client_delta),
+      for x, y in zip(jax.tree.leaves(out.client_deltas),
                       jax.tree.leaves(stacked)):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 

@@ -56,8 +56,8 @@ def test_sweep_equals_separate_runs(tmp_path):
              ema_decay=0.9, alpha=0.3),
         dict(seed=3, client_lr=0.1, server_lr=0.5, kappa=2.0, ema_decay=0.5,
              alpha=1.0, speed_sigma=1.0)]
-  # group=1: the two experiments run as two steps of one vmapped program
-  res = sweep.run_sweep(base, ov, str(tmp_path), print_table=False, group=1)
+  # the two experiments' client jobs share one pool of kernel lanes
+  res = sweep.run_sweep(base, ov, str(tmp_path), print_table=False)
   assert res.compiles == 1
   for e, o in enumerate(ov):
     ref = runner.run(base.replace(**o), print_table=False)
