@@ -25,7 +25,11 @@ difference of two inputs that share a half, and with ``n = 5`` (halves of 1
 and 2 bits) the pair at positions ``(0, 1)`` was still visibly non-uniform
 after 16 rounds even with ideal random round functions, while swap-or-not
 passes a chi-square test on all 120 permutations of 5 after 16 rounds
-(2,000,000 seeds). We use :data:`ROUNDS` = 24. The round keys and the swap
+(2,000,000 seeds). We use :data:`ROUNDS` = 24. The noise estimator needs
+pairs: ``E|G_b|^2`` is a sum over pairs of a window's rows, so a window of
+``b <= n`` positions (distinct rows, wrapping included) behaves as a uniform
+``b``-subset when every pair of positions maps to a uniform pair of rows,
+which the tests check. The round keys and the swap
 bits come from the MurmurHash3 32-bit finalizer (Appleby, 2008) applied to
 the seed, a per-round constant (multiples of the golden ratio, 0x9E3779B9)
 and the pair.
