@@ -5,7 +5,8 @@ JAX's own engine does the work: :func:`initialize` calls
 lays a one-axis ``jax.sharding.Mesh`` over every device of every process,
 and the arrays the compiled program reads are *global* ``jax.Array``\\ s
 built with ``jax.make_array_from_callback``: each process materializes only
-the rows its own devices hold (:func:`client_data`, :func:`stacked`), or the
+the rows its own devices hold (:func:`client_data`, :func:`stacked`,
+:func:`ragged_client_data`), or the
 whole value for replicated arrays (:func:`replicated`). Outputs are fetched
 with :func:`to_host` (an all-gather when a value spans several processes);
 only process 0 writes files (:func:`is_main`).
@@ -26,9 +27,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_bsa import federated
+from fedjax_bsa.data import federated as ragged
 
 __all__ = ["initialize", "make_mesh", "padded", "client_data", "replicated",
-           "stacked", "to_host", "is_main", "check_same_everywhere", "sync"]
+           "stacked", "to_host", "is_main", "check_same_everywhere", "sync",
+           "client_ranges", "ragged_client_data", "shard_clients"]
 
 ENV_COORDINATOR = "FEDJAX_BSA_COORDINATOR"
 ENV_NUM_PROCESSES = "FEDJAX_BSA_NUM_PROCESSES"
@@ -177,6 +180,138 @@ def client_data(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray],
                                       dtype=dtypes[f])
       for f in federated.FederatedData._fields})
 
+
+
+def client_ranges(num_examples, num_devices: int) -> np.ndarray:
+  """Splits clients into contiguous ranges with the fewest rows on the
+  fullest range.
+
+  Range ``d`` is clients ``bounds[d] <= k < bounds[d + 1]``. The largest
+  range's row count is the least possible for contiguous ranges (a binary
+  search on the capacity, each probe a greedy fill by ``np.searchsorted``):
+  at most ``ceil(R / D) + max(num_examples) - 1``.
+
+  Args:
+    num_examples: int ``[N]`` rows per client (host).
+    num_devices: ranges ``D >= 1``; trailing ranges may be empty.
+
+  Returns:
+    int64 ``[D + 1]`` non-decreasing bounds, ``bounds[0] = 0``,
+    ``bounds[D] = N``.
+
+  >>> client_ranges([5, 1, 1, 1, 4, 4], 3).tolist()
+  [0, 2, 5, 6]
+  """
+  sizes = np.asarray(num_examples, np.int64)
+  d_count = int(num_devices)
+  if d_count < 1:
+    raise ValueError(f"num_devices={num_devices} is not allowed: >= 1")
+  cum = np.concatenate([[0], np.cumsum(sizes)])
+  n = len(sizes)
+
+  def fill(cap):
+    bounds, start = [0], 0
+    for _ in range(d_count):
+      start = int(np.searchsorted(cum, cum[start] + cap, side="right")) - 1
+      bounds.append(start)
+    return np.array(bounds, np.int64) if start == n else None
+
+  lo = max(-(-int(cum[-1]) // d_count), int(sizes.max(initial=0)))
+  hi = max(lo, int(cum[-1]))
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if fill(mid) is None:
+      lo = mid + 1
+    else:
+      hi = mid
+  return fill(lo)
+
+
+def ragged_client_data(x: np.ndarray, y: np.ndarray,
+                       parts: Sequence[np.ndarray], mesh: Mesh | None,
+                       axis_name: str) -> ragged.FederatedData:
+  """Clients' rows, stored once, sharded over ``axis_name`` by client ranges.
+
+  :func:`shard_clients` of ``ragged.from_partition(x, y, parts)``.
+
+  Args:
+    x: ``[T, *feature_shape]`` inputs (host, on every process).
+    y: ``[T]`` labels.
+    parts: one non-empty index array per client.
+    mesh: the mesh (None: one device, plain ``device_put``).
+    axis_name: the mesh axis the rows are split over.
+
+  Returns:
+    A :class:`~fedjax_bsa.data.federated.FederatedData` (see
+    :func:`shard_clients`).
+  """
+  return shard_clients(ragged.from_partition(x, y, parts), mesh, axis_name)
+
+
+def shard_clients(data: ragged.FederatedData, mesh: Mesh | None,
+                  axis_name: str) -> ragged.FederatedData:
+  """Host ragged data laid out client-major over the devices of a mesh axis.
+
+  Clients are split into ``D`` contiguous ranges of about equal row counts
+  (:func:`client_ranges`); device ``d`` holds range ``d``'s rows, in client
+  order, padded with zero rows to the fullest range's count ``S``, so the
+  padding ``D * S - R`` is the only overhead and no device holds every
+  client. ``x [D * S, ...]`` and ``y [D * S]`` are sharded over
+  ``axis_name`` (replicated over other mesh axes; each process builds only
+  the shards its devices hold); ``rows`` (now indices into the sharded
+  ``x``), ``offset`` and ``num_examples`` are replicated. Client ``k``'s
+  rows lie on device ``rows[offset[k]] // S``. Examples shared by several
+  clients (e.g. after :func:`~fedjax_bsa.data.federated.merge`) are copied
+  once per client.
+
+  Args:
+    data: a host :class:`~fedjax_bsa.data.federated.FederatedData`.
+    mesh: the mesh (None: ``data`` moved to the default device as is).
+    axis_name: the mesh axis the rows are split over.
+
+  Returns:
+    The same clients with the same examples, laid out as above.
+  """
+  if mesh is None:
+    return jax.device_put(data)
+  d_count = int(mesh.shape[axis_name])
+  sizes = np.asarray(data.num_examples, np.int64)
+  bounds = client_ranges(sizes, d_count)
+  cum = np.concatenate([[0], np.cumsum(sizes)])
+  first_row = cum[bounds]                      # [D + 1]
+  counts = np.diff(first_row)                  # rows per device
+  per = max(1, int(counts.max()))
+  total = d_count * per
+  if total > 2**31 - 1:
+    raise ValueError(f"{total} padded rows: at most {2**31 - 1}")
+  dev = np.repeat(np.arange(d_count), counts)
+  new_rows = np.arange(cum[-1]) - first_row[dev] + dev * per
+  src = ragged._client_major(  # pylint: disable=protected-access
+      ragged.FederatedData(*(np.asarray(a) for a in data)))
+  x, y = np.asarray(data.x), np.asarray(data.y)
+  sharding = NamedSharding(mesh, P(axis_name))
+  cache = {}
+
+  def shard(index):
+    rng = _slice_of(index, total)
+    d = rng.start // per
+    if d not in cache:
+      r = src[first_row[d]:first_row[d + 1]]
+      xs = np.zeros((per,) + x.shape[1:], np.float32)
+      ys = np.zeros((per,), np.int32)
+      xs[:len(r)] = x[r]
+      ys[:len(r)] = y[r]
+      cache[d] = (xs, ys)
+    return cache[d]
+
+  xg = jax.make_array_from_callback((total,) + x.shape[1:], sharding,
+                                    lambda i: shard(i)[0], dtype=np.float32)
+  yg = jax.make_array_from_callback((total,), sharding,
+                                    lambda i: shard(i)[1], dtype=np.int32)
+  rest = replicated((new_rows.astype(np.int32),
+                     cum[:-1].astype(np.int32),
+                     np.asarray(data.num_examples, np.int32)), mesh)
+  return ragged.FederatedData(xg, yg, *rest)
 
 def replicated(tree, mesh: Mesh | None):
   """Host values as arrays replicated on every device of ``mesh``."""

@@ -117,6 +117,7 @@ def headroom(b_simple, n, overhead, speed, comm, steps_ref, batches) -> float:
 
   with ``b`` over the candidate grid ``batches``. It is 1 for identical
   clients and whenever the slowest client's own best batch suits everyone.
+  (This project's definition, on the step model of McCandlish et al. 2018.)
   Host-side numpy (float64 times; ``c_eff`` from the float32
   :func:`fedjax_bsa.noise.fpc_coefficient`); ``docs/method.md`` (e).
 

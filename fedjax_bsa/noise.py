@@ -118,6 +118,9 @@ def fpc_coefficient(batch, n):
 def fpc_estimates(small_sq, c_small, big_sq, c_big):
   """Unbiased ``(|G|^2, tr(Sigma))`` on a finite client, and where defined.
 
+  McCandlish et al.'s (2018, A.1) two-batch estimator with the
+  without-replacement coefficients of :func:`fpc_coefficient`.
+
   With ``E[small_sq] = |G|^2 + tr c_small`` and
   ``E[big_sq] = |G|^2 + tr c_big`` (two linear equations):
 
