@@ -26,7 +26,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedjax_bsa import federated
 from fedjax_bsa.data import federated as ragged
 
 __all__ = ["initialize", "make_mesh", "padded", "client_data", "replicated",
@@ -122,64 +121,6 @@ def padded(count: int, mesh: Mesh | None, multiple: int = 1) -> int:
 def _slice_of(index, size: int) -> range:
   sl = index[0] if index else slice(None)
   return range(*sl.indices(size))
-
-
-def client_data(x: np.ndarray, y: np.ndarray, parts: Sequence[np.ndarray],
-                n_max: int, mesh: Mesh | None, axis_name: str
-                ) -> federated.FederatedData:
-  """Clients' padded rows as arrays sharded over ``axis_name``.
-
-  Each process materializes only the clients its own devices hold. The
-  client axis is padded to a multiple of the device count with empty clients
-  (``num_examples = 0``) that the simulation never samples.
-
-  Args:
-    x: ``[n, *feature_shape]`` training inputs (host).
-    y: ``[n]`` labels.
-    parts: one index array per client.
-    n_max: rows per client.
-    mesh: the mesh (None: one device, plain ``device_put``).
-    axis_name: the mesh axis of the client axis.
-
-  Returns:
-    :class:`~fedjax_bsa.federated.FederatedData` with ``x[N', n_max, ...]``,
-    ``y[N', n_max]``, ``num_examples[N']``, ``N' = padded(N, mesh)``.
-  """
-  if mesh is None:
-    return jax.device_put(federated.from_partition(x, y, parts, n_max))
-  total = padded(len(parts), mesh)
-  sharding = NamedSharding(mesh, P(axis_name))
-
-  def rows(index):
-    ids = _slice_of(index, total)
-    real = [parts[k] for k in ids if k < len(parts)]
-    fd = (federated.from_partition(x, y, real, n_max) if real else
-          federated.FederatedData(
-              np.zeros((0, n_max) + x.shape[1:], np.float32),
-              np.zeros((0, n_max), np.int32), np.zeros((0,), np.int32)))
-    pad = len(ids) - len(real)
-    return jax.tree.map(
-        lambda a: np.concatenate([a, np.zeros((pad,) + a.shape[1:],
-                                              a.dtype)]), fd)
-
-  cache = {}
-
-  def part(field):
-    def cb(index):
-      key = tuple((s.start, s.stop) for s in index[:1])
-      if key not in cache:
-        cache[key] = rows(index)
-      return getattr(cache[key], field)
-    return cb
-
-  shapes = dict(x=(total, n_max) + x.shape[1:], y=(total, n_max),
-                num_examples=(total,))
-  dtypes = dict(x=np.float32, y=np.int32, num_examples=np.int32)
-  return federated.FederatedData(**{
-      f: jax.make_array_from_callback(shapes[f], sharding, part(f),
-                                      dtype=dtypes[f])
-      for f in federated.FederatedData._fields})
-
 
 
 def client_ranges(num_examples, num_devices: int) -> np.ndarray:

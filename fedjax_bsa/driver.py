@@ -147,12 +147,8 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
   max_rows = None
   if mode == "lanes":
     x0 = exps[0]
-    if hasattr(distributed, "ragged_client_data"):  # TEMPORARY fallback
-      data = distributed.ragged_client_data(
-          x0.dataset.x_train, x0.dataset.y_train, x0.parts, mesh, axis)
-    else:
-      data = distributed.replicated(federated.from_partition(
-          x0.dataset.x_train, x0.dataset.y_train, x0.parts), mesh)
+    data = distributed.ragged_client_data(
+        x0.dataset.x_train, x0.dataset.y_train, x0.parts, mesh, axis)
     first = np.zeros((1,), np.int32)
     max_rows = int(np.sort([len(p) for p in x0.parts])[::-1][:K].sum())
   else:

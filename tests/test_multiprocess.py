@@ -62,7 +62,7 @@ def _read(path):
 def _close(a, b):
   # lanes are rounded up to a multiple of the device count, so the layout's
   # padding may differ; the training metrics may not
-  assert_records_close(a, b, skip=("wall_time_s", "padding_efficiency"))
+  assert_records_close(a, b)
 
 
 def test_two_process_run_equals_one_process(tmp_path):
