@@ -129,12 +129,6 @@ def _momentum(cfg):
   return optax.trace(decay=cfg.client_momentum or 0.9)
 
 
-@registry.CLIENT_OPTIMIZERS.register("adam")
-def _adam(cfg):
-  """Adam's direction (Kingma & Ba 2015), state reset for every client."""
-  return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
-
-
 def client_momentum(cfg) -> float:
   """The heavy-ball momentum of the client optimizer (0 if none)."""
   if cfg.client_optimizer == "momentum":
