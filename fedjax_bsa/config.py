@@ -93,6 +93,8 @@ class Config:
   algorithm: str = _fed("fedavg", "federated algorithm",
                         choices=reg.ALGORITHMS)
   prox_mu: float = _fed(0.01, "FedProx proximal weight", lo=0.0, traced=True)
+  feddyn_alpha: float = _fed(0.01, "FedDyn regularisation weight alpha",
+                             lo=0.0, lo_open=True, traced=True)
   client_optimizer: str = _fed("sgd", "client optimizer (optax)",
                                choices=reg.CLIENT_OPTIMIZERS)
   client_lr: float = _fed(0.2, "client learning rate", lo=0.0, lo_open=True,

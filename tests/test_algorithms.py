@@ -51,7 +51,7 @@ def test_scaffold_control_update_by_hand():
 
 def test_unknown_algorithm_names_the_registered_ones():
   with pytest.raises(ConfigError, match="algorithm='nope' is not allowed: "
-                     "choose one of fedavg, fedprox, fednova, scaffold"):
+                     "choose one of fedavg, fedprox, fednova, feddyn, scaffold"):
     Config(algorithm="nope").validate()
 
 

@@ -174,6 +174,7 @@ CASES = [
     dict(algorithm="fedprox", prox_mu=0.5),
     dict(algorithm="fednova"),
     dict(algorithm="scaffold", client_lr=0.2),
+    dict(algorithm="feddyn", feddyn_alpha=0.1, client_lr=0.2, rounds=3),
     dict(algorithm="fedavg", server_optimizer="sgd", server_lr=0.7),
     dict(algorithm="fedavg", server_optimizer="momentum", server_lr=0.5),
     dict(algorithm="fedavg", server_optimizer="adam", server_lr=0.1),

@@ -2,6 +2,7 @@
 name in :data:`fedjax_bsa.registry.ALGORITHMS`."""
 
 from fedjax_bsa.algorithms import fedavg as _fedavg
+from fedjax_bsa.algorithms import feddyn as _feddyn
 from fedjax_bsa.algorithms import scaffold as _scaffold
 from fedjax_bsa.algorithms.base import Algorithm
 from fedjax_bsa.algorithms.base import RoundResult
