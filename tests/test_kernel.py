@@ -83,7 +83,8 @@ def test_kernel_matches_reference_random_plans(small_fed, small_mlp, plan):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(client_momentum=0.9), dict(algorithm="fedprox", prox_mu=0.3)])
+    dict(client_momentum=0.9), dict(client_optimizer="adam"),
+    dict(algorithm="fedprox", prox_mu=0.3)])
 def test_kernel_runs_any_client_transformation(small_fed, small_mlp, kw):
   alg = _alg(**kw)
   jobs = make_jobs([0, 4, 7, 9, 13], [3, 9, 4, 1, 12], [2, 3, 0, 4, 1],

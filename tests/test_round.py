@@ -171,6 +171,7 @@ def _through_the_loop(cfg):
 CASES = [
     dict(algorithm="fedavg"),
     dict(algorithm="fedavg", client_momentum=0.9),
+    dict(algorithm="fedavg", client_optimizer="adam", client_lr=0.05),
     dict(algorithm="fedprox", prox_mu=0.5),
     dict(algorithm="fednova"),
     dict(algorithm="scaffold", client_lr=0.2),

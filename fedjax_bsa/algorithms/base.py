@@ -129,6 +129,14 @@ def _momentum(cfg):
   return optax.trace(decay=cfg.client_momentum or 0.9)
 
 
+@registry.CLIENT_OPTIMIZERS.register("adam")
+def _adam(cfg):
+  """Adam's direction (Kingma & Ba 2015), its moments reset for every
+  client (``client_lr`` is Adam's step size)."""
+  del cfg
+  return optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+
 def client_momentum(cfg) -> float:
   """The heavy-ball momentum of the client optimizer (0 if none)."""
   if cfg.client_optimizer == "momentum":
