@@ -23,7 +23,7 @@ __all__ = ["Outputs", "chunk_records", "format_table", "PER_CLIENT"]
 
 PER_CLIENT = ("cohort", "batch", "steps", "lr", "b_simple")
 _EMPTY = dict(train_loss=None, mean_batch_size=None, min_batch_size=None,
-              max_batch_size=None, noise_scale=None)
+              max_batch_size=None, noise_scale=None, cohort_noise_scale=None)
 
 
 def _f(x) -> float | None:
@@ -35,6 +35,8 @@ def chunk_records(m: dict, n: int) -> dict:
   """Aggregates the first ``n`` rounds of a chunk's metrics (numpy)."""
   took = m["participants"][:n] > 0
   b_simple = m["noise_scale"][:n][took & (m["noise_scale"][:n] > 0)]
+  cohort_b = m["cohort_noise_scale"][:n]
+  cohort_b = cohort_b[took & np.isfinite(cohort_b) & (cohort_b > 0)]
   mins = m["min_batch"][:n][took]
   maxs = m["max_batch"][:n][took]
   return dict(
@@ -45,12 +47,16 @@ def chunk_records(m: dict, n: int) -> dict:
       max_batch_size=_f(maxs.max()) if maxs.size else None,
       batch_over_memory_cap=int(m["over_cap"][:n].sum()),
       noise_scale=_f(np.median(b_simple)) if b_simple.size else None,
+      cohort_noise_scale=_f(np.median(cohort_b)) if cohort_b.size else None,
       mean_adascale_gain=_f(np.mean(m["mean_gain"][:n][took]))
       if took.any() else None,
       heterogeneity=_f(np.mean(m["heterogeneity"][:n])),
       round_time_s=_f(m["round_time"][n - 1]),
       participants=int(m["participants"][n - 1]),
       dropped=int(m["dropped"][:n].sum()),
+      no_fit=int(m["no_fit"][:n].sum()),
+      empty_rounds=int((~took).sum()),
+      deadline_s=_f(m["deadline"][n - 1]),
       partial=int(m["partial"][:n].sum()),
       examples=int(m["examples"][:n].sum()),
       padding_efficiency=_f(np.mean(m["padding_efficiency"][:n][took]))
@@ -82,6 +88,14 @@ def format_table(records: list, summary: dict) -> str:
       f"{summary['best_test_accuracy']:.4f}, simulated "
       f"{summary['sim_time_s']:.1f} s, wall {summary['wall_time_s']:.1f} s, "
       f"{summary['compiles']} compile(s) of the round loop")
+  if "compute_comm_ratio" in summary:
+    room = summary.get("headroom")
+    lines.append(
+        f"regime: compute/communication {summary['compute_comm_ratio']:.3g} "
+        f"({summary['regime']}), headroom "
+        + (f"{room:.2f}x" if room is not None else "n/a")
+        + f"; {summary['empty_rounds']} round(s) with no participant, "
+        f"{summary['no_fit']} client(s) with no step fitting the deadline")
   return "\n".join(lines)
 
 
@@ -177,6 +191,9 @@ class Outputs:
         sim_time_s=records[-1]["sim_time_s"], wall_time_s=wall,
         compiles=compiles, num_clients=num_clients, lanes=lanes,
         mean_batch_size=float(np.mean(batches)) if batches else None,
+        dropped=sum(r.get("dropped") or 0 for r in records),
+        no_fit=sum(r.get("no_fit") or 0 for r in records),
+        empty_rounds=sum(r.get("empty_rounds") or 0 for r in records),
         devices=devices, **extra)
     if self._write:
       if self._file is not None:

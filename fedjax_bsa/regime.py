@@ -1,35 +1,65 @@
 """Which regime a configuration is in: compute against communication, and
 how much the batch lever can gain at most (headroom).
 
-Printed in every run's summary (``compute_comm_ratio``, ``headroom``) and
-used by the regime study, so that a result of 1.0x in a cell with no
-headroom reads as what it is.
+Both are printed in every run's summary (``compute_comm_ratio``,
+``headroom``) and used by the regime study, so that a result of 1.0x in a
+cell with no headroom reads as what it is. See ``docs/method.md`` (e).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedjax_bsa import clock
+from fedjax_bsa import deadline as deadline_lib
+from fedjax_bsa import goodput
 
-__all__ = ["describe", "compute_comm_ratio"]
+__all__ = ["describe", "reference_steps"]
 
 
-def compute_comm_ratio(res, batch, steps, model_bytes: int) -> float:
-  """Median over clients of local compute time / communication time."""
-  comp = np.asarray(clock.local_time(res, batch, steps))
-  comm = np.asarray(clock.comm_time(res, model_bytes))
-  return float(np.median(comp / np.maximum(comm, 1e-12)))
+def reference_steps(cfg, sizes: np.ndarray) -> np.ndarray:
+  """Each client's local steps at the reference batch ``batch_size`` under
+  the configured local-work protocol (``local_steps`` for ``steps`` and
+  ``deadline``, ``ceil(local_epochs n_k / b_0)`` for ``epochs``)."""
+  if cfg.local_work == "epochs":
+    return np.maximum(np.ceil(cfg.local_epochs * sizes / cfg.batch_size), 1)
+  return np.full(sizes.shape, float(cfg.local_steps))
 
 
 def describe(exp, records) -> dict:
-  """The regime of an experiment, for its summary."""
-  cfg = exp.cfg
-  sizes = np.array([len(p) for p in exp.parts], np.float32)
-  b = float(cfg.batch_size)
-  if cfg.local_work == "epochs":
-    steps = np.ceil(cfg.local_epochs * sizes / b)
-  else:
-    steps = np.full_like(sizes, cfg.local_steps)
-  return dict(compute_comm_ratio=compute_comm_ratio(
-      exp.resources, b, steps, exp.model_bytes))
+  """The regime of an experiment, for its summary.
+
+  Returns:
+    ``compute_comm_ratio``: median over clients of local compute time at the
+    reference batch over communication time; ``headroom``: the batch
+    lever's largest possible gain (:func:`fedjax_bsa.goodput.headroom`) at
+    the run's median measured within-client noise scale, None when the run
+    measured none (``noise_stats=false``).
+  """
+  cfg, res = exp.cfg, exp.resources
+  sizes = np.array([len(p) for p in exp.parts], np.float64)
+  steps = reference_steps(cfg, sizes)
+  ratio = float(deadline_lib.compute_comm_ratio(
+      res, cfg.batch_size, steps, exp.model_bytes))
+  measured = [r["noise_scale"] for r in records
+              if r.get("noise_scale") is not None]
+  room = None
+  if measured:
+    comm = np.asarray(clock.comm_time(res, exp.model_bytes), np.float64)
+    room = goodput.headroom(
+        float(np.median(measured)), sizes, res.step_overhead, res.speed,
+        comm, float(np.median(steps)), np.arange(1, cfg.batch_max + 1))
+  return dict(compute_comm_ratio=ratio, headroom=room,
+              regime=_words(ratio))
+
+
+def _words(ratio: float) -> str:
+  if not math.isfinite(ratio):
+    return "compute-bound"
+  if ratio >= 3:
+    return "compute-bound"
+  if ratio <= 1 / 3:
+    return "communication-bound"
+  return "balanced"
