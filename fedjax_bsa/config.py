@@ -138,6 +138,9 @@ class Config:
                            part="kernel")
   lanes: int = _field(0, "vmapped lanes (0: from the backend's cost model)",
                       lo=0, part="kernel")
+  per_slot: int = _field(0, "microbatches per lane per loop iteration (0: "
+                         "from the backend's cost model)", lo=0, hi=64,
+                         part="kernel")
   noise_stats: bool = _field(True, "estimate gradient noise in the kernel",
                              part="kernel")
   # --- resources and clock

@@ -42,7 +42,7 @@ from fedjax_bsa import noise
 from fedjax_bsa.data import federated
 
 __all__ = ["Plan", "Jobs", "ClientStats", "RoundOutput", "make_round_kernel",
-           "cohort_rows", "default_lanes"]
+           "cohort_rows"]
 
 tmap = jax.tree.map
 
@@ -80,19 +80,10 @@ class RoundOutput(NamedTuple):
   delta: Any              # [E, ...] sum_j c_j (x_j - x_e), a params tree
   stats: ClientStats      # [J]
   update_sum_sq: jax.Array  # float32 [E], |sum_j h_j|^2 of mean applied grads
-  slots: jax.Array        # int32 [], lanes x slots run (microbatches)
+  slots: jax.Array        # int32 [], microbatches computed (lanes x loop
+                          # iterations x per_slot)
   useful: jax.Array       # int32 [], examples that carried data
   client_deltas: Any      # [J, ...] x_j - x_e, or None
-
-
-def default_lanes(jobs: int) -> int:
-  """Lanes used when the config says 0: about four jobs per lane, at most
-  16 on a CPU (measured: 8-16 lanes are fastest there; wider lanes pay off
-  on accelerators)."""
-  lanes = max(1, -(-jobs // 4))
-  if jax.default_backend() == "cpu":
-    lanes = min(lanes, 16)
-  return lanes
 
 
 def _sq_norm(tree):
@@ -152,7 +143,8 @@ class _Round(NamedTuple):
 
 
 def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
-                      microbatch: int, lanes: int, num_experiments: int = 1,
+                      microbatch: int, lanes: int, per_slot: int = 1,
+                      num_experiments: int = 1,
                       noise_stats: bool = True, client_deltas: bool = False,
                       mesh: jax.sharding.Mesh | None = None,
                       axis_name: str = "clients"):
@@ -163,8 +155,12 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
     loss_fn: ``(params, x[B, ...], y[B]) -> [B]`` per-example losses.
     client_tx: the algorithm's client ``optax.GradientTransformation``.
     client_init: ``(server_params, client_input) -> client_tx state``.
-    microbatch: examples per slot ``mu``.
+    microbatch: examples per microbatch ``mu`` (the estimator's small batch
+      and the unit a step is padded to).
     lanes: vmapped lanes ``L`` (rounded up to a multiple of the mesh axis).
+    per_slot: microbatches ``R`` one lane computes per loop iteration (a
+      layout choice, no effect on results: wider slots amortise the loop's
+      fixed cost on accelerators; see :func:`fedjax_bsa.layout.choose`).
     num_experiments: ``E``, the leading axis of the server parameters.
     noise_stats: also estimate ``|G|^2`` and ``tr(Sigma)`` per job, with the
       finite-population correction of :func:`fedjax_bsa.noise.
@@ -182,10 +178,28 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
     ``J``, ``E``, ``mu``, ``L`` and ``D``, never on the plan.
   """
   mu = int(microbatch)
+  R = max(1, int(per_slot))
   E = int(num_experiments)
   D = 1 if mesh is None else int(mesh.shape[axis_name])
   L = -(-max(1, int(lanes)) // D) * D
-  arange_mu = jnp.arange(mu, dtype=jnp.int32)
+  arange_slot = jnp.arange(R * mu, dtype=jnp.int32).reshape(R, mu)
+
+  def gradients(params, xb, yb, valid):
+    """Loss sum and gradient sum of a slot's ``R`` microbatches, plus (with
+    noise statistics) each microbatch's gradient norm and row count."""
+    def one(x, y, v):
+      def masked_loss(p):
+        return jnp.sum(jnp.where(v, loss_fn(p, x, y), 0.0))
+      return jax.value_and_grad(masked_loss)(params)
+
+    nv = jnp.sum(valid, -1).astype(jnp.int32)
+    if R == 1 or not noise_stats:  # one gradient over the whole slot
+      lsum, g = one(xb.reshape((R * mu,) + xb.shape[2:]), yb.reshape(-1),
+                    valid.reshape(-1))
+      return lsum, g, (_sq_norm(g)[None] if noise_stats else None), nv
+    lsums, gs = jax.vmap(one)(xb, yb, valid)
+    g = tmap(lambda a: a.sum(0), gs)
+    return lsums.sum(), g, jax.vmap(_sq_norm)(gs), nv
 
   def slot(rd: _Round, ln: _Lanes, lane) -> tuple[_Lanes, _SlotOut]:
     J = rd.jobs.client.shape[0]
@@ -196,16 +210,12 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
     n = rd.data.num_examples[c]
     b, m, s, lr = jb.batch[j], rd.slots_per_step[j], jb.steps[j], jb.lr[j]
     step, k = ln.u // m, ln.u % m
-    within = k * mu + arange_mu
+    within = k * (R * mu) + arange_slot                       # [R, mu]
     valid = active & (within < b)
     pos = (step * b + within) % jnp.maximum(n, 1)
     rows = federated.example_rows(rd.data, c, jb.seed[j], pos)
     xb, yb = rd.data.x[rows], rd.data.y[rows]
-
-    def masked_loss(p):
-      return jnp.sum(jnp.where(valid, loss_fn(p, xb, yb), 0.0))
-
-    lsum, g = jax.value_and_grad(masked_loss)(ln.params)
+    lsum, g, sq, nv = gradients(ln.params, xb, yb, valid)
     acc = tmap(jnp.add, ln.acc, g)
     step_end = active & (k == m - 1)
     job_end = step_end & (step == s - 1)
@@ -216,17 +226,17 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
     est = jnp.zeros((), bool)
     g_sq = tr = jnp.zeros((), jnp.float32)
     if noise_stats:
-      nv = jnp.sum(valid).astype(jnp.int32)
       has = nv > 0
-      small_sq = small_sq + jnp.where(
-          has, _sq_norm(g) / jnp.maximum(nv, 1).astype(jnp.float32) ** 2, 0.)
-      c_small = c_small + jnp.where(
-          has, noise.fpc_coefficient(jnp.maximum(nv, 1), n), 0.0)
-      mf = m.astype(jnp.float32)
+      nvf = jnp.maximum(nv, 1).astype(jnp.float32)
+      small_sq = small_sq + jnp.sum(jnp.where(has, sq / nvf ** 2, 0.0))
+      c_small = c_small + jnp.sum(jnp.where(
+          has, noise.fpc_coefficient(jnp.maximum(nv, 1), n), 0.0))
+      mb = (b + mu - 1) // mu                 # microbatches in the step
+      mf = mb.astype(jnp.float32)
       g_sq, tr, ok = noise.fpc_estimates(
           small_sq / mf, c_small / mf, _sq_norm(mean_g),
           noise.fpc_coefficient(b, n))
-      est = step_end & (m >= 2) & ok
+      est = step_end & (mb >= 2) & ok
       small_sq = jnp.where(step_end, 0.0, small_sq)
       c_small = jnp.where(step_end, 0.0, c_small)
     new = _Lanes(
@@ -335,7 +345,7 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
     s = jnp.maximum(jobs.steps.astype(jnp.int32), 0)
     jobs = jobs._replace(batch=b, steps=s, lr=jobs.lr.astype(jnp.float32),
                          weight=jobs.weight.astype(jnp.float32))
-    m = layout_lib.slots_per_step(b, mu)
+    m = layout_lib.slots_per_step(b, mu, R)
     lay = layout_lib.make_layout(s * m, L)
     rd = _Round(server_params, data, jobs, client_inputs, m, lay)
     sh = run_lanes(rd, jnp.int32(0), L) if mesh is None else sharded_lanes(
@@ -348,7 +358,7 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
         trace=sh.trace / denom, noise_steps=sh.nsteps, update_sq=sh.usq)
     usum = (jax.vmap(_sq_norm)(sh.hsum) if noise_stats
             else jnp.zeros((E,), jnp.float32))
-    return RoundOutput(sh.agg, stats, usum, jnp.max(lay.load) * L,
+    return RoundOutput(sh.agg, stats, usum, jnp.max(lay.load) * L * R,
                        examples.sum(), sh.deltas)
 
   return kernel

@@ -26,6 +26,7 @@ from fedjax_bsa import algorithms
 from fedjax_bsa import clock
 from fedjax_bsa import controllers
 from fedjax_bsa import kernel as kernel_lib
+from fedjax_bsa import layout
 from fedjax_bsa import models
 from fedjax_bsa import noise
 from fedjax_bsa import plans
@@ -118,8 +119,8 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
       arguments of the returned functions).
     num_experiments: ``E``.
     chunk: rounds per ``run_chunk`` call (default ``cfg.eval_every``).
-    lanes: the kernel's lane pool (default: from :func:`fedjax_bsa.kernel.
-      default_lanes` for ``E x K`` jobs).
+    lanes: the kernel's lane pool (default: the ``lanes`` setting, else
+      :func:`fedjax_bsa.layout.choose` for ``E x K`` jobs on this backend).
     mesh: if given, the kernel's lanes are split over its ``axis_name``
       axis and the data may be sharded over rows (``max_rows`` is then the
       static bound of a round's rows, see :func:`fedjax_bsa.kernel.
@@ -135,10 +136,14 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
   chunk = int(chunk or cfg.eval_every)
   alg = exp.algorithm
   loss_fn = functools.partial(models.example_losses, exp.model.apply)
-  lanes = int(lanes or cfg.lanes or kernel_lib.default_lanes(E * K))
+  auto = layout.choose(jax.default_backend(), E * K, cfg.microbatch,
+                       cfg.batch_size)
+  lanes = int(lanes or cfg.lanes or auto.lanes)
+  per_slot = int(cfg.per_slot or auto.per_slot)
   kern = kernel_lib.make_round_kernel(
       loss_fn, alg.client_tx, alg.client_init, microbatch=cfg.microbatch,
-      lanes=lanes, num_experiments=E, noise_stats=cfg.noise_stats,
+      lanes=lanes, per_slot=per_slot, num_experiments=E,
+      noise_stats=cfg.noise_stats,
       client_deltas=alg.client_deltas, mesh=mesh, axis_name=axis_name)
   traces = []
 

@@ -19,13 +19,13 @@ MU = 4
 _CACHE = {}
 
 
-def _kernel(model, alg, lanes, E, noise_stats=True):
-  key = (model.name, id(alg.client_tx), lanes, E, noise_stats)
+def _kernel(model, alg, lanes, E, noise_stats=True, per_slot=1):
+  key = (model.name, id(alg.client_tx), lanes, E, noise_stats, per_slot)
   if key not in _CACHE:
     _CACHE[key] = jax.jit(kernel_lib.make_round_kernel(
         loss_of(model), alg.client_tx, alg.client_init, microbatch=MU,
         lanes=lanes, num_experiments=E, noise_stats=noise_stats,
-        client_deltas=alg.client_deltas))
+        client_deltas=alg.client_deltas, per_slot=per_slot))
   return _CACHE[key]
 
 
@@ -39,9 +39,11 @@ def _alg(**kw):
   return _ALGS[key]
 
 
-def _check(data, model, jobs, lanes, alg, E=1, inputs=None, seed=0):
+def _check(data, model, jobs, lanes, alg, E=1, inputs=None, seed=0,
+           per_slot=1):
   params = stack(*[model.init(jax.random.key(seed + e)) for e in range(E)])
-  out = _kernel(model, alg, lanes, E)(params, data, jobs, inputs)
+  out = _kernel(model, alg, lanes, E, per_slot=per_slot)(params, data, jobs,
+                                                         inputs)
   ref, stats, deltas, usum = reference.reference_round(
       loss_of(model), alg.client_tx, alg.client_init, params, data, jobs,
       inputs, microbatch=MU)
@@ -104,6 +106,15 @@ def test_kernel_client_deltas_and_correction(small_fed, small_mlp):
                    [0.1] * 5)
   _check(small_fed, small_mlp, jobs, 3, alg,
          inputs=alg.client_inputs(state, jobs.client, {}))
+
+
+@pytest.mark.parametrize("per_slot", [2, 3])
+def test_wide_slots_change_nothing(small_fed, small_mlp, per_slot):
+  """R microbatches per loop iteration (a layout choice) give the same
+  round, noise estimates included."""
+  jobs = make_jobs([0, 4, 7, 9, 13], [3, 9, 4, 1, 13], [2, 3, 1, 4, 2],
+                   [0.1, 0.2, 0.3, 0.05, 0.1])
+  _check(small_fed, small_mlp, jobs, 2, _alg(), per_slot=per_slot)
 
 
 def test_kernel_extreme_skew(small_fed, small_mlp):

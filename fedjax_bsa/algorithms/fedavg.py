@@ -47,7 +47,7 @@ def fednova_weights(steps, data_sizes, momentum: float = 0.0):
   """FedNova's ``c_k = tau_eff p_k / |a_k|_1`` (0 for absent clients).
 
   >>> fednova_weights(jnp.array([2, 4]), jnp.array([1, 1])).tolist()
-  [1.5, 0.75]
+  [0.75, 0.375]
   """
   taking_part = steps > 0
   p = jnp.where(taking_part, data_sizes, 0).astype(jnp.float32)
