@@ -59,17 +59,27 @@ class Prepared(NamedTuple):
   evaluate: Callable   # (params, x, y) -> (accuracy [E'], loss [E'])
   mesh: Any
   mode: str          # "one", "lanes" or "experiments"
+  kept: list         # index in ``overrides`` of each prepared experiment
+  failed: dict       # index in ``overrides`` -> why it could not be built
 
 
-def _datasets(cfgs: list[Config]) -> list:
-  """Each config's dataset, loaded once per distinct dataset setting."""
+def _datasets(cfgs: list[Config], failed: dict) -> list:
+  """Each config's dataset, loaded once per distinct dataset setting; a
+  dataset that cannot be loaded fails its experiments (``failed``)."""
   cache, out = {}, []
-  for c in cfgs:
+  for i, c in enumerate(cfgs):
     key = tuple(getattr(c, k) for k in _DATASET_KEYS) + (
         c.seed if c.dataset in experiment_lib.SEEDED_DATASETS else None,)
     if key not in cache:
-      cache[key] = experiment_lib.load_dataset(c)
+      try:
+        cache[key] = experiment_lib.load_dataset(c)
+      except ConfigError as e:
+        cache[key] = e
+    if isinstance(cache[key], ConfigError):
+      failed[i] = str(cache[key])
     out.append(cache[key])
+  if len(failed) == len(cfgs):
+    raise next(iter(v for v in cache.values()))
   return out
 
 
@@ -106,7 +116,7 @@ def _host_inputs(exps, first_client):
 
 
 def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
-            lanes: int | None = None) -> Prepared:
+            lanes: int | None = None, keep_going: bool = False) -> Prepared:
   """Builds and places every experiment's inputs; jits the round loop.
 
   Args:
@@ -118,12 +128,32 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
       ``experiments`` for several), or None (one device).
     lanes: the kernel's lane pool (default: ``base.lanes`` or the backend's
       choice for the pool's jobs).
+    keep_going: an experiment whose data, partition or resources cannot be
+      built is left out and reported in ``Prepared.failed`` (default: the
+      :class:`ConfigError` is raised).
   """
   if not overrides:
     raise ConfigError("a sweep needs at least one experiment")
   for o in overrides:
     config_lib.check_sweepable(o)
   cfgs = [base.replace(**o) for o in overrides]
+  exps, failed = [], {}
+  for i, (c, ds) in enumerate(zip(cfgs, _datasets(cfgs, failed))):
+    if i in failed:
+      if not keep_going:
+        raise ConfigError(failed[i])
+      continue
+    try:
+      exps.append(experiment_lib.build(c, ds))
+    except ConfigError as e:
+      if not keep_going:
+        raise
+      failed[i] = str(e)
+  if not exps:
+    raise ConfigError("every experiment failed to build: " + "; ".join(
+        f"experiment {i}: {m}" for i, m in sorted(failed.items())))
+  kept = [i for i in range(len(cfgs)) if i not in failed]
+  cfgs = [cfgs[i] for i in kept]
   E = len(cfgs)
   if isinstance(mesh, str):
     if mesh != "auto":
@@ -135,8 +165,6 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
   if mesh is None and jax.process_count() > 1:
     raise ValueError("mesh=None is not allowed with several processes")
   mode = _mode(E, mesh)
-  exps = [experiment_lib.build(c, ds) for c, ds in zip(cfgs,
-                                                       _datasets(cfgs))]
   _check_same(exps, "num_clients", lambda x: x.num_clients)
   _check_same(exps, "input shape", lambda x: x.dataset.x_train.shape[1:])
   _check_same(exps, "test set shape", lambda x: x.dataset.x_test.shape)
@@ -178,7 +206,7 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
   else:
     fns = tuple(jax.jit(f) for f in fns)
   return Prepared(cfgs, exps, sim, data, inputs, keys, tests, *fns, mesh,
-                  mode)
+                  mode, kept, failed)
 
 
 def _replicated_inputs(exps, first, mesh):

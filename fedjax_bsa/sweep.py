@@ -40,8 +40,10 @@ __all__ = ["SWEEPABLE", "SweepResult", "parse_grid", "expand_grid",
 
 
 class SweepResult(NamedTuple):
-  records: list     # per experiment, its metrics.jsonl objects
-  summaries: list   # per experiment, its summary
+  records: list     # per experiment, its metrics.jsonl objects ([] if it
+                    # failed to build)
+  summaries: list   # per experiment, its summary (``{"failed": why}`` if
+                    # its data, partition or resources could not be built)
   overrides: list   # per experiment, the settings that differ from the base
   compiles: int     # traces of the chunk function (1 for the whole sweep)
   state: Any        # the final stacked state ``[E', ...]``
@@ -81,6 +83,9 @@ def format_sweep(names: list, overrides: list, summaries: list) -> str:
   lines = [head]
   for name, o, s in zip(names, overrides, summaries):
     text = ",".join(f"{k}={v}" for k, v in o.items()) or "-"
+    if "failed" in s:
+      lines.append(f"{name:<10} {text[:40]:<40} failed: {s['failed']}")
+      continue
     div = "" if s["diverged_round"] is None else " (diverged)"
     lines.append(f"{name:<10} {text[:40]:<40} "
                  f"{s['final_test_accuracy']:>9.4f} "
@@ -113,26 +118,32 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
   start = time.perf_counter()
   if out_dir:
     distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
-  pre = driver.prepare(base, overrides, mesh)
+  pre = driver.prepare(base, overrides, mesh, keep_going=True)
   E = len(pre.configs)
-  names = [f"exp_{e:03d}" for e in range(E)]
-  outs = [Outputs(c, os.path.join(out_dir, n) if out_dir else None,
-                  f" ({n})") for c, n in zip(pre.configs, names)]
+  names = [f"exp_{e:03d}" for e in range(len(overrides))]
+  outs = [Outputs(c, os.path.join(out_dir, names[i]) if out_dir else None,
+                  f" ({names[i]})") for c, i in zip(pre.configs, pre.kept)]
   if out_dir and distributed.is_main():
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "sweep.json"), "w") as fh:
       json.dump(dict(base=base.to_dict(), overrides=overrides), fh, indent=1)
+  for i, why in sorted(pre.failed.items()):
+    print(f"failed ({names[i]}): {why}", file=sys.stderr)
   ckpt = driver.checkpointer(out_dir, checkpoint_every, resume)
   state, compiles = driver.execute(pre, outs, ckpt=ckpt,
                                    checkpoint_every=checkpoint_every or 0,
                                    progress=base.progress, start=start)
-  wall = time.perf_counter() - start + outs[0].wall_offset
-  summaries = [o.finish(compiles=compiles, lanes=pre.sim.lanes,
-                        num_clients=x.num_clients, wall=wall,
-                        devices=[str(d) for d in jax.devices()],
-                        overrides=ov, experiments=E,
-                        **regime.describe(x, o.records))
-               for o, x, ov in zip(outs, pre.experiments, overrides)]
+  wall = time.perf_counter() - start + (outs[0].wall_offset if outs else 0)
+  summaries = [dict(failed=pre.failed.get(i)) for i in range(len(overrides))]
+  for o, x, i in zip(outs, pre.experiments, pre.kept):
+    summaries[i] = o.finish(compiles=compiles, lanes=pre.sim.lanes,
+                            num_clients=x.num_clients, wall=wall,
+                            devices=[str(d) for d in jax.devices()],
+                            overrides=overrides[i], experiments=E,
+                            **regime.describe(x, o.records))
+  records = [[] for _ in overrides]
+  for o, i in zip(outs, pre.kept):
+    records[i] = o.records
   table = format_sweep(names, overrides, summaries)
   if out_dir and distributed.is_main():
     with open(os.path.join(out_dir, "sweep.jsonl"), "w") as fh:
@@ -142,10 +153,10 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
       fh.write(table + "\n")
   if print_table and distributed.is_main():
     print(table, file=stream)
-    print(f"{E} experiments, {compiles} compile(s) of the round "
+    print(f"{E} experiments ({len(pre.failed)} failed to build), "
+          f"{compiles} compile(s) of the round "
           f"loop, wall {wall:.1f} s", file=stream)
-  return SweepResult([o.records for o in outs], summaries, list(overrides),
-                     compiles, state)
+  return SweepResult(records, summaries, list(overrides), compiles, state)
 
 
 def resume_sweep(out_dir: str, **kwargs) -> SweepResult:

@@ -16,6 +16,17 @@ from fedjax_bsa.config import Config, ConfigError
     (["--set", "rounds=abc"], "rounds='abc'"),
     (["--set", "controller=magic"], "controller='magic'"),
     (["--set", "round_policy=deadline_drop"], "deadline"),
+    (["--set", "local_work=overtime"], "local_work='overtime'"),
+    (["--set", "deadline_rule=soon"], "deadline_rule='soon'"),
+    (["--set", "deadline_quantile=1.5"], "deadline_quantile=1.5"),
+    (["--set", "deadline_quantile=0"], "deadline_quantile=0"),
+    (["--set", "deadline=-2"], "deadline=-2"),
+    (["--set", "local_work=deadline"], "local_work=deadline"),
+    (["--set", "algorithm=fedsgdx"], "algorithm='fedsgdx'"),
+    (["--set", "partition=dirichlet", "--set", "alpha=0.01",
+      "--set", "min_examples=14", "--set", "rounds=2"], "partition=dirichlet"),
+    (["--set", "dataset=npz", "--set", "data_path=/no/such.npz"],
+     "/no/such.npz"),
 ])
 def test_bad_setting_exits_2_and_writes_nothing(tmp_path, capsys, args,
                                                 needle):
@@ -67,3 +78,26 @@ def test_dotted_keys_and_types():
   vals = parse_assignments(["config.rounds=5", "noise_stats=false"])
   cfg = Config.from_dict(vals)
   assert cfg.rounds == 5 and cfg.noise_stats is False
+
+
+def test_internal_errors_are_not_user_errors(monkeypatch):
+  """A bug (an exception that is not a ConfigError) propagates with its
+  traceback (exit 1 from the interpreter), never exit 2."""
+  from fedjax_bsa import runner
+
+  def broken(*a, **k):
+    raise ValueError("an internal bug")
+
+  monkeypatch.setattr(runner, "run", broken)
+  with pytest.raises(ValueError, match="an internal bug"):
+    cli.main(["run", "--set", "rounds=1"])
+
+
+def test_diverged_run_exits_3_and_keeps_records(tmp_path, capsys):
+  out = tmp_path / "div"
+  code = cli.main(["run", "--no-progress", "--set", "rounds=20",
+                   "--set", "client_lr=1e12", "--set", "num_clients=20",
+                   "--set", "hidden=8", "--out", str(out)])
+  assert code == 3
+  assert "diverged" in capsys.readouterr().err
+  assert (out / "metrics.jsonl").read_text().count("\n") >= 2

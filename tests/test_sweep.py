@@ -74,3 +74,18 @@ def test_sweep_equals_separate_runs(tmp_path):
   assert [l["experiment"] for l in lines] == ["exp_000", "exp_001"]
   assert lines[1]["overrides"]["alpha"] == 1.0
   assert "exp_001" in (tmp_path / "table.txt").read_text()
+
+
+def test_a_failing_experiment_is_marked_and_the_others_finish(tmp_path):
+  """A partition that cannot be drawn for one experiment fails that
+  experiment, named in the table and sweep.jsonl; the others run."""
+  base = Config(**dict(BASE, num_clients=20, min_examples=20))
+  res = sweep.run_sweep(base, [dict(alpha=0.01), dict(alpha=1.0)],
+                        str(tmp_path), print_table=False)
+  assert "partition=dirichlet" in res.summaries[0]["failed"]
+  assert res.records[0] == []
+  assert res.summaries[1]["rounds"] == BASE["rounds"]
+  lines = [json.loads(l) for l in
+           (tmp_path / "sweep.jsonl").read_text().splitlines()]
+  assert "failed" in lines[0] and "final_test_accuracy" in lines[1]
+  assert "failed: partition=dirichlet" in (tmp_path / "table.txt").read_text()
