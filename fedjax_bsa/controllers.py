@@ -334,7 +334,8 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
 
   ``b_k = clip(kappa * b_crit_k, batch_min, batch_max)`` quantized to the
   kernel's microbatch and at least two microbatches (so every step yields a
-  noise estimate; memory and deadline bounds come from :func:`clamp`), with
+  noise estimate; memory caps and the time budget come from
+  :func:`clamp`), with
   ``b_crit_k = effective_critical_batch(B_k, n_k)`` (the critical batch of
   a client of ``n_k`` rows, :func:`fedjax_bsa.noise.effective_critical_batch`;
   ``B_k`` itself when the context has no ``num_examples``). The learning rate

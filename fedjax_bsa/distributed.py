@@ -5,7 +5,7 @@ JAX's own engine does the work: :func:`initialize` calls
 lays a one-axis ``jax.sharding.Mesh`` over every device of every process,
 and the arrays the compiled program reads are *global* ``jax.Array``\\ s
 built with ``jax.make_array_from_callback``: each process materializes only
-the rows its own devices hold (:func:`client_data`, :func:`stacked`,
+the rows its own devices hold (:func:`stacked`,
 :func:`ragged_client_data`), or the
 whole value for replicated arrays (:func:`replicated`). Outputs are fetched
 with :func:`to_host` (an all-gather when a value spans several processes);
@@ -26,9 +26,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_bsa.config import ConfigError
 from fedjax_bsa.data import federated as ragged
 
-__all__ = ["initialize", "make_mesh", "padded", "client_data", "replicated",
+__all__ = ["initialize", "make_mesh", "padded", "replicated",
            "stacked", "to_host", "is_main", "check_same_everywhere", "sync",
            "client_ranges", "ragged_client_data", "shard_clients"]
 
@@ -45,7 +46,7 @@ def _int_setting(name: str, value, env: str) -> int | None:
   try:
     return int(value)
   except (TypeError, ValueError):
-    raise ValueError(f"{name}={value!r} is not allowed: expected an integer "
+    raise ConfigError(f"{name}={value!r} is not allowed: expected an integer "
                      f"(from --{name.replace('_', '-')} or ${env})") from None
 
 
@@ -81,19 +82,19 @@ def initialize(coordinator: str | None = None,
     return True
   if coordinator is None:
     if n not in (None, 1) or i not in (None, 0):
-      raise ValueError("coordinator is missing: --num-processes/--process-id "
+      raise ConfigError("coordinator is missing: --num-processes/--process-id "
                        "need --coordinator HOST:PORT (or "
                        f"${ENV_COORDINATOR})")
     return False
   host, sep, port = coordinator.rpartition(":")
   if not sep or not host or not port.isdigit():
-    raise ValueError(f"coordinator={coordinator!r} is not allowed: expected "
+    raise ConfigError(f"coordinator={coordinator!r} is not allowed: expected "
                      "HOST:PORT, e.g. 10.0.0.1:1234")
   if n is None or n < 1:
-    raise ValueError(f"num_processes={n!r} is not allowed: give an integer "
+    raise ConfigError(f"num_processes={n!r} is not allowed: give an integer "
                      f">= 1 with --num-processes (or ${ENV_NUM_PROCESSES})")
   if i is None or not 0 <= i < n:
-    raise ValueError(f"process_id={i!r} is out of range: must be in "
+    raise ConfigError(f"process_id={i!r} is out of range: must be in "
                      f"[0, {n - 1}] (--process-id or ${ENV_PROCESS_ID})")
   if jax.distributed.is_initialized():
     return True
@@ -340,7 +341,7 @@ def check_same_everywhere(text: str, what: str) -> None:
                          np.int32)
   every = np.asarray(multihost_utils.process_allgather(digest))
   if not (every == every[:1]).all():  # every process raises alike
-    raise ValueError(f"{what} differs between processes (this one: {text}):"
+    raise ConfigError(f"{what} differs between processes (this one: {text}):"
                      " every process must name the same folder, on a shared "
                      "filesystem")
 

@@ -150,8 +150,11 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
         raise
       failed[i] = str(e)
   if not exps:
+    why = {}
+    for i, m in sorted(failed.items()):
+      why.setdefault(m, []).append(str(i))
     raise ConfigError("every experiment failed to build: " + "; ".join(
-        f"experiment {i}: {m}" for i, m in sorted(failed.items())))
+        f"experiment {','.join(ids)}: {m}" for m, ids in why.items()))
   kept = [i for i in range(len(cfgs)) if i not in failed]
   cfgs = [cfgs[i] for i in kept]
   E = len(cfgs)

@@ -162,7 +162,7 @@ def goodput(batch_size, batch_min, batch_max, local_steps: int, client_lr,
   ``b_k = clip(time_optimal_batch(B_k, n_k, o_k, v_k), low, cap_k)``,
   quantized to the kernel's microbatch (:func:`controllers.quantize`), with
   ``low = max(batch_min, 2 microbatch)`` (every step yields a noise
-  estimate) and ``cap_k = min(batch_max, memory_cap_k)``. ``B_k`` is the
+  estimate) and ``cap_k = min(batch_max, memory_cap_k, max(n_k, low))``. ``B_k`` is the
   client's smoothed noise scale, or the cohort's for a client not yet seen
   (:func:`controllers.cohort_noise_scale`, the same EMAs as
   :func:`controllers.noise_scale`); before any estimate the batch is
@@ -203,8 +203,11 @@ def goodput(batch_size, batch_min, batch_max, local_steps: int, client_lr,
     state = controllers.noise_state_update(state, feedback, ctx, ema_decay)
     b_simple, estimated = controllers.cohort_noise_scale(state, ctx.cohort)
     n = ctx.num_examples.astype(jnp.float32)
-    cap = jnp.minimum(jnp.asarray(batch_max, jnp.int32),
-                      ctx.memory_cap.astype(jnp.int32))
+    # b > n never helps (docs/method.md (c)); a client smaller than two
+    # microbatches still gets two, so that its steps yield an estimate
+    rows_cap = jnp.maximum(ctx.num_examples.astype(jnp.int32), low)
+    cap = jnp.minimum(jnp.minimum(jnp.asarray(batch_max, jnp.int32),
+                                  ctx.memory_cap.astype(jnp.int32)), rows_cap)
     best = time_optimal_batch(b_simple, n, ctx.step_overhead, ctx.speed)
     target = jnp.where(estimated, best, jnp.asarray(batch_size, jnp.float32))
     target = jnp.clip(target, low, cap.astype(jnp.float32))

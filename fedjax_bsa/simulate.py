@@ -274,7 +274,9 @@ def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
   nt = jnp.maximum(ftook.sum(), 1.0)
   bf = run.batch_size.astype(jnp.float32)
   b_simple = noise.noise_scale(stats.grad_sq, stats.trace)
-  reporting = took & (stats.noise_steps > 0)
+  # a round's |G|^2 estimate can be <= 0 (it is unbiased, not positive):
+  # its ratio is no estimate of B, and is left out of the record
+  reporting = took & (stats.noise_steps > 0) & (stats.grad_sq > 0)
   mean_sq = jnp.sum(stats.update_sq * ftook) / nt
   c_g, c_t = noise.cohort_estimates(mean_sq, usum / nt ** 2, took.sum(),
                                     num_clients)

@@ -232,7 +232,7 @@ def _plan_by_hand(b0, bmin, bmax, lr, max_gain):
   for bb, n, o, v, mem in zip(big_b, _N, _OVERHEAD, _SPEED, _MEM):
     a = 1 - (1 + bb) / n
     best = min(np.sqrt(bb * o * v / a), n) if a > 0 else n
-    cap = min(bmax, mem)
+    cap = min(bmax, mem, max(n, bmin, 2 * MU))   # b > n never helps
     t = np.clip(best, max(bmin, 2 * MU), cap)
     if cap < MU:
       b = cap
@@ -257,9 +257,10 @@ def test_goodput_plan_by_hand_and_under_jit():
   np.testing.assert_array_equal(plan.steps, 7)
   # literally: client 0 (B = 15, n = 32, o v = 19.2): a = 1/2,
   # b* = sqrt(15 * 19.2 / 0.5) = 24, gain (1 + 15 * 3/31) / (1 + 15 / 93);
-  # client 1 (n = 11 <= B + 1): the whole client, 11 -> 12 (quantized);
+  # client 1 (n = 11 <= B + 1): the whole client, capped at n and
+  # quantized down to 8 (a batch above n would repeat rows);
   # client 2 (memory 6): one microbatch of 4
-  assert plan.batch_size[:3].tolist() == [24, 12, 4]
+  assert plan.batch_size[:3].tolist() == [24, 8, 4]
   np.testing.assert_allclose(plan.lr[0], 0.1 * 228 / 108, rtol=1e-5)
   eager, _ = _goodput_plan(8, 64, 0.1, 4.0)
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(plan)):
