@@ -74,10 +74,14 @@ def bench_mix(w: km.Workload, grid, ctx: km.Ctx, *, noise_stats=True,
       headline kernel (same compile).
     with_reference: also time :func:`fedjax_bsa.reference.reference_round`.
     mesh: also time the kernel's lanes over this mesh.
+
+  Returns:
+    ``(entry, headline)``: the mix's report entry and the headline kernel
+    (a :class:`~fedjax_bsa.bench.kernel_mixes.Counted` jitted function).
   """
   sweep = km.lane_sweep(w, grid, ctx)
   lanes, mu = _best_layout(sweep)
-  best = sweep["compiled"][sweep["best"]]
+  best = sweep["jitted"][sweep["best"]].fn
   methods = {"kernel": km.kernel_method(
       w, best, ctx, **{k: v for k, v in sweep["rows"][sweep["best"]].items()
                        if k not in ("time_per_round_s",
@@ -98,7 +102,7 @@ def bench_mix(w: km.Workload, grid, ctx: km.Ctx, *, noise_stats=True,
          "headline": sweep["best"], "lanes": lanes, "microbatch": mu,
          "lanes_rule": km.LANES_RULE, "flops_per_example": ctx.flops_ex}
   res.update(entries)
-  return summary_fields(res)
+  return summary_fields(res), sweep["jitted"][sweep["best"]]
 
 
 def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
@@ -113,7 +117,7 @@ def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
   keep = {k: v for k, v in row.items() if k not in (
       "time_per_round_s", "useful_examples_per_s", "flops_per_s",
       "fraction_of_matmul_peak")}
-  methods = {"kernel": km.kernel_method(w, sweep["compiled"][best], ctx,
+  methods = {"kernel": km.kernel_method(w, sweep["jitted"][best].fn, ctx,
                                         **keep),
              "padded": km.padded_method(w, ctx),
              "naive_loop": km.naive_method(w, ctx)}

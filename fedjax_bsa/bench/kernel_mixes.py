@@ -25,8 +25,10 @@ from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import scenarios
 
-__all__ = ["Workload", "workload", "Ctx", "Method", "lane_sweep", "compare",
-           "LANES_RULE"]
+__all__ = ["Workload", "workload", "Ctx", "Method", "Counted", "counted_jit",
+           "lane_sweep", "kernel_method", "noise_method", "plan_method",
+           "padded_method", "naive_method", "reference_method",
+           "mesh_method", "compare", "LANES_RULE"]
 
 LANES_RULE = ("headline: the fewest lanes (then the smallest microbatch) "
               "whose median round time is within 5% of the fastest of the "
@@ -78,41 +80,60 @@ def _key(lanes: int, mu: int) -> str:
   return f"L{lanes}_mu{mu}"
 
 
+class Counted(NamedTuple):
+  """A jitted function and the list its traces append to (compiles)."""
+  fn: Callable
+  traces: list
+
+
+def counted_jit(fn: Callable) -> Counted:
+  """``jax.jit(fn)`` that counts its traces."""
+  traces = []
+
+  def traced(*args):
+    traces.append(1)
+    return fn(*args)
+  return Counted(jax.jit(traced), traces)
+
+
 def lane_sweep(w: Workload, grid, ctx: Ctx, headline_mu=None) -> dict:
   """Compiles and times the kernel for every ``(lanes, mu)`` of ``grid``.
 
   Returns:
-    ``{"rows": {key: entry}, "best": key, "compiled": {key: compiled}}``;
-    ``best`` is chosen among microbatch ``headline_mu`` (any if None).
+    ``{"rows": {key: entry}, "best": key, "jitted": {key: Counted}}``;
+    ``best`` is chosen among microbatch ``headline_mu`` (any if None). The
+    jitted kernels are compiled (ahead of time, which also serves their
+    calls) and count their traces.
   """
-  compiled, info, useful = {}, {}, w.mix.useful_examples
+  jitted, info, useful = {}, {}, w.mix.useful_examples
   for lanes, mu in grid:
     k = _key(lanes, mu)
-    fn = baselines.kernel_fn(w.model, microbatch=mu, lanes=lanes)
-    compiled[k], cs = harness.compile_timed(fn, *w.args)
-    out, first = harness.timed_call(compiled[k], *w.args)
+    jitted[k] = counted_jit(baselines.kernel_fn(w.model, microbatch=mu,
+                                                lanes=lanes))
+    compiled, cs = harness.compile_timed(jitted[k].fn, *w.args)
+    out, first = harness.timed_call(jitted[k].fn, *w.args)
     info[k] = dict(lanes=lanes, microbatch=mu, compile_s=cs,
                    first_run_s=first,
                    padding_efficiency=figures.kernel_efficiency(out, mu),
                    kernel_slots=int(out.slots), kernel_useful=int(out.useful),
-                   memory=harness.memory_of(compiled[k]))
+                   memory=harness.memory_of(compiled))
     ctx.log(f"  kernel {k}: compiled in {cs:.1f}s, padding efficiency "
             f"{info[k]['padding_efficiency']:.3f}")
-  t = harness.interleaved({k: functools.partial(c, *w.args)
-                           for k, c in compiled.items()}, ctx.reps)
+  t = harness.interleaved({k: functools.partial(c.fn, *w.args)
+                           for k, c in jitted.items()}, ctx.reps)
   rows = {k: figures.entry(harness.summarize(t[k]), useful, ctx.flops_ex,
-                           ctx.peak, **info[k]) for k in compiled}
+                           ctx.peak, **info[k]) for k in jitted}
   cands = {(i["lanes"], i["microbatch"]): float(np.median(t[k]))
            for k, i in info.items()
            if headline_mu is None or i["microbatch"] == headline_mu}
   best = _key(*harness.pick_fewest(cands))
   ms = rows[best]["time_per_round_s"]["median"] * 1e3
   ctx.log(f"  headline {best}: {ms:.1f} ms")
-  return {"rows": rows, "best": best, "compiled": compiled}
+  return {"rows": rows, "best": best, "jitted": jitted}
 
 
 def kernel_method(w: Workload, compiled, ctx: Ctx, **extra) -> Method:
-  """An already compiled kernel on the workload."""
+  """An already compiled (or jitted and warm) kernel on the workload."""
   def finish(st):
     return figures.entry(st, w.mix.useful_examples, ctx.flops_ex, ctx.peak,
                          **extra)

@@ -156,8 +156,8 @@ def _parser():
                  help="rounds of the timed chunk (default 10, quick 5)")
   p.add_argument("--reps", type=int, default=None,
                  help="repetitions of the compiled loop (default 7, quick 2)")
-  p.add_argument("--end-to-end", action=argparse.BooleanOptionalAction,
-                 default=True)
+  p.add_argument("--measures", default="compiled_loop,end_to_end",
+                 help="which measures to take (comma list)")
   p.add_argument("--e2e-rounds", type=int, default=None,
                  help="rounds of each whole run (default 30, quick 5)")
   p.add_argument("--e2e-reps", type=int, default=None,
@@ -171,12 +171,16 @@ def _parser():
 
 def _settings(args) -> dict:
   q = args.quick
+  for m in args.measures.split(","):
+    if m and m not in TARGETS:
+      raise SystemExit(f"--measures {m}: not allowed, one of "
+                       f"{','.join(TARGETS)}")
   return dict(
       quick=q, experiments=args.experiments,
       controllers=[c for c in args.controllers.split(",") if c],
       rounds=args.rounds or (5 if q else 10), reps=args.reps or (2 if q else 7),
-      end_to_end=args.end_to_end, e2e_rounds=args.e2e_rounds or (5 if q else
-                                                                  30),
+      measures=[m for m in args.measures.split(",") if m],
+      e2e_rounds=args.e2e_rounds or (5 if q else 30),
       e2e_reps=args.e2e_reps or (1 if q else 3), set=list(args.set))
 
 
@@ -236,11 +240,12 @@ def main(argv=None) -> int:
     base = Config(progress=False, controller=ctrl).replace(**given)
     res = report["results"].setdefault(ctrl, {})
     res["config"] = base.replace(rounds=st["rounds"]).to_dict()
-    res["compiled_loop"] = compiled_loop(
-        base.replace(rounds=st["rounds"], eval_every=st["rounds"]), ovs,
-        st["reps"], log)
-    harness.write_report(report, args.out, stem)
-    if st["end_to_end"]:
+    if "compiled_loop" in st["measures"]:
+      res["compiled_loop"] = compiled_loop(
+          base.replace(rounds=st["rounds"], eval_every=st["rounds"]), ovs,
+          st["reps"], log)
+      harness.write_report(report, args.out, stem)
+    if "end_to_end" in st["measures"]:
       e2e = base.replace(rounds=st["e2e_rounds"],
                          eval_every=min(10, st["e2e_rounds"]))
       res["end_to_end"] = end_to_end(e2e, ovs, st["e2e_reps"], log)
