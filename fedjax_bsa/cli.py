@@ -122,7 +122,10 @@ def _parser() -> argparse.ArgumentParser:
                      "separate runs); add --help after the name")
   b.add_argument("what", choices=["kernel", "sweep"])
   b.add_argument("rest", nargs=argparse.REMAINDER)
-  st = sub.add_parser("study", help="the time-to-accuracy study "
+  # no options of its own: every argument, --help included, goes to the
+  # study (a REMAINDER alone does not take arguments starting with "-")
+  st = sub.add_parser("study", prefix_chars="+", add_help=False,
+                      help="the time-to-accuracy study "
                       "(fedjax_bsa.bench.study; --quick for a small one)")
   st.add_argument("rest", nargs=argparse.REMAINDER)
   pl = sub.add_parser("plot", help="PNG plots of run folders: plot DIR "

@@ -99,6 +99,7 @@ def test_quick_kernel_benchmark_report(tmp_path):
 def test_quick_sweep_benchmark_report(tmp_path):
   rc = sweep_bench.main(["--quick", "--experiments", "2", "--rounds", "2",
                          "--reps", "1", "--controllers", "constant",
+                         "--skip-chunks", "1",
                          "--measures", "compiled_loop", "--set",
                          "noise_stats=false",
                          "--out", str(tmp_path), "--machine", "test"])
@@ -106,6 +107,7 @@ def test_quick_sweep_benchmark_report(tmp_path):
   rep = json.loads((tmp_path / "sweep_test_quick.json").read_text())
   r = rep["results"]["constant"]["compiled_loop"]
   assert r["experiments"] == 2 and r["rounds"] == 2
+  assert r["timed_rounds"] == [3, 4]  # after one untimed chunk of 2
   assert r["packed"]["compiles"] == 1
   assert r["sequential"]["compiles"] == 1  # one program serves both runs
   assert r["speedup"] == pytest.approx(
@@ -114,3 +116,13 @@ def test_quick_sweep_benchmark_report(tmp_path):
       4 / r["packed"]["median"])
   assert 0 < r["packed"]["padding_efficiency"] <= 1
   assert rep["overrides"] == sweep_bench.overrides(2)
+
+
+def test_cli_hands_every_argument_to_the_benchmarks():
+  from fedjax_bsa import cli  # pylint: disable=g-import-not-at-top
+  p = cli._parser()  # pylint: disable=protected-access
+  a = p.parse_args(["bench", "kernel", "--quick", "--out", "x"])
+  assert (a.command, a.what, a.rest) == ("bench", "kernel",
+                                         ["--quick", "--out", "x"])
+  a = p.parse_args(["study", "--quick", "--out", "x", "-h"])
+  assert (a.command, a.rest) == ("study", ["--quick", "--out", "x", "-h"])
