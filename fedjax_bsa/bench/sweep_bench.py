@@ -228,6 +228,8 @@ def markdown(report: dict) -> str:
            f"cores, jax {report['versions']['jax']}, {report['timestamp']}."
            f" Load average start/end: {report['loadavg_start']} / "
            f"{report.get('loadavg_end')}.", "",
+           "Settings: " + ", ".join(f"{k}={v}" for k, v in
+                                    report["settings"].items()), "",
            "| controller | measure | E | rounds | packed s | sequential s |"
            " speedup |", "|---|---|---|---|---|---|---|"]
   for ctrl, r in report["results"].items():
