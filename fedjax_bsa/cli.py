@@ -117,11 +117,16 @@ def _parser() -> argparse.ArgumentParser:
   part = sub.add_parser("partition", help="print a partition's summary")
   _add_settings(part)
   sub.add_parser("settings", help="list every setting")
-  b = sub.add_parser("bench", help="benchmarks")
+  b = sub.add_parser("bench", help="benchmarks: kernel (the round kernel "
+                     "vs its baselines) or sweep (a packed sweep vs "
+                     "separate runs); add --help after the name")
   b.add_argument("what", choices=["kernel", "sweep"])
   b.add_argument("rest", nargs=argparse.REMAINDER)
-  st = sub.add_parser("study", help="the time-to-accuracy study "
-                      "(benchmarks/time_to_accuracy.py)")
+  # no options of its own: every argument, --help included, goes to the
+  # study (a REMAINDER alone does not take arguments starting with "-")
+  st = sub.add_parser("study", prefix_chars="+", add_help=False,
+                      help="the time-to-accuracy study "
+                      "(fedjax_bsa.bench.study; --quick for a small one)")
   st.add_argument("rest", nargs=argparse.REMAINDER)
   pl = sub.add_parser("plot", help="PNG plots of run folders: plot DIR "
                       "[DIR ...] [--out OUTDIR]")
@@ -216,15 +221,15 @@ def _settings(args) -> int:
 
 def _bench(args) -> int:
   if args.what == "sweep":
-    from benchmarks import sweep as sweep_bench  # pylint: disable=g-import-not-at-top
+    from fedjax_bsa.bench import sweep_bench  # pylint: disable=g-import-not-at-top
     return sweep_bench.main(args.rest)
-  from benchmarks import round_kernel  # pylint: disable=g-import-not-at-top
-  return round_kernel.main(args.rest)
+  from fedjax_bsa.bench import kernel_main  # pylint: disable=g-import-not-at-top
+  return kernel_main.main(args.rest)
 
 
 def _study(args) -> int:
-  from benchmarks import time_to_accuracy  # pylint: disable=g-import-not-at-top
-  return time_to_accuracy.main(args.rest)
+  from fedjax_bsa.bench import study  # pylint: disable=g-import-not-at-top
+  return study.main(args.rest)
 
 
 def _plot(args) -> int:

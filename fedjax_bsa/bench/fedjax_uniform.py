@@ -2,10 +2,12 @@
 
 FedJAX 0.0.17 needs an older jax than fedjax_bsa, so this file imports
 neither fedjax_bsa nor flax: only numpy, jax, haiku and fedjax. The
-round-kernel benchmark (:mod:`benchmarks.round_kernel`) writes the uniform
-mix's client data to an ``.npz`` file and runs this script as a subprocess::
+round-kernel benchmark (:func:`fedjax_bsa.bench.baselines.run_fedjax`)
+writes the uniform mix's client data to an ``.npz`` file and runs this file
+as a script (by path, not as a module of the package)::
 
-    FJ_PYTHON benchmarks/fedjax_uniform.py DATA.npz --reps 7 --warmup 2
+    FJ_PYTHON fedjax_bsa/bench/fedjax_uniform.py DATA.npz --reps 7 \
+        --warmup 2 --drop-remainder
 
 which prints one JSON line (the last line of stdout) with the per-round times.
 
@@ -18,13 +20,15 @@ The install line (checked on this project's CPU machine, Python 3.11 and
 
 The work equals the kernel's uniform mix: the same MLP (64-256-10, ReLU,
 softmax cross-entropy; Haiku's initializer instead of Flax's, which changes
-no cost), the same clients' examples, batch 10, one epoch (16 steps) of
-client SGD with lr 0.05 per client, FedAvg's example-weighted mean of the
-deltas, server SGD with lr 1. It uses FedJAX's own machinery:
+no cost), the same clients' examples (256 rows each), batch 10, one epoch
+with the last partial batch dropped (25 steps) of client SGD with lr 0.05
+per client, FedAvg's example-weighted mean of the deltas, server SGD with
+lr 1. It uses FedJAX's own machinery:
 ``fedjax.algorithms.fed_avg.federated_averaging`` (whose client loop is
 ``fedjax.for_each_client`` with its default jit backend) fed with
 ``fedjax.InMemoryFederatedData`` client datasets, batched by FedJAX's
-``ShuffleRepeatBatchHParams(batch_size=10, num_epochs=1)``. A round is
+``ShuffleRepeatBatchHParams(batch_size=10, num_epochs=1,
+drop_remainder=True)``. A round is
 ``algorithm.apply(state, clients)`` for all 64 clients, blocked on the new
 server parameters; it includes FedJAX's host-side shuffling and batching,
 which is part of what FedJAX costs per round.
@@ -61,6 +65,8 @@ def main(argv=None) -> int:
   p.add_argument("--epochs", type=int, default=1)
   p.add_argument("--lr", type=float, default=0.05)
   p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--drop-remainder", action="store_true",
+                 help="drop each epoch's last, partial batch")
   args = p.parse_args(argv)
 
   import numpy as np
@@ -89,7 +95,8 @@ def main(argv=None) -> int:
   algorithm = fed_avg.federated_averaging(
       grad_fn, fedjax.optimizers.sgd(args.lr), fedjax.optimizers.sgd(1.0),
       fedjax.ShuffleRepeatBatchHParams(batch_size=args.batch,
-                                       num_epochs=args.epochs))
+                                       num_epochs=args.epochs,
+                                       drop_remainder=args.drop_remainder))
   fd = fedjax.InMemoryFederatedData(
       {f"{k}".encode(): {"x": x[k], "y": y[k]} for k in range(num_clients)})
   state = algorithm.init(model.init(jax.random.PRNGKey(0)))
@@ -113,12 +120,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     state = one_round(state, 100 + r)
     times.append(time.perf_counter() - t0)
-  examples = num_clients * n * args.epochs
+  steps = (n // args.batch if args.drop_remainder else -(-n // args.batch))
+  examples = num_clients * min(n, steps * args.batch) * args.epochs
   print(json.dumps({
       "fedjax_version": "0.0.17", "jax_version": jax.__version__,
       "python": sys.version.split()[0], "clients": num_clients,
       "examples_per_round": int(examples),
-      "steps_per_client": int(-(-n // args.batch) * args.epochs),
+      "steps_per_client": int(steps * args.epochs),
+      "drop_remainder": bool(args.drop_remainder),
       "first_round_s": first, "times_s": times,
       "peak_rss_bytes": _peak_rss_bytes(),
       "peak_rss_source": "VmHWM of /proc/self/status (this process only)",

@@ -1,0 +1,141 @@
+"""One mix of the round-kernel benchmark, end to end.
+
+:func:`bench_mix`: the lane sweep, then the headline kernel against the
+kernel with noise statistics, the padded layout, the naive loop and the
+extras the caller asks for. :func:`bench_uniform`: the same on the uniform
+mix (microbatch = its batch for the headline), with FedJAX timed between
+two halves of the repetitions. Both return the mix's report entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedjax_bsa.bench import baselines
+from fedjax_bsa.bench import figures
+from fedjax_bsa.bench import harness
+from fedjax_bsa.bench import kernel_mixes as km
+from fedjax_bsa.bench import scenarios
+
+__all__ = ["bench_mix", "bench_uniform", "summary_fields"]
+
+
+def _best_layout(sweep: dict):
+  row = sweep["rows"][sweep["best"]]
+  return row["lanes"], row["microbatch"]
+
+
+def summary_fields(res: dict) -> dict:
+  """The figures every mix reports, from its entries (in place)."""
+  k = res["kernel"]
+  med = lambda name: res[name]["time_per_round_s"]["median"]
+  res["padding_efficiency"] = k["padding_efficiency"]
+  res["useful_examples_per_s"] = k["useful_examples_per_s"]
+  res["fraction_of_matmul_peak"] = k["fraction_of_matmul_peak"]
+  res["speedup_vs_padded"] = med("padded") / med("kernel")
+  res["speedup_vs_naive_loop"] = med("naive_loop") / med("kernel")
+  fj = res.get("fedjax")
+  res["speedup_vs_fedjax"] = (med("fedjax") / med("kernel")
+                              if isinstance(fj, dict) and
+                              "time_per_round_s" in fj else None)
+  if "kernel_noise_stats" in res:
+    res["noise_stats_overhead"] = med("kernel_noise_stats") / med("kernel")
+    res["speedup_vs_padded_noise_stats"] = (med("padded") /
+                                            med("kernel_noise_stats"))
+  if "reference_round" in res:
+    res["speedup_vs_reference_round_noise_stats"] = (
+        med("reference_round") / med("kernel_noise_stats"))
+  if "kernel_mesh" in res:
+    res["speedup_vs_naive_loop_mesh"] = med("naive_loop") / med(
+        "kernel_mesh")
+  res["peak_memory_bytes"] = {
+      "kernel": figures.total_bytes(k),
+      "kernel_noise_stats": figures.total_bytes(
+          res.get("kernel_noise_stats")),
+      "padded": figures.total_bytes(res["padded"]),
+      "naive_loop_step": figures.total_bytes(res["naive_loop"]),
+      "fedjax_process_rss": (fj or {}).get("peak_rss_bytes"),
+      "process_peak_rss_so_far": harness.rss_bytes()}
+  res.setdefault("compiles", 1)
+  return res
+
+
+def bench_mix(w: km.Workload, grid, ctx: km.Ctx, *, noise_stats=True,
+              other_plans: dict | None = None, with_reference=False,
+              mesh: Any = None) -> dict:
+  """The lane sweep and the comparison on one mix.
+
+  Args:
+    w: the mix on device.
+    grid: ``[(lanes, mu), ...]`` of the lane sweep.
+    ctx: repetitions, peak, FLOPs per example, baseline size limits.
+    noise_stats: also time the kernel with noise statistics.
+    other_plans: ``{name: Mix}``, other plans of the same clients run by the
+      headline kernel (same compile).
+    with_reference: also time :func:`fedjax_bsa.reference.reference_round`.
+    mesh: also time the kernel's lanes over this mesh.
+
+  Returns:
+    ``(entry, headline)``: the mix's report entry and the headline kernel
+    (a :class:`~fedjax_bsa.bench.kernel_mixes.Counted` jitted function).
+  """
+  sweep = km.lane_sweep(w, grid, ctx)
+  lanes, mu = _best_layout(sweep)
+  best = sweep["jitted"][sweep["best"]].fn
+  methods = {"kernel": km.kernel_method(
+      w, best, ctx, **{k: v for k, v in sweep["rows"][sweep["best"]].items()
+                       if k not in ("time_per_round_s",
+                                    "useful_examples_per_s", "flops_per_s",
+                                    "fraction_of_matmul_peak")})}
+  if noise_stats:
+    methods["kernel_noise_stats"] = km.noise_method(w, lanes, mu, ctx)
+  for name, mix in (other_plans or {}).items():
+    methods[name] = km.plan_method(w, best, mix, mu, ctx)
+  methods["padded"] = km.padded_method(w, ctx)
+  methods["naive_loop"] = km.naive_method(w, ctx)
+  if with_reference:
+    methods["reference_round"] = km.reference_method(w, mu, ctx)
+  if mesh is not None:
+    methods["kernel_mesh"] = km.mesh_method(w, lanes, mu, mesh, ctx)
+  entries, _ = km.compare(methods, ctx)
+  res = {"mix": w.mix.summary(), "lane_sweep": sweep["rows"],
+         "headline": sweep["best"], "lanes": lanes, "microbatch": mu,
+         "lanes_rule": km.LANES_RULE, "flops_per_example": ctx.flops_ex}
+  res.update(entries)
+  return summary_fields(res), sweep["jitted"][sweep["best"]]
+
+
+def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
+                  fedjax_python: str | None) -> dict:
+  """The uniform mix: headline microbatch = its batch size; FedJAX (in its
+  own venv, when ``fedjax_python`` exists) timed between two halves of the
+  repetitions of the other methods, all pooled."""
+  batch = int(w.mix.batch_size[0])
+  sweep = km.lane_sweep(w, grid, ctx, headline_mu=batch)
+  best = sweep["best"]
+  row = sweep["rows"][best]
+  keep = {k: v for k, v in row.items() if k not in (
+      "time_per_round_s", "useful_examples_per_s", "flops_per_s",
+      "fraction_of_matmul_peak")}
+  methods = {"kernel": km.kernel_method(w, sweep["jitted"][best].fn, ctx,
+                                        **keep),
+             "padded": km.padded_method(w, ctx),
+             "naive_loop": km.naive_method(w, ctx)}
+  between = None
+  if fedjax_python:
+    between = lambda: baselines.run_fedjax(
+        fedjax_python, w.mix, ctx.reps, scenarios.HIDDEN, log=ctx.log)
+  entries, fj = km.compare(methods, ctx, between)
+  res = {"mix": w.mix.summary(), "lane_sweep": sweep["rows"],
+         "headline": best, "lanes": row["lanes"], "microbatch": batch,
+         "lanes_rule": km.LANES_RULE + "; microbatch = the uniform batch",
+         "flops_per_example": ctx.flops_ex}
+  res.update(entries)
+  if fj and "times_s" in fj:
+    res["fedjax"] = figures.entry(
+        harness.summarize(fj["times_s"]), w.mix.useful_examples,
+        ctx.flops_ex, ctx.peak, **{k: v for k, v in fj.items()
+                                   if k != "times_s"})
+  else:
+    res["fedjax"] = fj
+  return summary_fields(res)
