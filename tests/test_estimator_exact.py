@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import noise_estimator as ne
+from fedjax_bsa.bench import noise_estimator as ne
 from fedjax_bsa import models
 
 ROUNDS = 80

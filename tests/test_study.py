@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import time_to_accuracy
+from fedjax_bsa.bench import study as time_to_accuracy
 
 
 def test_study_quick_mode(tmp_path):
