@@ -1,62 +1,77 @@
 """Scale benchmark: FedAvg on a 100,000-client quantity-skewed federation.
 
   python -m benchmarks.scale [--clients N] [--cohorts 100,1000,10000]
-                             [--rounds R] [--quick] [--out DIR]
+                             [--rounds R] [--variants V,...] [--quick]
+                             [--out DIR]
 
 Workload (all seeded):
 
 * **Data**: a Synthetic-like generator (:func:`make_federation`), cheap at
-  any ``N`` because it runs as one jitted program with no loop over
-  clients. Client sizes are quantity-skewed,
+  any ``N``: no Python loop over clients, the rows drawn on the device.
+  Client sizes are quantity-skewed,
   :func:`fedjax_bsa.data.federated.lognormal_sizes` with ``sigma = 2``
-  (``min_examples`` each, the rest in proportion to ``lognormal(0, 2)``
-  weights; ``mean_examples`` per client on average). Client ``k`` draws
+  (``min_examples = 8`` each, the rest in proportion to ``lognormal(0, 2)``
+  weights; 20 per client on average). Client ``k`` draws
   ``x ~ N(v_k, diag(j^-1.2))`` with ``v_k ~ N(B_k, I)``, ``B_k ~ N(0,
-  beta^2)`` (FedProx's Synthetic feature skew, Li et al. MLSys 2020), and
-  labels ``y = argmax(W^T x + c_k)`` from a teacher ``W ~ N(0, I)`` shared
-  by all clients plus a per-client bias ``c_k ~ N(0, I)`` (FedProx draws a
-  whole ``W_k`` per client: ``N x C x d`` floats, too many at a million
-  clients). 60 features, 10 classes. The test set is drawn the same way
-  from clients picked in proportion to their size. Rows are stored
-  client-major, once (:class:`~fedjax_bsa.data.federated.FederatedData`
-  with identity ``rows``).
+  beta^2)``, ``beta = 1`` (FedProx's Synthetic feature skew, Li et al.
+  MLSys 2020), and labels ``y = argmax(W^T x + c_k)`` from a teacher
+  ``W ~ N(0, I)`` shared by all clients plus a per-client bias
+  ``c_k ~ N(0, I)`` (FedProx draws a whole ``W_k`` per client: ``N x C x d``
+  floats, too many at a million clients). 60 features, 10 classes. The
+  test set (10,000 rows) is drawn the same way from clients picked in
+  proportion to their size. Rows are stored client-major, once
+  (:class:`~fedjax_bsa.data.federated.FederatedData` with identity
+  ``rows``).
 * **Run**: logistic regression, FedAvg (``controller=constant``, batch 8,
   microbatch 8, ``local_work=epochs``, one epoch: ``ceil(n_k / 8)`` steps),
-  plain SGD on clients and server, ``noise_stats`` off, ``lognormal``
-  resources, the library's default lanes; one
-  :func:`fedjax_bsa.simulate.make_simulation` per cohort, jitted with
-  ``chunk = 1`` so every round is timed on its own.
+  plain SGD (client lr 0.1, server lr 1), ``noise_stats`` off,
+  ``lognormal`` resources, the library's default lanes; one
+  :func:`fedjax_bsa.simulate.make_simulation` per cohort and variant, its
+  :class:`~fedjax_bsa.experiment.Experiment` built directly (no partition
+  lists), jitted with ``chunk = 1`` so every round is timed on its own.
+* **Variants** (``--variants``): ``library`` draws cohorts as the library
+  does; ``topk`` and ``permute`` are what-ifs that draw them with
+  :func:`sample_cohort` instead (only while tracing the round; nothing
+  else changes); a ``-steps`` suffix runs ``LOCAL_STEPS = 3`` steps per
+  client instead of one epoch (equal jobs: no straggler). Variants of a
+  cohort run one round each in turn, so machine noise hits them alike.
 
-Measured per cohort ``K``: compile time (``lower + compile``, excluded from
-the rounds), the compiled round's ``memory_analysis()``, then ``--warmup``
-rounds untimed and ``--rounds`` rounds each timed to
+Measured per cohort ``K`` and variant: compile time (``lower + compile``,
+excluded from the rounds), the compiled round's ``memory_analysis()``, then
+``--warmup`` rounds untimed and ``--rounds`` rounds each timed to
 ``jax.block_until_ready``; the median and spread of the round time, of the
-examples processed (``sum_k b_k s_k``, what the plan asks) and of the data
-examples (``sum_k n_k`` over the cohort), useful examples per second, and
-the **cost ratio**: ``median(time_r / examples_r)`` over rounds, relative to
-the largest cohort's (target: within 1.3x of linear). Also: the process's
-peak RSS, device bytes of the data (the ``FederatedData`` arrays' nbytes
-against raw ``x + y``), test accuracy before and after.
+examples processed (``sum_k b_k s_k``, checked against the protocol on the
+host: ``examples_equal_protocol``) and of the data examples (``sum_k n_k``
+over the cohort), useful examples per second, the kernel's padding
+efficiency, and the **cost ratio**: ``median(time_r / examples_r)`` over
+rounds, relative to the largest cohort's (target: within 1.3x of linear),
+split into the part lane imbalance explains (``imbalance_ratio``, from the
+padding efficiencies) and the rest (``overhead_ratio``). Also: the
+process's peak RSS, the device's peak bytes (accelerators), device bytes of
+the data (the ``FederatedData`` arrays' nbytes against raw ``x + y``), test
+accuracy before and after.
 
-At the largest cohort, where a round's time goes (each piece jitted alone
-on the same shapes, median of repeats): cohort sampling
+At the largest cohort, where a ``library`` round's time goes (each piece
+jitted alone on the same shapes, median of repeats): cohort sampling
 (``jax.random.choice`` without replacement: a permutation of all ``N``
-clients), the plan (:func:`fedjax_bsa.plans.plan_round`), the shuffle seeds,
-the lane layout (:func:`fedjax_bsa.layout.make_layout`, whose
-:func:`~fedjax_bsa.layout.pack_lanes` is a sequential ``lax.scan`` over the
-jobs), the kernel (layout plus slot loop), and the rest (metrics, server
-update) as the round minus those. Two alternatives are timed beside them:
-sampling the cohort as ``permute(seed, arange(K), N)`` (a keyed bijection,
-no sort) and :func:`blocked_pack_lanes` (LPT one block of ``L`` jobs at a
-time: ``ceil(J / L)`` scan steps instead of ``J``), with its makespan.
+clients, i.e. a sort), the plan (:func:`fedjax_bsa.plans.plan_round`), the
+shuffle seeds, the lane layout (:func:`fedjax_bsa.layout.make_layout`,
+whose :func:`~fedjax_bsa.layout.pack_lanes` is a sequential ``lax.scan``
+over the jobs), the kernel (layout plus slot loop), and the rest (metrics,
+server update) as the round minus those (noisy: the pieces are timed
+apart). Alternatives are timed beside them: the ``topk`` and ``permute``
+samplers and :func:`waterfill_pack_lanes` (no sequential loop), with its
+makespan beside ``pack_lanes``'s and the lower bound ``max(p_max,
+ceil(sum / L))``.
 
 With ``--prepare-path`` (default: when ``N <= 100,000``) the library's
-config route is also timed stage by stage on the same data
+config route is also timed stage by stage on the same rows
 (``partition=quantity``, ``quantity_sigma=2``): the partition lists, the
 resources, ``from_partition``, ``merge`` and the whole
 :func:`fedjax_bsa.driver.prepare`, with the Python heap's peak
 (``tracemalloc``) of each stage.
 
+``--quick``: 10,000 clients, cohorts 10 and 100, 3 rounds, ``library``.
 Writes ``scale_<machine>.json`` into ``--out`` (default
 ``benchmarks/results``).
 """
@@ -96,7 +111,7 @@ from fedjax_bsa.data import datasets
 from fedjax_bsa.data import federated
 
 __all__ = ["Federation", "make_federation", "make_config", "make_run",
-           "data_bytes", "blocked_pack_lanes", "bench_cohort", "main"]
+           "data_bytes", "waterfill_pack_lanes", "bench_cohort", "main"]
 
 SIGMA = 2.0
 MEAN_EXAMPLES = 20
@@ -168,8 +183,10 @@ def make_federation(num_clients: int, *, mean_examples: int = MEAN_EXAMPLES,
     ``offset[k] ... offset[k] + n_k - 1``.
 
   >>> fed = make_federation(50, mean_examples=10, min_examples=2, seed=0)
-  >>> int(fed.sizes.sum()), fed.data.x.shape, int(fed.data.offset[1])
-  (500, (500, 60), 2)
+  >>> int(fed.sizes.sum()), fed.data.x.shape, fed.sizes.min()
+  (500, (500, 60), np.int64(2))
+  >>> int(fed.data.offset[1]) == int(fed.sizes[0])
+  True
   """
   if num_classes < 2:
     raise ValueError(f"num_classes={num_classes} is out of range: >= 2")
@@ -356,15 +373,21 @@ def log(*a) -> None:
 # ---------------------------------------------------------------- packing
 
 
-def blocked_pack_lanes(slots: jax.Array, lanes: int):
-  """LPT packing one block of ``L`` jobs at a time (a proposed faster
-  :func:`fedjax_bsa.layout.pack_lanes`).
+def waterfill_pack_lanes(slots: jax.Array, lanes: int):
+  """A packing with no sequential loop (a proposed fast path for
+  :func:`fedjax_bsa.layout.pack_lanes`, whose ``lax.scan`` takes ``J``
+  steps of ``O(L)`` each).
 
-  Jobs sorted longest first are cut into blocks of ``L``; within a block the
-  ``i``-th longest job goes to the ``i``-th least-loaded lane. A
-  ``lax.scan`` of ``ceil(J / L)`` steps (each a sort of ``L`` loads)
-  replaces ``pack_lanes``'s ``J`` sequential steps; with one job per lane
-  per block no lane gets two jobs of a block.
+  The ``L`` longest jobs get a lane each (as LPT places them); the others,
+  longest first, are poured into the lanes up to the common level ``H``
+  that their total work reaches (water-filling: ``sum_l max(0, H - load_l)``
+  equals it): laid end to end, each job goes to the lane whose share of
+  the level holds the job's midpoint (a ``searchsorted``). A sort, prefix
+  sums and segment sums: ``O(J log J)`` work and ``O(log J)`` depth. A lane
+  overshoots ``H`` by at most one of the non-longest jobs, each at most
+  half the optimal makespan when ``J > L`` (two of the ``L + 1`` longest
+  share a lane in any packing), so the makespan is at most
+  ``max(p_1, H + OPT / 2)``.
 
   Args:
     slots: int32 ``[J]`` slots each job needs (0: not packed).
@@ -373,32 +396,40 @@ def blocked_pack_lanes(slots: jax.Array, lanes: int):
   Returns:
     ``(lane, start, load)`` as :func:`fedjax_bsa.layout.pack_lanes`.
 
-  >>> lane, start, load = blocked_pack_lanes(jnp.array([5, 0, 9, 3]), 2)
+  >>> lane, start, load = waterfill_pack_lanes(jnp.array([5, 0, 9, 3]), 2)
   >>> lane.tolist(), start.tolist(), load.tolist()
   ([1, 2, 0, 1], [0, 0, 0, 5], [9, 8])
   """
   slots = jnp.asarray(slots, jnp.int32)
   n_jobs, n_lanes = slots.shape[0], int(lanes)
-  n_blocks = -(-n_jobs // n_lanes)
+  top = min(n_jobs, n_lanes)
+  f32 = jnp.float32
   order = jnp.argsort(-slots, stable=True).astype(jnp.int32)
-  pad = n_blocks * n_lanes - n_jobs
-  blocks = jnp.concatenate([order, jnp.full((pad,), n_jobs, jnp.int32)]
-                           ).reshape(n_blocks, n_lanes)
-  ext = jnp.concatenate([slots, jnp.zeros((1,), jnp.int32)])
-
-  def place(load, jobs):
-    by_load = jnp.argsort(load, stable=True).astype(jnp.int32)
-    return load.at[by_load].add(ext[jobs]), (by_load, load[by_load])
-
-  load, (lane_b, start_b) = jax.lax.scan(
-      place, jnp.zeros((n_lanes,), jnp.int32), blocks)
-  flat = blocks.reshape(-1)
-  lane = jnp.zeros((n_jobs + 1,), jnp.int32).at[flat].set(
-      lane_b.reshape(-1))[:n_jobs]
-  start = jnp.zeros((n_jobs + 1,), jnp.int32).at[flat].set(
-      start_b.reshape(-1))[:n_jobs]
+  s = slots[order]
+  load0 = jnp.zeros((n_lanes,), jnp.int32).at[:top].set(s[:top])
+  rest = s[top:]
+  # water level: the lowest lanes 0..i (ascending) filled to level[i]; the
+  # first level not above the next lane's load is the one
+  asc = jnp.sort(load0).astype(f32)
+  level = (rest.sum().astype(f32) + jnp.cumsum(asc)) / jnp.arange(
+      1, n_lanes + 1, dtype=f32)
+  above = jnp.concatenate([asc[1:], jnp.full((1,), jnp.inf, f32)])
+  h = level[jnp.argmax(level <= above)]
+  share_end = jnp.cumsum(jnp.maximum(h - load0.astype(f32), 0.0))
+  before = jnp.cumsum(rest) - rest
+  mid = before.astype(f32) + 0.5 * rest.astype(f32)
+  lane_r = jnp.minimum(jnp.searchsorted(share_end, mid, side="right"),
+                       n_lanes - 1).astype(jnp.int32)
+  first = jax.ops.segment_min(before, lane_r, n_lanes)
+  start_r = load0[lane_r] + before - first[lane_r]
+  load = load0 + jax.ops.segment_sum(rest, lane_r, n_lanes)
+  lane_o = jnp.concatenate([jnp.arange(top, dtype=jnp.int32), lane_r])
+  start_o = jnp.concatenate([jnp.zeros((top,), jnp.int32), start_r])
+  lane = jnp.zeros((n_jobs,), jnp.int32).at[order].set(lane_o)
+  start = jnp.zeros((n_jobs,), jnp.int32).at[order].set(start_o)
   busy = slots > 0
-  return (jnp.where(busy, lane, n_lanes), jnp.where(busy, start, 0), load)
+  return (jnp.where(busy, lane, n_lanes), jnp.where(busy, start, 0),
+          load.astype(jnp.int32))
 
 
 # -------------------------------------------------------------- benchmark
@@ -516,6 +547,9 @@ class _Timed:
   def result(self, warmup: int) -> dict:
     self.acc.append(self.accuracy())
     times, planned = np.array(self.times), np.array(self.planned, float)
+    # the kernel's trip count: slots per lane of the fullest lane
+    steps = planned / (np.array(self.eff) * self.cfg.microbatch *
+                       self.sim.lanes)
     return {
         "cohort": self.cfg.clients_per_round, "sampler": self.sampler,
         "local_work": self.cfg.local_work, "lanes": self.sim.lanes,
@@ -530,6 +564,8 @@ class _Timed:
         "useful_examples_per_s": _stats(planned / times),
         "cost_s_per_example": _stats(times / planned),
         "padding_efficiency": _stats(self.eff),
+        "slot_steps_per_round": _stats(steps),
+        "time_per_slot_step_s": _stats(times / steps),
         "compiled_round_bytes": _memory(self.compiled),
         "test_accuracy": [a for a, _ in self.acc],
         "test_loss": [l for _, l in self.acc],
@@ -614,10 +650,10 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
                                     static_argnums=1), slots, lanes)
   out["make_layout"] = _time(jax.jit(layout_lib.make_layout,
                                      static_argnums=1), slots, lanes)
-  blocked = jax.jit(blocked_pack_lanes, static_argnums=1)
-  out["blocked_pack_lanes_proposed"] = _time(blocked, slots, lanes)
+  fill = jax.jit(waterfill_pack_lanes, static_argnums=1)
+  out["waterfill_pack_lanes_proposed"] = _time(fill, slots, lanes)
   lpt_load = layout_lib.pack_lanes(slots, lanes)[2]
-  blk_load = blocked(slots, lanes)[2]
+  fill_load = fill(slots, lanes)[2]
   total_slots = int(slots.sum())
 
   loss_fn = functools.partial(models.example_losses, exp.model.apply)
@@ -637,7 +673,7 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
   return {"seconds": out, "cohort": k, "lanes": lanes,
           "slots_total": total_slots,
           "makespan_pack_lanes": int(lpt_load.max()),
-          "makespan_blocked_proposed": int(blk_load.max()),
+          "makespan_waterfill_proposed": int(fill_load.max()),
           "makespan_lower_bound": int(max(int(slots.max()),
                                           -(-total_slots // lanes)))}
 
@@ -848,6 +884,7 @@ def main(argv=None) -> dict:
     log("profile (s): " + ", ".join(
         f"{k} {v:.4f}" for k, v in report["profile"]["seconds"].items()))
   del ctx
+  report["peak_rss_bytes_before_prepare_path"] = _rss_bytes()
   want = args.prepare_path == "yes" or (args.prepare_path == "auto" and
                                         args.clients <= 100_000)
   if want:

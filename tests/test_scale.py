@@ -1,5 +1,6 @@
 """The scale benchmark's pieces, and a 10,000-client quantity-skewed run."""
 
+import doctest
 import json
 
 import jax
@@ -18,6 +19,11 @@ N = 10_000
 @pytest.fixture(scope="module")
 def fed():
   return scale.make_federation(N, seed=0)
+
+
+def test_doctests():
+  failures, tried = doctest.testmod(scale, optionflags=doctest.ELLIPSIS)
+  assert tried >= 4 and failures == 0
 
 
 def test_federation_is_quantity_skewed_and_stored_once(fed):
@@ -47,26 +53,36 @@ def test_federation_is_quantity_skewed_and_stored_once(fed):
   assert np.abs(means[0] - means[1]).max() > 0.5
 
 
-def test_blocked_pack_lanes_is_a_valid_packing():
+def _check_packing(slots, lanes, lane, start, load):
+  busy = slots > 0
+  assert (lane[~busy] == lanes).all() and (lane[busy] < lanes).all()
+  for l in range(lanes):
+    on = np.flatnonzero(busy & (lane == l))
+    ends = sorted(zip(start[on], start[on] + slots[on]))
+    # a lane's jobs follow each other from slot 0, without gap or overlap
+    assert [a for a, _ in ends] == ([0] + [e for _, e in ends[:-1]])[
+        :len(ends)]
+    assert load[l] == slots[on].sum()
+
+
+def test_waterfill_pack_lanes_is_a_valid_packing_close_to_lpt(fed):
   rng = np.random.default_rng(0)
-  for lanes in (1, 3, 16):
-    slots = rng.integers(0, 60, size=101).astype(np.int32)
-    slots[rng.integers(0, 101, 5)] = 0
-    lane, start, load = map(np.asarray, scale.blocked_pack_lanes(
-        jnp.asarray(slots), lanes))
-    assert (lane[slots == 0] == lanes).all()
-    busy = slots > 0
-    assert (lane[busy] < lanes).all()
-    for l in range(lanes):
-      on = np.flatnonzero(busy & (lane == l))
-      ends = sorted(zip(start[on], start[on] + slots[on]))
-      # jobs of a lane follow each other without gap or overlap from 0
-      assert [a for a, _ in ends] == [0] + [e for _, e in ends[:-1]]
-      assert load[l] == slots[on].sum()
-    lpt = int(np.asarray(layout_lib.pack_lanes(jnp.asarray(slots),
-                                               lanes)[2]).max())
-    bound = max(int(slots.max()), -(-int(slots.sum()) // lanes))
-    assert bound <= load.max() <= max(lpt, bound) * 1.1
+  fill = jax.jit(scale.waterfill_pack_lanes, static_argnums=1)
+  lpt_pack = jax.jit(layout_lib.pack_lanes, static_argnums=1)
+  for lanes, jobs in ((1, 7), (3, 2), (16, 1000), (250, 1000)):
+    skewed = -(-fed.sizes[rng.choice(N, jobs, replace=False)] // 8)
+    for slots in (skewed, rng.integers(0, 60, size=jobs)):
+      slots = slots.astype(np.int32)
+      slots[rng.integers(0, jobs, jobs // 10)] = 0
+      out = fill(jnp.asarray(slots), lanes)
+      lane, start, load = map(np.asarray, out)
+      _check_packing(slots, lanes, lane, start, load)
+      lpt = int(np.asarray(lpt_pack(jnp.asarray(slots), lanes)[2]).max())
+      p = np.sort(slots)[::-1]
+      lower = max(int(p[0]), -(-int(slots.sum()) // lanes))
+      assert lower <= load.max() <= max(lpt, lower) * 1.5
+      if jobs > lanes:  # the docstring's bound, with H <= sum / L
+        assert load.max() <= max(p[0], slots.sum() / lanes + p[lanes])
 
 
 @pytest.mark.parametrize("kind", ["library", "topk", "permute"])
