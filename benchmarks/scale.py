@@ -7,7 +7,9 @@
 Workload (all seeded):
 
 * **Data**: a Synthetic-like generator (:func:`make_federation`), cheap at
-  any ``N``: no Python loop over clients, the rows drawn on the device.
+  any ``N``: no Python loop over clients, the rows drawn on the device in
+  chunks of at most 2^18 rows written in place (peak memory: the data and
+  one chunk).
   Client sizes are quantity-skewed,
   :func:`fedjax_bsa.data.federated.lognormal_sizes` with ``sigma = 2``
   (``min_examples = 8`` each, the rest in proportion to ``lognormal(0, 2)``
@@ -69,7 +71,7 @@ config route is also timed stage by stage on the same rows
 (``partition=quantity``, ``quantity_sigma=2``): the partition lists, the
 resources, ``from_partition``, ``merge`` and the whole
 :func:`fedjax_bsa.driver.prepare`, with the Python heap's peak
-(``tracemalloc``) of each stage.
+(``tracemalloc``, in a second, untimed run) of each stage.
 
 ``--quick``: 10,000 clients, cohorts 10 and 100, 3 rounds, ``library``.
 Writes ``scale_<machine>.json`` into ``--out`` (default
@@ -139,22 +141,41 @@ class Federation(NamedTuple):
   num_classes: int
 
 
-@functools.partial(jax.jit, static_argnames=("num_clients", "train",
-                                             "num_features"))
-def _generate(key, cid, w, beta, *, num_clients: int, train: int,
-              num_features: int):
-  """``(x, y)`` of rows owned by ``cid`` (train rows first), one program
-  with two random draws (each ``jax.random`` draw adds seconds of XLA
-  compile on a CPU)."""
-  d, c = num_features, w.shape[1]
-  k_client, k_x = jax.random.split(key)
-  p = jax.random.normal(k_client, (num_clients, 1 + d + c))
+@functools.partial(jax.jit, static_argnames=("num_clients", "width"))
+def _client_draws(key, *, num_clients: int, width: int):
+  """Per-client standard normals ``[N, width]`` (one random draw: each
+  ``jax.random`` draw in a program adds about a second of XLA compile on a
+  CPU)."""
+  return jax.random.normal(key, (num_clients, width))
+
+
+def _draw(key, cid, p, w, beta):
+  """``(x, y)`` of rows owned by clients ``cid`` (int32 ``[R]``), from the
+  client draws ``p`` ``[N, 1 + d + C]`` and the teacher ``w`` ``[d, C]``."""
+  d = w.shape[0]
   v = beta * p[:, :1] + p[:, 1:1 + d]           # v_k ~ N(B_k, I)
   bias = p[:, 1 + d:]                           # c_k ~ N(0, I)
   std = jnp.arange(1, d + 1, dtype=jnp.float32) ** -0.6  # sqrt(j^-1.2)
-  x = v[cid] + std * jax.random.normal(k_x, (cid.shape[0], d))
-  y = jnp.argmax(x @ w + bias[cid], axis=-1).astype(jnp.int32)
-  return x[:train], y[:train], x[train:], y[train:]
+  x = v[cid] + std * jax.random.normal(key, (cid.shape[0], d))
+  return x, jnp.argmax(x @ w + bias[cid], axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _fill(x, y, start, key, cid, p, w, beta):
+  """Draws rows ``start ... start + len(cid) - 1`` into ``(x, y)`` in place
+  (donated buffers: peak memory is the data plus one chunk)."""
+  xc, yc = _draw(key, cid, p, w, beta)
+  return (jax.lax.dynamic_update_slice(x, xc, (start, 0)),
+          jax.lax.dynamic_update_slice(y, yc, (start,)))
+
+
+def _chunk_rows(total: int, most: int = 2**18) -> int:
+  """The largest divisor of ``total`` up to ``most`` (``total`` itself when
+  that divisor is below ``most / 16``)."""
+  for c in range(min(total, most), 0, -1):
+    if total % c == 0:
+      return c if c >= min(total, most) // 16 else total
+  return total
 
 
 def make_federation(num_clients: int, *, mean_examples: int = MEAN_EXAMPLES,
@@ -199,10 +220,18 @@ def make_federation(num_clients: int, *, mean_examples: int = MEAN_EXAMPLES,
   test_cid = cid[rng.integers(0, total, int(test_examples))]
   w = rng.standard_normal((int(num_features), int(num_classes)),
                           dtype=np.float32)
-  x, y, x_t, y_t = _generate(
-      jax.random.key(seed), np.concatenate([cid, test_cid]), w,
-      np.float32(beta), num_clients=int(num_clients), train=total,
-      num_features=int(num_features))
+  k_client, k_train, k_test = jax.random.split(jax.random.key(seed), 3)
+  p = _client_draws(k_client, num_clients=int(num_clients),
+                    width=1 + int(num_features) + int(num_classes))
+  beta = np.float32(beta)
+  x = jnp.zeros((total, int(num_features)), jnp.float32)
+  y = jnp.zeros((total,), jnp.int32)
+  chunk = _chunk_rows(total)
+  keys = jax.random.split(k_train, total // chunk)
+  for i in range(total // chunk):  # a few chunks, never a loop over clients
+    x, y = _fill(x, y, np.int32(i * chunk), keys[i],
+                 cid[i * chunk:(i + 1) * chunk], p, w, beta)
+  x_t, y_t = jax.jit(_draw)(k_test, test_cid, p, w, beta)
   offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
   data = federated.FederatedData(
       x, y, jnp.arange(total, dtype=jnp.int32), jnp.asarray(offset),
@@ -296,6 +325,15 @@ def _stats(values) -> dict:
 def _rss_bytes() -> int:
   """Peak resident set size of this process so far (bytes)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_now() -> int | None:
+  """Resident set size of this process now (bytes; Linux)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError):
+    return None
 
 
 def _device_peak() -> int | None:
@@ -567,9 +605,13 @@ class _Timed:
         "slot_steps_per_round": _stats(steps),
         "time_per_slot_step_s": _stats(times / steps),
         "compiled_round_bytes": _memory(self.compiled),
+        "per_round": {"time_s": times.tolist(),
+                      "slot_steps": np.rint(steps).astype(int).tolist(),
+                      "examples": planned.astype(int).tolist()},
         "test_accuracy": [a for a, _ in self.acc],
         "test_loss": [l for _, l in self.acc],
-        "peak_rss_bytes": _rss_bytes(), "device_peak_bytes": _device_peak()}
+        "peak_rss_bytes": _rss_bytes(), "rss_bytes": _rss_now(),
+        "device_peak_bytes": _device_peak()}
 
 
 def bench_cohort(fed: Federation, cohort: int, variants: dict, *,
@@ -691,11 +733,14 @@ def _register_dataset() -> None:
 
 
 def _stage(out: dict, name: str, fn, *args):
-  """Runs ``fn(*args)``, recording seconds and the Python heap's peak."""
-  tracemalloc.start()
+  """Runs ``fn(*args)`` twice: timed, then under ``tracemalloc`` (which slows
+  allocations down) for the Python heap's peak."""
   t = time.perf_counter()
   value = fn(*args)
   seconds = time.perf_counter() - t
+  del value
+  tracemalloc.start()
+  value = fn(*args)
   peak = tracemalloc.get_traced_memory()[1]
   tracemalloc.stop()
   out[name] = {"s": seconds, "heap_peak_bytes": int(peak)}
@@ -749,7 +794,9 @@ def _variant(name: str) -> tuple[str, str]:
 def _linearity(results: dict, sampler: str, local_work: str) -> dict:
   """Cost ratios against the largest cohort; ``imbalance_ratio`` is the
   part lane imbalance explains (the largest cohort's padding efficiency over
-  this cohort's) and ``overhead_ratio`` the rest (``ratio / imbalance``)."""
+  this cohort's) and ``overhead_ratio`` the rest (``ratio / imbalance``);
+  ``round_time_fit``: least squares ``time = fixed + per_step * slot
+  steps`` over every timed round (None with one trip count)."""
   largest = results[max(results, key=int)]
   ref = largest["cost_s_per_example"]["median"]
   ref_eff = largest["padding_efficiency"]["median"]
@@ -758,8 +805,17 @@ def _linearity(results: dict, sampler: str, local_work: str) -> dict:
     r["imbalance_ratio"] = ref_eff / r["padding_efficiency"]["median"]
     r["overhead_ratio"] = r["cost_ratio_to_largest"] / r["imbalance_ratio"]
     r["within_target"] = r["cost_ratio_to_largest"] <= TARGET_RATIO
+  # round time = fixed + per_slot_step * slot steps, over every round
+  t = np.concatenate([r["per_round"]["time_s"] for r in results.values()])
+  n = np.concatenate([r["per_round"]["slot_steps"] for r in results.values()])
+  fit = None
+  if len(np.unique(n)) > 1:
+    (per_step, fixed), *_ = np.linalg.lstsq(
+        np.stack([n, np.ones_like(n)], 1).astype(float), t, rcond=None)
+    fit = {"fixed_s_per_round": float(fixed),
+           "s_per_slot_step": float(per_step)}
   return {"sampler": sampler, "local_work": local_work, "cohorts": results,
-          "target": TARGET_RATIO,
+          "target": TARGET_RATIO, "round_time_fit": fit,
           "ratios": {k: round(v["cost_ratio_to_largest"], 3)
                      for k, v in results.items()},
           "met": all(v["within_target"] for v in results.values())}
@@ -827,6 +883,9 @@ def main(argv=None) -> dict:
   fed = make_federation(args.clients, seed=args.seed)
   jax.block_until_ready(fed)
   gen_s = time.perf_counter() - t
+  report["memory_after_generation"] = {
+      "peak_rss_bytes": _rss_bytes(), "rss_bytes": _rss_now(),
+      "device_peak_bytes": _device_peak()}
   nbytes = data_bytes(fed.data)
   s = fed.sizes
   report["workload"] = {
@@ -872,8 +931,11 @@ def main(argv=None) -> dict:
   for name, (sampler, local_work) in var.items():
     report["variants"][name] = _linearity(per_variant[name], sampler,
                                           local_work)
+    fit = report["variants"][name]["round_time_fit"] or {}
     log(f"{name}: cost ratios {report['variants'][name]['ratios']} "
-        f"(target <= {TARGET_RATIO})")
+        f"(target <= {TARGET_RATIO}); round ~ "
+        f"{fit.get('fixed_s_per_round', float('nan')) * 1e3:.2f} ms + "
+        f"{fit.get('s_per_slot_step', float('nan')) * 1e3:.3f} ms/slot step")
   if not args.no_profile and ctx is not None:
     cfg, run, sim, state = ctx
     lib = next(v for v in variants if var[v][0] == "library")

@@ -110,8 +110,11 @@ def test_sampler_what_if_changes_only_the_cohorts(fed):
 
 def test_linearity_splits_the_cost_ratio():
   def res(cost, eff):
+    steps = [int(1e-3 / cost), int(2e-3 / cost)]
     return {"cost_s_per_example": {"median": cost},
-            "padding_efficiency": {"median": eff}}
+            "padding_efficiency": {"median": eff},
+            "per_round": {"time_s": [0.002 + 1e-4 * n for n in steps],
+                          "slot_steps": steps}}
   out = scale._linearity(  # pylint: disable=protected-access
       {"10": res(3e-6, 0.5), "100": res(1.2e-6, 0.9), "1000": res(1e-6, 1.0)},
       "library", "epochs")
@@ -123,6 +126,9 @@ def test_linearity_splits_the_cost_ratio():
   assert [c[k]["within_target"] for k in ("10", "100", "1000")] == [
       False, True, True]
   assert not out["met"]
+  fit = out["round_time_fit"]
+  assert fit["fixed_s_per_round"] == pytest.approx(0.002)
+  assert fit["s_per_slot_step"] == pytest.approx(1e-4)
 
 
 def test_ten_thousand_client_run_learns(fed, tmp_path):
