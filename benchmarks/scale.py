@@ -269,7 +269,9 @@ def make_config(num_clients: int, cohort: int, *, rounds: int = 10,
                 model: str = "logreg", hidden: int = 32,
                 client_lr: float = CLIENT_LR, noise_stats: bool = False,
                 lanes: int = 0, seed: int = 0, **changes) -> Config:
-  """The benchmark's settings (FedAvg, one epoch of batch 8)."""
+  """The benchmark's settings: FedAvg, constant batch 8 for one epoch
+  (``changes``: any other :class:`~fedjax_bsa.config.Config` settings, e.g.
+  ``local_work="steps"``)."""
   return Config(
       dataset="synthetic", num_clients=num_clients, clients_per_round=cohort,
       partition="quantity", quantity_sigma=SIGMA, min_examples=MIN_EXAMPLES,
@@ -289,7 +291,9 @@ class Run(NamedTuple):
 
 def make_run(cfg: Config, fed: Federation) -> Run:
   """The :class:`~fedjax_bsa.experiment.Experiment` and inputs of ``cfg``
-  on ``fed``, built directly (no partition lists: see ``--prepare-path``)."""
+  on ``fed``, built directly: the clients are the generator's own (no
+  registered partition reproduces them) and no ``N`` index arrays are made;
+  ``--prepare-path`` times the config route on the same rows."""
   n = len(fed.sizes)
   if cfg.num_clients != n:
     raise ValueError(f"num_clients={cfg.num_clients} but the federation has "
