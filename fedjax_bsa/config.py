@@ -117,8 +117,9 @@ class Config:
   local_work: str = _plan("steps", "local work per round: fixed steps, "
                           "epochs, or what fits the deadline",
                           choices=reg.LOCAL_WORK)
-  local_steps: int = _plan(10, "local steps per round (local_work=steps; "
-                           "the cap otherwise)", lo=1, traced=True)
+  local_steps: int = _plan(10, "local steps per round (local_work=steps); "
+                           "the cap with local_work=deadline", lo=1,
+                           traced=True)
   local_epochs: float = _plan(1.0, "local epochs (local_work=epochs): "
                               "steps = ceil(epochs * n_k / b_k)", lo=0.0,
                               lo_open=True, traced=True)

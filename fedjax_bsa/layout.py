@@ -45,13 +45,20 @@ def pack_lanes(slots: jax.Array, lanes: int):
   Returns:
     ``(lane, start, load)``: int32 ``[J]`` lane of each job (``L`` for
     jobs with no slots), its first slot on that lane, and int32 ``[L]``
-    slots per lane.
+    slots per lane. With ``L >= J`` (accelerators) job ``j`` simply runs on
+    lane ``j``; otherwise the greedy placement is a ``lax.scan`` over the
+    jobs (sequential, ~0.2 us per job on a CPU).
 
   >>> lane, start, load = pack_lanes(jnp.array([5, 0, 9, 3]), 2)
   >>> lane.tolist(), start.tolist(), load.tolist()
   ([1, 2, 0, 1], [0, 8, 0, 5], [9, 8])
   """
   order = jnp.argsort(-slots, stable=True)
+  if lanes >= slots.shape[0]:  # one job per lane: nothing to pack
+    lane = jnp.arange(slots.shape[0], dtype=jnp.int32)
+    load = jnp.zeros((lanes,), jnp.int32).at[lane].set(slots)
+    return (jnp.where(slots > 0, lane, lanes), jnp.zeros_like(slots),
+            load)
 
   def place(load, j):
     lane = jnp.argmin(load).astype(jnp.int32)

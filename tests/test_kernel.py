@@ -69,7 +69,7 @@ plans = st.tuples(
     st.lists(st.integers(0, 5), min_size=6, max_size=6),
     st.lists(st.floats(0.01, 0.5), min_size=6, max_size=6),
     st.lists(st.integers(0, 19), min_size=6, max_size=6, unique=True),
-    st.sampled_from([1, 2, 5]),
+    st.sampled_from([1, 2, 5, 8]),  # 8 >= 6 jobs: one job per lane
     st.lists(st.integers(0, 1), min_size=6, max_size=6),
 )
 
