@@ -48,8 +48,8 @@ if [[ $QUICK == 1 ]]; then
               --measures end_to_end --e2e-rounds 2)
   SCALE_CLIENTS=10000
 else
-  CHECK_S=${CHECK_S:-45}; KERNEL_S=${KERNEL_S:-220}
-  SWEEP_S=${SWEEP_S:-140}; SCALE_S=${SCALE_S:-75}
+  CHECK_S=${CHECK_S:-75}; KERNEL_S=${KERNEL_S:-220}
+  SWEEP_S=${SWEEP_S:-120}; SCALE_S=${SCALE_S:-110}
   KERNEL_ARGS=(--mixes standard,uniform,large,cnn1d,cnn2d)
   SWEEP_ARGS=(--experiments 8 --rounds 10 --reps 3 --e2e-rounds 20
               --e2e-reps 1)
@@ -79,11 +79,13 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 fi
 
-if ! step check "$CHECK_S" "$PY" -m fedjax_bsa.bench.kernel_checks \
-    --out "$DEST"; then
-  echo "the kernel differs from reference_round on this device (or the" \
-       "check did not finish): stopping" >&2
+step check "$CHECK_S" "$PY" -m fedjax_bsa.bench.kernel_checks --out "$DEST"
+rc=$?
+if [[ $rc == 1 ]]; then
+  echo "the kernel differs from reference_round on this device: stopping" >&2
   exit 1
+elif [[ $rc != 0 ]]; then
+  echo "the check did not finish (exit $rc): timings follow, unchecked" >&2
 fi
 step kernel "$KERNEL_S" "$PY" -m fedjax_bsa.bench.kernel_main \
     "${KERNEL_ARGS[@]}" --no-fedjax --out "$DEST" "$@"
