@@ -1,6 +1,7 @@
 """The round kernel: every client job of a round in one compiled update.
 
-See ``docs/design.md`` ("The round kernel"). A *job* is one client's local
+See ``docs/design.md`` ("The round kernel"); the lane loop itself is in
+:mod:`fedjax_bsa.lanes`. A *job* is one client's local
 training in one experiment: ``s_j`` steps of batch ``b_j`` at learning rate
 ``lr_j``, starting from its experiment's server parameters. A step is
 ``m_j = ceil(b_j / mu)`` *slots* of ``mu`` examples (the last one masked
@@ -37,8 +38,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_bsa import lanes as lanes_lib
 from fedjax_bsa import layout as layout_lib
-from fedjax_bsa import noise
 from fedjax_bsa.data import federated
 
 __all__ = ["Plan", "Jobs", "ClientStats", "RoundOutput", "make_round_kernel",
@@ -86,62 +87,6 @@ class RoundOutput(NamedTuple):
   client_deltas: Any      # [J, ...] x_j - x_e, or None
 
 
-def _sq_norm(tree):
-  return sum(jnp.vdot(a, a).real for a in jax.tree.leaves(tree))
-
-
-def _select(flag, a, b):
-  return tmap(lambda x, y: jnp.where(flag, x, y), a, b)
-
-
-def _lane_select(flag, a, b):
-  """``where(flag[l], a[l], b[l])`` over the leading lane axis."""
-  return tmap(lambda x, y: jnp.where(
-      flag.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
-
-
-class _Lanes(NamedTuple):
-  """Per-lane loop state (leading axis ``[L]`` on every leaf)."""
-  params: Any         # the current job's parameters
-  acc: Any            # gradient sum of the current step
-  opt: Any            # client transformation state
-  ptr: jax.Array      # int32, index of the current job in the lane's list
-  u: jax.Array        # int32, slot index within the current job
-  small_sq: jax.Array  # float32, sum over this step's slots of |g_slot|^2
-  c_small: jax.Array   # float32, sum over them of c_eff(n_slot, n)
-
-
-class _Shared(NamedTuple):
-  """Accumulators shared by the lanes (updated outside the lane vmap)."""
-  agg: Any            # [E, ...] weighted deltas
-  hsum: Any           # [E, ...] sum of mean applied gradients, or None
-  deltas: Any         # [J, ...] per job deltas, or None
-  loss: jax.Array     # float32 [J] loss sums
-  gsq: jax.Array      # float32 [J]
-  trace: jax.Array    # float32 [J]
-  nsteps: jax.Array   # int32 [J]
-  usq: jax.Array      # float32 [J]
-
-
-class _SlotOut(NamedTuple):
-  job: jax.Array       # int32, the lane's job this slot
-  loss: jax.Array      # float32, its loss sum over valid rows
-  est: jax.Array       # bool, a noise estimate was made
-  g_sq: jax.Array      # float32
-  trace: jax.Array     # float32
-  job_end: jax.Array   # bool, the job finished this slot
-
-
-class _Round(NamedTuple):
-  """What every lane reads (replicated over a mesh)."""
-  server: Any          # [E, ...] server parameters
-  data: federated.FederatedData
-  jobs: Jobs
-  inputs: Any          # [J, ...] client inputs, or None
-  slots_per_step: jax.Array  # int32 [J]
-  layout: layout_lib.Layout
-
-
 def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
                       microbatch: int, lanes: int, per_slot: int = 1,
                       num_experiments: int = 1,
@@ -175,168 +120,24 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
     :class:`~fedjax_bsa.data.federated.FederatedData`, ``jobs`` a
     :class:`Jobs` of ``[J]`` arrays and ``client_inputs`` a tree ``[J, ...]``
     (or None). The caller owns ``jit``; shapes depend only on the model,
-    ``J``, ``E``, ``mu``, ``L`` and ``D``, never on the plan.
+    ``J``, ``E``, ``mu``, ``R``, ``L`` and ``D``, never on the plan.
   """
-  mu = int(microbatch)
-  R = max(1, int(per_slot))
-  E = int(num_experiments)
+  spec = lanes_lib.Spec(loss_fn, client_tx, client_init, int(microbatch),
+                        max(1, int(per_slot)), int(num_experiments),
+                        bool(noise_stats), bool(client_deltas))
   D = 1 if mesh is None else int(mesh.shape[axis_name])
   L = -(-max(1, int(lanes)) // D) * D
-  arange_slot = jnp.arange(R * mu, dtype=jnp.int32).reshape(R, mu)
 
-  def gradients(params, xb, yb, valid):
-    """Loss sum and gradient sum of a slot's ``R`` microbatches, plus (with
-    noise statistics) each microbatch's gradient norm and row count."""
-    def one(x, y, v):
-      def masked_loss(p):
-        return jnp.sum(jnp.where(v, loss_fn(p, x, y), 0.0))
-      return jax.value_and_grad(masked_loss)(params)
+  def run(rd: lanes_lib.Round) -> lanes_lib.Shared:
+    if mesh is None:
+      return lanes_lib.run_lanes(spec, rd, jnp.int32(0), L)
 
-    nv = jnp.sum(valid, -1).astype(jnp.int32)
-    if R == 1 or not noise_stats:  # one gradient over the whole slot
-      lsum, g = one(xb.reshape((R * mu,) + xb.shape[2:]), yb.reshape(-1),
-                    valid.reshape(-1))
-      return lsum, g, (_sq_norm(g)[None] if noise_stats else None), nv
-    lsums, gs = jax.vmap(one)(xb, yb, valid)
-    g = tmap(lambda a: a.sum(0), gs)
-    return lsums.sum(), g, jax.vmap(_sq_norm)(gs), nv
-
-  def slot(rd: _Round, ln: _Lanes, lane) -> tuple[_Lanes, _SlotOut]:
-    J = rd.jobs.client.shape[0]
-    lay, jb = rd.layout, rd.jobs
-    active = ln.ptr < lay.count[lane]
-    j = lay.order[jnp.clip(lay.begin[lane] + ln.ptr, 0, J - 1)]
-    c = jb.client[j]
-    n = rd.data.num_examples[c]
-    b, m, s, lr = jb.batch[j], rd.slots_per_step[j], jb.steps[j], jb.lr[j]
-    step, k = ln.u // m, ln.u % m
-    within = k * (R * mu) + arange_slot                       # [R, mu]
-    valid = active & (within < b)
-    pos = (step * b + within) % jnp.maximum(n, 1)
-    rows = federated.example_rows(rd.data, c, jb.seed[j], pos)
-    xb, yb = rd.data.x[rows], rd.data.y[rows]
-    lsum, g, sq, nv = gradients(ln.params, xb, yb, valid)
-    acc = tmap(jnp.add, ln.acc, g)
-    step_end = active & (k == m - 1)
-    job_end = step_end & (step == s - 1)
-    mean_g = tmap(lambda a: a / b.astype(jnp.float32), acc)
-    direction, opt = client_tx.update(mean_g, ln.opt, ln.params)
-    stepped = tmap(lambda w, d: w - lr * d, ln.params, direction)
-    small_sq, c_small = ln.small_sq, ln.c_small
-    est = jnp.zeros((), bool)
-    g_sq = tr = jnp.zeros((), jnp.float32)
-    if noise_stats:
-      has = nv > 0
-      nvf = jnp.maximum(nv, 1).astype(jnp.float32)
-      small_sq = small_sq + jnp.sum(jnp.where(has, sq / nvf ** 2, 0.0))
-      c_small = c_small + jnp.sum(jnp.where(
-          has, noise.fpc_coefficient(jnp.maximum(nv, 1), n), 0.0))
-      mb = (b + mu - 1) // mu                 # microbatches in the step
-      mf = mb.astype(jnp.float32)
-      g_sq, tr, ok = noise.fpc_estimates(
-          small_sq / mf, c_small / mf, _sq_norm(mean_g),
-          noise.fpc_coefficient(b, n))
-      est = step_end & (mb >= 2) & ok
-      small_sq = jnp.where(step_end, 0.0, small_sq)
-      c_small = jnp.where(step_end, 0.0, c_small)
-    new = _Lanes(
-        params=_select(step_end, stepped, ln.params),
-        acc=_select(step_end, tmap(jnp.zeros_like, acc), acc),
-        opt=_select(step_end, opt, ln.opt),
-        ptr=ln.ptr + job_end.astype(jnp.int32),
-        u=jnp.where(job_end, 0, ln.u + active.astype(jnp.int32)),
-        small_sq=small_sq, c_small=c_small)
-    out = _SlotOut(j, jnp.where(active, lsum, 0.0), est,
-                   jnp.where(est, g_sq, 0.0), jnp.where(est, tr, 0.0),
-                   job_end)
-    return new, out
-
-  def start_of(rd: _Round, job):
-    """Server parameters and fresh client state for ``job`` ([L])."""
-    start = tmap(lambda a: a[rd.jobs.exp[job]], rd.server)
-    inp = None if rd.inputs is None else tmap(lambda a: a[job], rd.inputs)
-    return start, jax.vmap(client_init)(start, inp)
-
-  def next_job(rd: _Round, ln: _Lanes, lane_ids):
-    J = rd.jobs.client.shape[0]
-    return rd.layout.order[jnp.clip(rd.layout.begin[lane_ids] + ln.ptr, 0,
-                                    J - 1)]
-
-  def job_end(rd: _Round, ln: _Lanes, sh: _Shared, out: _SlotOut,
-              lane_ids):
-    """Adds the finished jobs into the accumulators and resets their
-    lanes to the next job (O(params) work, run only in slots where some
-    lane finished a job)."""
-    j, end = out.job, out.job_end
-    e = rd.jobs.exp[j]
-    base = tmap(lambda a: a[e], rd.server)
-    delta = tmap(jnp.subtract, ln.params, base)
-    w = jnp.where(end, rd.jobs.weight[j], 0.0)
-    seg = lambda t: tmap(lambda a: jax.ops.segment_sum(a, e, E), t)
-    scaled = lambda t, f: tmap(
-        lambda a: a * f.reshape((-1,) + (1,) * (a.ndim - 1)), t)
-    agg = tmap(jnp.add, sh.agg, seg(scaled(delta, w)))
-    hsum, usq, deltas = sh.hsum, sh.usq, sh.deltas
-    if noise_stats:
-      s = jnp.maximum(rd.jobs.steps[j], 1).astype(jnp.float32)
-      f = jnp.where(end, -1.0 / (rd.jobs.lr[j] * s), 0.0)
-      h = scaled(delta, f)
-      usq = usq.at[j].add(jax.vmap(_sq_norm)(h))
-      hsum = tmap(jnp.add, hsum, seg(h))
-    if client_deltas:
-      J = rd.jobs.client.shape[0]
-      at = jnp.where(end, j, J)
-      deltas = tmap(lambda buf, d: buf.at[at].set(d, mode="drop"), deltas,
-                    delta)
-    start, opt = start_of(rd, next_job(rd, ln, lane_ids))
-    ln = ln._replace(params=_lane_select(end, start, ln.params),
-                     opt=_lane_select(end, opt, ln.opt))
-    return ln, sh._replace(agg=agg, hsum=hsum, usq=usq, deltas=deltas)
-
-  def run_lanes(rd: _Round, first_lane, num_lanes: int) -> _Shared:
-    """Runs lanes ``first_lane ... + num_lanes - 1`` to their end."""
-    J = rd.jobs.client.shape[0]
-    lane_ids = first_lane + jnp.arange(num_lanes, dtype=jnp.int32)
-    one = tmap(lambda a: a[0], rd.server)
-    zeros_l = tmap(lambda a: jnp.zeros((num_lanes,) + a.shape, a.dtype), one)
-    zeros_e = tmap(lambda a: jnp.zeros((E,) + a.shape, a.dtype), one)
-    fz = jnp.zeros((num_lanes,), jnp.float32)
-    iz = jnp.zeros((num_lanes,), jnp.int32)
-    start, opt = start_of(rd, next_job(rd, _Lanes(None, None, None, iz, iz,
-                                                   fz, fz), lane_ids))
-    lanes0 = _Lanes(start, zeros_l, opt, iz, iz, fz, fz)
-    jf = jnp.zeros((J,), jnp.float32)
-    shared0 = _Shared(
-        agg=zeros_e, hsum=zeros_e if noise_stats else None,
-        deltas=(tmap(lambda a: jnp.zeros((J,) + a.shape, a.dtype), one)
-                if client_deltas else None),
-        loss=jf, gsq=jf, trace=jf, nsteps=jnp.zeros((J,), jnp.int32),
-        usq=jf)
-    step_all = jax.vmap(slot, in_axes=(None, 0, 0))
-    total = jnp.max(rd.layout.load[lane_ids])
-
-    def body(_, carry):
-      ln, sh = carry
-      ln, out = step_all(rd, ln, lane_ids)
-      sh = sh._replace(
-          loss=sh.loss.at[out.job].add(out.loss),
-          gsq=sh.gsq.at[out.job].add(out.g_sq),
-          trace=sh.trace.at[out.job].add(out.trace),
-          nsteps=sh.nsteps.at[out.job].add(out.est.astype(jnp.int32)))
-      return jax.lax.cond(
-          jnp.any(out.job_end),
-          lambda a: job_end(rd, *a, out, lane_ids),
-          lambda a: a, (ln, sh))
-
-    _, shared = jax.lax.fori_loop(0, total, body, (lanes0, shared0))
-    return shared
-
-  def sharded_lanes(rd: _Round) -> _Shared:
     def local(rd):
       dev = jax.lax.axis_index(axis_name).astype(jnp.int32)
-      return jax.lax.psum(run_lanes(rd, dev * (L // D), L // D), axis_name)
-    spec = jax.sharding.PartitionSpec()
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=spec,
+      return jax.lax.psum(lanes_lib.run_lanes(spec, rd, dev * (L // D),
+                                              L // D), axis_name)
+    rep = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(rep,), out_specs=rep,
                          check_vma=False)(rd)
 
   def kernel(server_params, data: federated.FederatedData, jobs: Jobs,
@@ -345,20 +146,20 @@ def make_round_kernel(loss_fn: Callable, client_tx, client_init: Callable, *,
     s = jnp.maximum(jobs.steps.astype(jnp.int32), 0)
     jobs = jobs._replace(batch=b, steps=s, lr=jobs.lr.astype(jnp.float32),
                          weight=jobs.weight.astype(jnp.float32))
-    m = layout_lib.slots_per_step(b, mu, R)
+    m = layout_lib.slots_per_step(b, spec.microbatch, spec.per_slot)
     lay = layout_lib.make_layout(s * m, L)
-    rd = _Round(server_params, data, jobs, client_inputs, m, lay)
-    sh = run_lanes(rd, jnp.int32(0), L) if mesh is None else sharded_lanes(
-        rd)
+    sh = run(lanes_lib.Round(server_params, data, jobs, client_inputs, m,
+                             lay))
     examples = b * s
     denom = jnp.maximum(sh.nsteps, 1).astype(jnp.float32)
     stats = ClientStats(
         loss=sh.loss / jnp.maximum(examples, 1).astype(jnp.float32),
         examples=examples, steps=s, grad_sq=sh.gsq / denom,
         trace=sh.trace / denom, noise_steps=sh.nsteps, update_sq=sh.usq)
-    usum = (jax.vmap(_sq_norm)(sh.hsum) if noise_stats
-            else jnp.zeros((E,), jnp.float32))
-    return RoundOutput(sh.agg, stats, usum, jnp.max(lay.load) * L * R,
+    usum = (jax.vmap(lanes_lib.sq_norm)(sh.hsum) if noise_stats
+            else jnp.zeros((spec.experiments,), jnp.float32))
+    return RoundOutput(sh.agg, stats, usum,
+                       jnp.max(lay.load) * L * spec.per_slot,
                        examples.sum(), sh.deltas)
 
   return kernel
