@@ -136,6 +136,26 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
     raise ConfigError("a sweep needs at least one experiment")
   for o in overrides:
     config_lib.check_sweepable(o)
+  cfgs, exps, kept, failed = _build(base, overrides, keep_going)
+  E = len(cfgs)
+  mesh = _mesh(mesh, E)
+  mode = _mode(E, mesh)
+  axis = mesh.axis_names[0] if mesh is not None else None
+  total = E if mode != "experiments" else distributed.padded(E, mesh)
+  per_device = total // (mesh.devices.size if mode == "experiments" else 1)
+  data, (inputs, keys, tests), max_rows = _place(
+      exps, mode, mesh, axis, total, base.clients_per_round)
+  sim = simulate.make_simulation(
+      exps[0], per_device, lanes=lanes or base.lanes or None,
+      mesh=mesh if mode == "lanes" else None,
+      axis_name=axis or CLIENTS_AXIS, max_rows=max_rows)
+  return Prepared(cfgs, exps, sim, data, inputs, keys, tests,
+                  *_jitted(sim, mode, mesh, axis), mesh, mode, kept, failed)
+
+
+def _build(base: Config, overrides: list[dict], keep_going: bool):
+  """Each experiment's host pieces; ``(configs, experiments, kept,
+  failed)`` with the experiments that could not be built left out."""
   cfgs = [base.replace(**o) for o in overrides]
   exps, failed = [], {}
   for i, (c, ds) in enumerate(zip(cfgs, _datasets(cfgs, failed))):
@@ -155,9 +175,14 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
       why.setdefault(m, []).append(str(i))
     raise ConfigError("every experiment failed to build: " + "; ".join(
         f"experiment {','.join(ids)}: {m}" for m, ids in why.items()))
+  _check_same(exps, "num_clients", lambda x: x.num_clients)
+  _check_same(exps, "input shape", lambda x: x.dataset.x_train.shape[1:])
+  _check_same(exps, "test set shape", lambda x: x.dataset.x_test.shape)
   kept = [i for i in range(len(cfgs)) if i not in failed]
-  cfgs = [cfgs[i] for i in kept]
-  E = len(cfgs)
+  return [cfgs[i] for i in kept], exps, kept, failed
+
+
+def _mesh(mesh, E: int):
   if isinstance(mesh, str):
     if mesh != "auto":
       raise ValueError(f"mesh={mesh!r} is not allowed: 'auto', a Mesh or "
@@ -167,49 +192,42 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
             if jax.device_count() > 1 else None)
   if mesh is None and jax.process_count() > 1:
     raise ValueError("mesh=None is not allowed with several processes")
-  mode = _mode(E, mesh)
-  _check_same(exps, "num_clients", lambda x: x.num_clients)
-  _check_same(exps, "input shape", lambda x: x.dataset.x_train.shape[1:])
-  _check_same(exps, "test set shape", lambda x: x.dataset.x_test.shape)
-  axis = mesh.axis_names[0] if mesh is not None else None
-  total = E if mode != "experiments" else distributed.padded(E, mesh)
-  per_device = total // (mesh.devices.size if mode == "experiments" else 1)
-  K = base.clients_per_round
-  max_rows = None
-  if mode == "lanes":
+  return mesh
+
+
+def _place(exps, mode: str, mesh, axis, total: int, K: int):
+  """The clients' rows and the per-experiment inputs on the devices:
+  ``(data, (inputs, keys, tests), max_rows)``."""
+  if mode == "lanes":  # rows sharded by client ranges over the mesh
     x0 = exps[0]
     data = distributed.ragged_client_data(
         x0.dataset.x_train, x0.dataset.y_train, x0.parts, mesh, axis)
     first = np.zeros((1,), np.int32)
     max_rows = int(np.sort([len(p) for p in x0.parts])[::-1][:K].sum())
-  else:
-    merged, first = federated.merge([
-        federated.from_partition(x.dataset.x_train, x.dataset.y_train,
-                                 x.parts) for x in exps])
-    data = distributed.replicated(merged, mesh)
-  inputs, keys, tests = distributed.stacked(
-      E, _host_inputs(exps, first), mesh if mode == "experiments" else None,
-      axis, total) if mode != "lanes" else _replicated_inputs(
-          exps, first, mesh)
-  sim = simulate.make_simulation(
-      exps[0], per_device, lanes=lanes or base.lanes or None,
-      mesh=mesh if mode == "lanes" else None,
-      axis_name=axis or CLIENTS_AXIS, max_rows=max_rows)
+    return data, _replicated_inputs(exps, first, mesh), max_rows
+  merged, first = federated.merge([
+      federated.from_partition(x.dataset.x_train, x.dataset.y_train,
+                               x.parts) for x in exps])
+  data = distributed.replicated(merged, mesh)
+  return data, distributed.stacked(
+      len(exps), _host_inputs(exps, first),
+      mesh if mode == "experiments" else None, axis, total), None
+
+
+def _jitted(sim: simulate.Simulation, mode: str, mesh, axis):
+  """``(init, run_chunk, evaluate)`` jitted for the device mode."""
   init = lambda k, d, i: sim.init(jax.random.wrap_key_data(k), d, i)
   fns = (init, sim.run_chunk, sim.evaluate)
   if mode == "experiments":
     e, r = P(axis), P()
     specs = ((e, r, e), (e, r, e, r), (e, e, e))
-    fns = tuple(jax.jit(jax.shard_map(f, mesh=mesh, in_specs=s,
-                                      out_specs=e, check_vma=False))
-                for f, s in zip(fns, specs))
-  elif mode == "lanes":
+    return tuple(jax.jit(jax.shard_map(f, mesh=mesh, in_specs=s,
+                                       out_specs=e, check_vma=False))
+                 for f, s in zip(fns, specs))
+  if mode == "lanes":
     out = NamedSharding(mesh, P())
-    fns = tuple(jax.jit(f, out_shardings=out) for f in fns)
-  else:
-    fns = tuple(jax.jit(f) for f in fns)
-  return Prepared(cfgs, exps, sim, data, inputs, keys, tests, *fns, mesh,
-                  mode, kept, failed)
+    return tuple(jax.jit(f, out_shardings=out) for f in fns)
+  return tuple(jax.jit(f) for f in fns)
 
 
 def _replicated_inputs(exps, first, mesh):
@@ -256,22 +274,9 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
   wall = lambda: wall0 + time.perf_counter() - start
   for out in outputs:
     out.open()
-
-  def evaluated(chunk_m, n):
-    acc, loss, sim_time = evaluate(state)
-    for e, out in enumerate(outputs):
-      if out.active:
-        extra = (chunk_records(jax.tree.map(lambda a: a[e], chunk_m), n)
-                 if chunk_m is not None else None)
-        out.record(done, float(sim_time[e]), wall(), acc[e], loss[e], extra)
-
   if restored is None:
-    evaluated(None, 0)
-  bar = None
-  if progress and distributed.is_main():
-    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round",
-               file=sys.stderr, leave=False)
+    _evaluated(evaluate(state), outputs, done, wall(), None, 0)
+  bar = _progress_bar(rounds, done) if progress else None
   last_saved = done
   while done < rounds and any(o.active for o in outputs):
     left = rounds - done
@@ -286,29 +291,57 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
       losses = m["train_loss"][:, n - 1]
       finite = losses[np.isfinite(losses)]
       bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
-    evaluated(m, n)
-    for e, out in enumerate(outputs):
-      bad = ~np.isfinite(m["train_loss"][e, :n])
-      if out.active and bad.any():
-        out.diverged = done - n + int(np.argmax(bad)) + 1
-        if distributed.is_main():
-          print(f"diverged{out.label}: the training loss became non-finite "
-                f"at round {out.diverged}; stopped after round {done}, "
-                f"keeping the {len(out.records)} records written",
-                file=stream)
+    _evaluated(evaluate(state), outputs, done, wall(), m, n)
+    _mark_diverged(outputs, m, n, done, stream)
     finished = done >= rounds or not any(o.active for o in outputs)
     if ckpt is not None and (finished or
                              done - last_saved >= checkpoint_every):
-      meta = dict(wall_time_s=wall(), rounds=done,
-                  experiments=[o.meta() for o in outputs])
-      host = {}
-      for e, o in enumerate(outputs):
-        host.update(o.host_arrays(e))
-      ckpt.save(done, state, meta, host)
+      _save(ckpt, state, outputs, done, wall())
       last_saved = done
   if bar is not None:
     bar.close()
   return state
+
+
+def _progress_bar(rounds: int, done: int):
+  if not distributed.is_main():
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=rounds, initial=done, desc="rounds", unit="round",
+              file=sys.stderr, leave=False)
+
+
+def _evaluated(evaluation, outputs: list, done: int, wall: float, chunk_m,
+               n: int) -> None:
+  """Records round ``done`` of every active experiment."""
+  acc, loss, sim_time = evaluation
+  for e, out in enumerate(outputs):
+    if out.active:
+      extra = (chunk_records(jax.tree.map(lambda a: a[e], chunk_m), n)
+               if chunk_m is not None else None)
+      out.record(done, float(sim_time[e]), wall, acc[e], loss[e], extra)
+
+
+def _mark_diverged(outputs: list, m, n: int, done: int, stream) -> None:
+  """Stops the experiments whose training loss became non-finite."""
+  for e, out in enumerate(outputs):
+    bad = ~np.isfinite(m["train_loss"][e, :n])
+    if out.active and bad.any():
+      out.diverged = done - n + int(np.argmax(bad)) + 1
+      if distributed.is_main():
+        print(f"diverged{out.label}: the training loss became non-finite "
+              f"at round {out.diverged}; stopped after round {done}, "
+              f"keeping the {len(out.records)} records written",
+              file=stream)
+
+
+def _save(ckpt, state, outputs: list, done: int, wall: float) -> None:
+  meta = dict(wall_time_s=wall, rounds=done,
+              experiments=[o.meta() for o in outputs])
+  host = {}
+  for e, o in enumerate(outputs):
+    host.update(o.host_arrays(e))
+  ckpt.save(done, state, meta, host)
 
 
 def execute(pre: Prepared, outputs: list, *, ckpt=None,

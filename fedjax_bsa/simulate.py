@@ -34,7 +34,7 @@ from fedjax_bsa.data import federated
 from fedjax_bsa.experiment import Experiment
 
 __all__ = ["SimState", "RoundMetrics", "Simulation", "make_simulation",
-           "Inputs", "sample_cohort"]
+           "Inputs", "sample_cohort", "evaluate_model"]
 
 tmap = jax.tree.map
 
@@ -118,6 +118,20 @@ class Simulation:
   traces: list     # one entry per trace of run_chunk (compile counter)
 
 
+class _Static(NamedTuple):
+  """What the round loop closes over (static: never traced)."""
+  cfg: Any
+  model: Any               # models.Model
+  alg: algorithms.Algorithm
+  model_bytes: int
+  E: int
+  K: int
+  N: int
+  kernel: Any              # the round kernel
+  mesh: Any
+  max_rows: int | None
+
+
 def make_simulation(exp: Experiment, num_experiments: int = 1, *,
                     chunk: int | None = None, lanes: int | None = None,
                     mesh: jax.sharding.Mesh | None = None,
@@ -144,136 +158,155 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
     A :class:`Simulation`.
   """
   cfg = exp.cfg
-  E, K, N = int(num_experiments), cfg.clients_per_round, exp.num_clients
-  chunk = int(chunk or cfg.eval_every)
-  alg = exp.algorithm
-  loss_fn = functools.partial(models.example_losses, exp.model.apply)
+  E, K = int(num_experiments), cfg.clients_per_round
   auto = layout.choose(jax.default_backend(), E * K, cfg.microbatch,
                        cfg.batch_size)
   lanes = int(lanes or cfg.lanes or auto.lanes)
-  per_slot = int(cfg.per_slot or auto.per_slot)
   kern = kernel_lib.make_round_kernel(
-      loss_fn, alg.client_tx, alg.client_init, microbatch=cfg.microbatch,
-      lanes=lanes, per_slot=per_slot, num_experiments=E,
-      noise_stats=cfg.noise_stats,
-      client_deltas=alg.client_deltas, mesh=mesh, axis_name=axis_name)
+      functools.partial(models.example_losses, exp.model.apply),
+      exp.algorithm.client_tx, exp.algorithm.client_init,
+      microbatch=cfg.microbatch, lanes=lanes,
+      per_slot=int(cfg.per_slot or auto.per_slot), num_experiments=E,
+      noise_stats=cfg.noise_stats, client_deltas=exp.algorithm.client_deltas,
+      mesh=mesh, axis_name=axis_name)
+  sv = _Static(cfg, exp.model, exp.algorithm, exp.model_bytes, E, K,
+               exp.num_clients, kern, mesh, max_rows)
   traces = []
-
-  def server_tx(hp):
-    return algorithms.server_optimizer(cfg, hp["server_lr"])
-
-  def init_one(key, hp):
-    k_params, k_run = jax.random.split(key)
-    params = exp.model.init(k_params)
-    return SimState(params, server_tx(hp).init(params),
-                    alg.init(params, N),
-                    plans.make_controller(cfg, hp).init(N),
-                    controllers.empty_feedback(K), jnp.float32(0.0),
-                    jnp.int32(0), k_run)
 
   def init(keys, data, inputs: Inputs):
     del data
-    return jax.vmap(init_one)(keys, inputs.hparams)
-
-  def plan_one(st: SimState, res, hp, n_all):
-    key, k_cohort, k_avail, k_plan, k_shuffle = jax.random.split(st.key, 5)
-    cohort = sample_cohort(k_cohort, N, K)
-    rc = tmap(lambda a: a[cohort], res)
-    n = n_all[cohort]
-    ctx = controllers.Context(st.round, cohort, rc.speed, rc.step_overhead,
-                              rc.memory_cap, k_plan, n)
-    available = clock.sample_available(k_avail, rc.availability)
-    rp, ctrl_state = plans.plan_round(
-        cfg, hp, plans.make_controller(cfg, hp), st.feedback, st.ctrl_state,
-        ctx, rc, available, exp.model_bytes)
-    run = rp.plan
-    weights = alg.weights(run.batch_size * run.steps, run.steps, n, hp)
-    inputs = alg.client_inputs(st.alg_state, cohort, hp)
-    seeds = federated.shuffle_seeds(k_shuffle, cohort)
-    return (cohort, rc, n, rp, weights, inputs, seeds, ctrl_state, key)
-
-  def finish_one(st: SimState, hp, cohort, rc, n, rp: plans.RoundPlan,
-                 ctrl_state, key, delta, stats, usum, cdeltas):
-    run = rp.plan
-    result = algorithms.RoundResult(delta, cdeltas, cohort, run.steps,
-                                    run.lr, N)
-    delta, alg_state = alg.server_update(st.alg_state, result, hp)
-    updates, opt_state = server_tx(hp).update(tmap(jnp.negative, delta),
-                                              st.opt_state, st.params)
-    params = optax.apply_updates(st.params, updates)
-    sim_time = st.sim_time + rp.outcome.round_time
-    metrics = _metrics(hp, cohort, rc, rp, stats, usum, sim_time, N)
-    new = SimState(params, opt_state, alg_state, ctrl_state,
-                   controllers.Feedback(cohort, stats), sim_time,
-                   st.round + 1, key)
-    return new, metrics
-
-  def one_round(st: SimState, data, inputs: Inputs):
-    (cohort, rc, n, rp, weights, cinputs, seeds, ctrl_state,
-     key) = jax.vmap(plan_one)(st, inputs.resources, inputs.hparams,
-                               inputs.num_examples)
-    flat = lambda a: a.reshape((E * K,) + a.shape[2:])
-    run = rp.plan
-    jobs = kernel_lib.Jobs(
-        flat(cohort + inputs.first_client[:, None]),
-        jnp.repeat(jnp.arange(E, dtype=jnp.int32), K), flat(run.batch_size),
-        flat(run.steps), flat(run.lr), flat(weights), flat(seeds))
-    kdata = data
-    if mesh is not None:
-      kdata = kernel_lib.cohort_rows(data, jobs.client, max_rows)
-      jobs = jobs._replace(client=jnp.arange(E * K, dtype=jnp.int32))
-    out = kern(st.params, kdata, jobs, tmap(flat, cinputs))
-    unflat = lambda a: a.reshape((E, K) + a.shape[1:])
-    stats = tmap(unflat, out.stats)
-    cdeltas = None if out.client_deltas is None else tmap(unflat,
-                                                          out.client_deltas)
-    new, m = jax.vmap(finish_one)(st, inputs.hparams, cohort, rc, n, rp,
-                                  ctrl_state, key, out.delta, stats,
-                                  out.update_sum_sq, cdeltas)
-    eff = out.useful / jnp.maximum(out.slots * cfg.microbatch, 1)
-    return new, m._replace(padding_efficiency=jnp.broadcast_to(eff, (E,)))
+    return jax.vmap(functools.partial(_init_one, sv))(keys, inputs.hparams)
 
   def run_chunk(st, data, inputs: Inputs, rounds_left):
-    """Runs ``min(chunk, rounds_left)`` rounds (shapes fixed at ``chunk``);
-    metrics are ``[E, chunk, ...]``."""
     traces.append(1)
+    return _run_chunk(sv, int(chunk or cfg.eval_every), st, data, inputs,
+                      rounds_left)
 
-    def body(carry, i):
-      def skip(c):
-        _, m = jax.eval_shape(one_round, c, data, inputs)
-        m = tmap(lambda s: jnp.zeros(s.shape, s.dtype), m)
-        return c, m._replace(done=jnp.zeros((E,), bool))
-      return jax.lax.cond(i < rounds_left,
-                          lambda c: one_round(c, data, inputs), skip, carry)
+  evaluate = jax.vmap(functools.partial(evaluate_model, exp.model.apply))
+  return Simulation(init, run_chunk, evaluate,
+                    int(chunk or cfg.eval_every), lanes, traces)
 
-    st, m = jax.lax.scan(body, st, jnp.arange(chunk))
-    return st, tmap(lambda a: jnp.moveaxis(a, 0, 1), m)
 
-  def evaluate_one(params, x, y):
-    """Test accuracy and mean loss, in batches of 512."""
-    n = x.shape[0]
-    bs = 512
-    pad = (-n) % bs
-    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-    yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-    valid = jnp.arange(n + pad) < n
+def _server_tx(sv: _Static, hp):
+  return algorithms.server_optimizer(sv.cfg, hp["server_lr"])
 
-    def batch(carry, i):
-      xb = jax.lax.dynamic_slice_in_dim(xp, i * bs, bs)
-      yb = jax.lax.dynamic_slice_in_dim(yp, i * bs, bs)
-      vb = jax.lax.dynamic_slice_in_dim(valid, i * bs, bs)
-      logits = exp.model.apply(params, xb)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-      correct = (jnp.argmax(logits, -1) == yb) & vb
-      return (carry[0] + correct.sum(), carry[1] + jnp.where(vb, loss,
-                                                             0.0).sum()), None
 
-    (correct, loss), _ = jax.lax.scan(
-        batch, (jnp.int32(0), jnp.float32(0.0)), jnp.arange((n + pad) // bs))
-    return correct / n, loss / n
+def _init_one(sv: _Static, key, hp) -> SimState:
+  k_params, k_run = jax.random.split(key)
+  params = sv.model.init(k_params)
+  return SimState(params, _server_tx(sv, hp).init(params),
+                  sv.alg.init(params, sv.N),
+                  plans.make_controller(sv.cfg, hp).init(sv.N),
+                  controllers.empty_feedback(sv.K), jnp.float32(0.0),
+                  jnp.int32(0), k_run)
 
-  return Simulation(init, run_chunk, jax.vmap(evaluate_one), chunk, lanes,
-                    traces)
+
+def _plan_one(sv: _Static, st: SimState, res, hp, n_all):
+  """One experiment's cohort and plan for the coming round."""
+  key, k_cohort, k_avail, k_plan, k_shuffle = jax.random.split(st.key, 5)
+  cohort = sample_cohort(k_cohort, sv.N, sv.K)
+  rc = tmap(lambda a: a[cohort], res)
+  n = n_all[cohort]
+  ctx = controllers.Context(st.round, cohort, rc.speed, rc.step_overhead,
+                            rc.memory_cap, k_plan, n)
+  available = clock.sample_available(k_avail, rc.availability)
+  rp, ctrl_state = plans.plan_round(
+      sv.cfg, hp, plans.make_controller(sv.cfg, hp), st.feedback,
+      st.ctrl_state, ctx, rc, available, sv.model_bytes)
+  run = rp.plan
+  weights = sv.alg.weights(run.batch_size * run.steps, run.steps, n, hp)
+  inputs = sv.alg.client_inputs(st.alg_state, cohort, hp)
+  seeds = federated.shuffle_seeds(k_shuffle, cohort)
+  return (cohort, rc, n, rp, weights, inputs, seeds, ctrl_state, key)
+
+
+def _finish_one(sv: _Static, st: SimState, hp, cohort, rc, n,
+                rp: plans.RoundPlan, ctrl_state, key, delta, stats, usum,
+                cdeltas):
+  """One experiment's server update, clock and metrics after the kernel."""
+  del n
+  run = rp.plan
+  result = algorithms.RoundResult(delta, cdeltas, cohort, run.steps, run.lr,
+                                  sv.N)
+  delta, alg_state = sv.alg.server_update(st.alg_state, result, hp)
+  updates, opt_state = _server_tx(sv, hp).update(
+      tmap(jnp.negative, delta), st.opt_state, st.params)
+  params = optax.apply_updates(st.params, updates)
+  sim_time = st.sim_time + rp.outcome.round_time
+  metrics = _metrics(hp, cohort, rc, rp, stats, usum, sim_time, sv.N)
+  new = SimState(params, opt_state, alg_state, ctrl_state,
+                 controllers.Feedback(cohort, stats), sim_time,
+                 st.round + 1, key)
+  return new, metrics
+
+
+def _one_round(sv: _Static, st: SimState, data, inputs: Inputs):
+  """One round of all ``E`` experiments: plans (vmapped), one kernel over
+  every job, server updates (vmapped)."""
+  E, K = sv.E, sv.K
+  (cohort, rc, n, rp, weights, cinputs, seeds, ctrl_state,
+   key) = jax.vmap(functools.partial(_plan_one, sv))(
+       st, inputs.resources, inputs.hparams, inputs.num_examples)
+  flat = lambda a: a.reshape((E * K,) + a.shape[2:])
+  run = rp.plan
+  jobs = kernel_lib.Jobs(
+      flat(cohort + inputs.first_client[:, None]),
+      jnp.repeat(jnp.arange(E, dtype=jnp.int32), K), flat(run.batch_size),
+      flat(run.steps), flat(run.lr), flat(weights), flat(seeds))
+  if sv.mesh is not None:
+    data = kernel_lib.cohort_rows(data, jobs.client, sv.max_rows)
+    jobs = jobs._replace(client=jnp.arange(E * K, dtype=jnp.int32))
+  out = sv.kernel(st.params, data, jobs, tmap(flat, cinputs))
+  unflat = lambda a: a.reshape((E, K) + a.shape[1:])
+  cdeltas = (None if out.client_deltas is None
+             else tmap(unflat, out.client_deltas))
+  new, m = jax.vmap(functools.partial(_finish_one, sv))(
+      st, inputs.hparams, cohort, rc, n, rp, ctrl_state, key, out.delta,
+      tmap(unflat, out.stats), out.update_sum_sq, cdeltas)
+  eff = out.useful / jnp.maximum(out.slots * sv.cfg.microbatch, 1)
+  return new, m._replace(padding_efficiency=jnp.broadcast_to(eff, (E,)))
+
+
+def _run_chunk(sv: _Static, chunk: int, st, data, inputs: Inputs,
+               rounds_left):
+  """Runs ``min(chunk, rounds_left)`` rounds (shapes fixed at ``chunk``);
+  metrics are ``[E, chunk, ...]``."""
+  one = functools.partial(_one_round, sv)
+
+  def body(carry, i):
+    def skip(c):
+      _, m = jax.eval_shape(one, c, data, inputs)
+      m = tmap(lambda s: jnp.zeros(s.shape, s.dtype), m)
+      return c, m._replace(done=jnp.zeros((sv.E,), bool))
+    return jax.lax.cond(i < rounds_left, lambda c: one(c, data, inputs),
+                        skip, carry)
+
+  st, m = jax.lax.scan(body, st, jnp.arange(chunk))
+  return st, tmap(lambda a: jnp.moveaxis(a, 0, 1), m)
+
+
+def evaluate_model(apply, params, x, y, batch: int = 512):
+  """Test accuracy and mean loss of ``apply(params, .)`` on ``(x, y)``, in
+  batches of ``batch`` (one experiment; :class:`Simulation` vmaps it)."""
+  n = x.shape[0]
+  pad = (-n) % batch
+  xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+  yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
+  valid = jnp.arange(n + pad) < n
+
+  def body(carry, i):
+    xb = jax.lax.dynamic_slice_in_dim(xp, i * batch, batch)
+    yb = jax.lax.dynamic_slice_in_dim(yp, i * batch, batch)
+    vb = jax.lax.dynamic_slice_in_dim(valid, i * batch, batch)
+    logits = apply(params, xb)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+    correct = (jnp.argmax(logits, -1) == yb) & vb
+    return (carry[0] + correct.sum(),
+            carry[1] + jnp.where(vb, loss, 0.0).sum()), None
+
+  (correct, loss), _ = jax.lax.scan(
+      body, (jnp.int32(0), jnp.float32(0.0)), jnp.arange((n + pad) // batch))
+  return correct / n, loss / n
 
 
 def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
