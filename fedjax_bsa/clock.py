@@ -232,6 +232,29 @@ def max_batch_within(res: ClientResources, steps: ArrayLike,
   return b
 
 
+def _over_and_kept(policy: str, res: ClientResources, batch_size: ArrayLike,
+                   steps: jax.Array, active: jax.Array,
+                   model_bytes: ArrayLike, deadline: Optional[ArrayLike]):
+  """``(over [K], kept [K], deadline [])`` of :func:`apply_round_policy`.
+
+  ``over``: active clients that miss the deadline (none for ``wait_all``);
+  ``kept``: the steps each client keeps under the policy, before dropping
+  inactive ones; ``deadline``: float32 (0, unused, for ``wait_all``).
+  """
+  if policy == "wait_all":
+    over = jnp.zeros(steps.shape, jnp.bool_)
+    return over, steps, jnp.float32(0.0)  # deadline unused: none is over.
+  deadline = jnp.asarray(deadline, jnp.float32)
+  # Same test as steps_within: over <=> steps_within(...) < steps.
+  over = active & ~fits_within(res, batch_size, steps, deadline, model_bytes)
+  if policy == "deadline_drop":
+    return over, jnp.where(over, 0, steps), deadline
+  # deadline_partial
+  partial = jnp.minimum(
+      steps_within(res, batch_size, deadline, model_bytes), steps)
+  return over, jnp.where(over, partial, steps), deadline
+
+
 def apply_round_policy(policy: str, res: ClientResources,
                        batch_size: ArrayLike, steps: ArrayLike,
                        available: ArrayLike, model_bytes: ArrayLike,
@@ -292,23 +315,8 @@ def apply_round_policy(policy: str, res: ClientResources,
   planned = jnp.broadcast_to(client_time(res, batch_size, steps, model_bytes),
                              shape)
   active = available & (steps > 0)
-
-  if policy == "wait_all":
-    over = jnp.zeros(shape, jnp.bool_)
-    kept = steps
-    deadline = jnp.float32(0.0)  # unused: no client is ever over.
-  else:
-    deadline = jnp.asarray(deadline, jnp.float32)
-    # Same test as steps_within: over <=> steps_within(...) < steps.
-    over = active & ~fits_within(res, batch_size, steps, deadline,
-                                 model_bytes)
-    if policy == "deadline_drop":
-      kept = jnp.where(over, 0, steps)
-    else:  # deadline_partial
-      partial = jnp.minimum(
-          steps_within(res, batch_size, deadline, model_bytes), steps)
-      kept = jnp.where(over, partial, steps)
-
+  over, kept, deadline = _over_and_kept(policy, res, batch_size, steps,
+                                        active, model_bytes, deadline)
   participated = active & (kept > 0)
   dropped = over & ~participated
   slowest = jnp.max(jnp.where(participated, planned, 0.0), initial=0.0)

@@ -5,7 +5,10 @@
 * numpy ``.npz`` archives: :func:`load_npz`.
 
 Any missing, corrupt or inconsistent file raises :class:`DataFileError`, a
-``ValueError`` whose message starts with the offending path.
+``ValueError`` whose message starts with the offending path. The character
+vocabulary of LEAF text data (:data:`SHAKESPEARE_VOCAB`,
+:data:`NUM_CHAR_CLASSES`, :func:`encode_text`) is in
+:mod:`fedjax_bsa.data.vocab` and re-exported here.
 """
 
 from __future__ import annotations
@@ -14,20 +17,14 @@ import io
 import json
 import os
 import pickle
-import string
 import zipfile
 
 import numpy as np
 
 from fedjax_bsa.data.datasets import Dataset
-
-# Character vocabulary for LEAF text data (Shakespeare): Python's
-# ``string.printable`` (digits, letters, punctuation, whitespace; 100 chars).
-# Character ``SHAKESPEARE_VOCAB[i]`` maps to id ``i + 1``; id 0 is reserved for
-# any character outside the vocabulary (e.g. non-ASCII). Hence 101 classes.
-SHAKESPEARE_VOCAB = string.printable
-_CHAR_TO_ID = {ch: i + 1 for i, ch in enumerate(SHAKESPEARE_VOCAB)}
-NUM_CHAR_CLASSES = len(SHAKESPEARE_VOCAB) + 1
+from fedjax_bsa.data.vocab import NUM_CHAR_CLASSES
+from fedjax_bsa.data.vocab import SHAKESPEARE_VOCAB
+from fedjax_bsa.data.vocab import encode_text
 
 
 class DataFileError(ValueError):
@@ -36,19 +33,6 @@ class DataFileError(ValueError):
   def __init__(self, path, problem: str):
     self.path, self.problem = os.fspath(path), problem
     super().__init__(f"{self.path}: {problem}")
-
-
-def encode_text(text: str) -> np.ndarray:
-  """Maps characters to ids via :data:`SHAKESPEARE_VOCAB` (0 = unknown).
-
-  Args:
-    text: Any string.
-
-  Returns:
-    int32 ``[len(text)]`` ids in ``[0, NUM_CHAR_CLASSES)``.
-  """
-  return np.fromiter((_CHAR_TO_ID.get(ch, 0) for ch in text), np.int32,
-                     count=len(text))
 
 
 def _holdout(groups: np.ndarray, test_fraction: float, seed: int):

@@ -4,7 +4,8 @@ Every partitioner returns ``list[np.ndarray]``: one sorted int64 array of
 training-example indices per client, such that every example lands in exactly
 one client. Randomness comes only from ``np.random.default_rng(seed)``, so the
 same arguments always give the same partition. Bad arguments raise
-``ValueError`` naming the argument, its value and the allowed range.
+``ValueError`` naming the argument, its value and the allowed range (the
+checks are in :mod:`fedjax_bsa.data.partition_checks`).
 """
 
 from __future__ import annotations
@@ -13,40 +14,12 @@ import math
 
 import numpy as np
 
+from fedjax_bsa.data.partition_checks import _as_labels
+from fedjax_bsa.data.partition_checks import _check_clients
+from fedjax_bsa.data.partition_checks import _check_min_examples
+
 PARTITION_NAMES = ("iid", "dirichlet", "shards", "quantity", "natural")
 QUANTITY_METHODS = ("dirichlet", "lognormal")
-
-
-def _as_labels(labels, name: str = "labels") -> np.ndarray:
-  arr = np.asarray(labels)
-  if arr.ndim != 1 or arr.size == 0:
-    raise ValueError(f"{name} must be a non-empty 1-D array, got shape "
-                     f"{list(arr.shape)}")
-  if not np.issubdtype(arr.dtype, np.integer) and not (
-      np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr))):
-    raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-  if name == "labels" and arr.min() < 0:
-    raise ValueError(f"labels must be >= 0, got min {arr.min()}")
-  return arr.astype(np.int64)
-
-
-def _check_clients(num_clients, num_examples) -> int:
-  if int(num_examples) < 1:
-    raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-  if not 1 <= int(num_clients) <= int(num_examples):
-    raise ValueError(f"num_clients must be in [1, num_examples={num_examples}]"
-                     f", got {num_clients}")
-  return int(num_clients)
-
-
-def _check_min_examples(min_examples, num_clients, num_examples) -> int:
-  if int(min_examples) < 0:
-    raise ValueError(f"min_examples must be >= 0, got {min_examples}")
-  if num_clients * int(min_examples) > num_examples:
-    raise ValueError(f"min_examples={min_examples} is too large for "
-                     f"num_clients={num_clients}, num_examples={num_examples}"
-                     f"; allowed range is [0, {num_examples // num_clients}]")
-  return int(min_examples)
 
 
 def _finish(parts) -> list[np.ndarray]:
