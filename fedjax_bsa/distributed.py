@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_bsa.config import ConfigError
-from fedjax_bsa.data import federated as ragged
+from fedjax_bsa.data import federated
 
 __all__ = ["initialize", "make_mesh", "padded", "replicated",
            "stacked", "to_host", "is_main", "check_same_everywhere", "sync",
@@ -171,10 +171,10 @@ def client_ranges(num_examples, num_devices: int) -> np.ndarray:
 
 def ragged_client_data(x: np.ndarray, y: np.ndarray,
                        parts: Sequence[np.ndarray], mesh: Mesh | None,
-                       axis_name: str) -> ragged.FederatedData:
+                       axis_name: str) -> federated.FederatedData:
   """Clients' rows, stored once, sharded over ``axis_name`` by client ranges.
 
-  :func:`shard_clients` of ``ragged.from_partition(x, y, parts)``.
+  :func:`shard_clients` of ``federated.from_partition(x, y, parts)``.
 
   Args:
     x: ``[T, *feature_shape]`` inputs (host, on every process).
@@ -187,11 +187,11 @@ def ragged_client_data(x: np.ndarray, y: np.ndarray,
     A :class:`~fedjax_bsa.data.federated.FederatedData` (see
     :func:`shard_clients`).
   """
-  return shard_clients(ragged.from_partition(x, y, parts), mesh, axis_name)
+  return shard_clients(federated.from_partition(x, y, parts), mesh, axis_name)
 
 
-def shard_clients(data: ragged.FederatedData, mesh: Mesh | None,
-                  axis_name: str) -> ragged.FederatedData:
+def shard_clients(data: federated.FederatedData, mesh: Mesh | None,
+                  axis_name: str) -> federated.FederatedData:
   """Host ragged data laid out client-major over the devices of a mesh axis.
 
   Clients are split into ``D`` contiguous ranges of about equal row counts
@@ -228,8 +228,8 @@ def shard_clients(data: ragged.FederatedData, mesh: Mesh | None,
     raise ValueError(f"{total} padded rows: at most {2**31 - 1}")
   dev = np.repeat(np.arange(d_count), counts)
   new_rows = np.arange(cum[-1]) - first_row[dev] + dev * per
-  src = ragged._client_major(  # pylint: disable=protected-access
-      ragged.FederatedData(*(np.asarray(a) for a in data)))
+  src = federated._client_major(  # pylint: disable=protected-access
+      federated.FederatedData(*(np.asarray(a) for a in data)))
   x, y = np.asarray(data.x), np.asarray(data.y)
   sharding = NamedSharding(mesh, P(axis_name))
   cache = {}
@@ -253,7 +253,7 @@ def shard_clients(data: ragged.FederatedData, mesh: Mesh | None,
   rest = replicated((new_rows.astype(np.int32),
                      cum[:-1].astype(np.int32),
                      np.asarray(data.num_examples, np.int32)), mesh)
-  return ragged.FederatedData(xg, yg, *rest)
+  return federated.FederatedData(xg, yg, *rest)
 
 def replicated(tree, mesh: Mesh | None):
   """Host values as arrays replicated on every device of ``mesh``."""
