@@ -125,8 +125,8 @@ def _parser() -> argparse.ArgumentParser:
   # no options of its own: every argument, --help included, goes to the
   # study (a REMAINDER alone does not take arguments starting with "-")
   st = sub.add_parser("study", prefix_chars="+", add_help=False,
-                      help="the time-to-accuracy study "
-                      "(fedjax_bsa.bench.study; --quick for a small one)")
+                      help="the regime study (fedjax_bsa.bench.regimes; "
+                      "--quick for a small one, --help for its options)")
   st.add_argument("rest", nargs=argparse.REMAINDER)
   pl = sub.add_parser("plot", help="PNG plots of run folders: plot DIR "
                       "[DIR ...] [--out OUTDIR]")
@@ -228,8 +228,8 @@ def _bench(args) -> int:
 
 
 def _study(args) -> int:
-  from fedjax_bsa.bench import study  # pylint: disable=g-import-not-at-top
-  return study.main(args.rest)
+  from fedjax_bsa.bench import regimes_main  # pylint: disable=g-import-not-at-top
+  return regimes_main.main(args.rest)
 
 
 def _plot(args) -> int:

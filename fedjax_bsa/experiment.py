@@ -9,6 +9,7 @@ themselves here (:mod:`fedjax_bsa.registry`); each factory takes the config
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -66,8 +67,14 @@ def _digits(cfg):
 @reg.DATASETS.register("mnist1d")
 def _mnist1d(cfg):
   """MNIST-1D from the ``mnist1d`` package's offline generator."""
-  return datasets.load("mnist1d", num_examples=cfg.num_examples,
-                       seed=cfg.seed)
+  return _mnist1d_cached(cfg.num_examples, cfg.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _mnist1d_cached(num_examples: int, seed: int):
+  # generating 40,000 examples takes ~15 s; sweeps and studies rebuild the
+  # same ones (the arrays are never written to)
+  return datasets.load("mnist1d", num_examples=num_examples, seed=seed)
 
 
 @reg.DATASETS.register("synthetic")

@@ -12,6 +12,6 @@
   kernel_main`: the round-kernel benchmark (``fedjax-bsa bench kernel``).
 * :mod:`~fedjax_bsa.bench.sweep_bench`: a packed sweep vs separate runs
   (``fedjax-bsa bench sweep``).
-* :mod:`~fedjax_bsa.bench.study`: the time-to-accuracy study
-  (``fedjax-bsa study``).
+* :mod:`~fedjax_bsa.bench.regimes` (+ ``regimes_report``, ``regimes_figures``,
+  ``regimes_main``): the regime study (``fedjax-bsa study``).
 """

@@ -1,0 +1,295 @@
+"""The regime study: where per-client batch adaptation pays off, against a
+fixed batch tuned per cell under the same protocol.
+
+Cells: dataset x Dirichlet alpha x devices (homogeneous / heterogeneous:
+lognormal speeds and links, sigma 1) x local work (one epoch, 20 steps, or
+the steps that fit a FedBalancer deadline) x compute-to-communication ratio
+(0.1, 1, 10, set through the bandwidth). Methods, each with FedAvg and
+FedNova aggregation: a fixed batch from ``BATCHES`` tuned per cell on
+tuning seeds that are not reported, AdaBatch doubling, resource-proportional
+batches, ``noise_scale`` (v1) and ``goodput`` (ours). Every method of a cell
+runs under the same protocol and deadline rule.
+
+How it runs: one packed sweep (one compile) per (phase, local work,
+aggregation, controller), its experiments spanning alpha, devices, seeds,
+batches and (for deadline rounds) bandwidths. Under ``wait_all`` rounds (one
+epoch, 20 steps) the bandwidth changes only the clock, never the training
+(no controller reads it), so those runs are simulated once and *retimed*
+exactly for each ratio from their per-round plans (:func:`retime`; with the
+run's own bandwidth it reproduces the recorded clock, which is checked).
+Every finished sweep is cached under ``<out>/regimes_cache/`` so a study
+that stops resumes where it was.
+
+  fedjax-bsa study --quick                       # CI: about a minute
+  fedjax-bsa study --datasets digits             # one dataset (~1-2 h here)
+  fedjax-bsa study --datasets mnist1d --local-work deadline --comm 1
+
+Writes ``regimes.json`` (every dataset run so far merged), ``regimes.md``
+and ``regimes_heatmap.png`` into ``--out`` (default
+``benchmarks/results``); see :mod:`fedjax_bsa.bench.regimes_report`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from fedjax_bsa import clock
+from fedjax_bsa import driver
+from fedjax_bsa import experiment as experiment_lib
+from fedjax_bsa import regime
+from fedjax_bsa.config import Config
+from fedjax_bsa.outputs import Outputs
+
+__all__ = ["DATASETS", "BATCHES", "METHODS", "AGGREGATIONS", "LOCAL_WORK",
+           "DEVICES", "COMM_RATIOS", "Study", "retime", "bandwidth_for",
+           "run_sweep_cached"]
+
+#: Per dataset: base settings, the Dirichlet alphas (None: natural
+#: clients), reported and tuning seeds.
+DATASETS = {
+    "digits": dict(
+        base=dict(dataset="digits", num_clients=50, clients_per_round=10,
+                  min_examples=5, hidden=64, client_lr=0.1, rounds=100),
+        alphas=[0.1, 1.0], seeds=[0, 1, 2, 3, 4], tuning=[100, 101]),
+    "synthetic": dict(
+        base=dict(dataset="synthetic", synthetic_alpha=1.0,
+                  synthetic_beta=1.0, num_clients=100, partition="natural",
+                  clients_per_round=10, client_lr=0.05, rounds=200),
+        alphas=[None], seeds=[0, 1, 2, 3, 4], tuning=[100, 101]),
+    "mnist1d": dict(
+        base=dict(dataset="mnist1d", num_examples=40000, num_clients=200,
+                  clients_per_round=10, min_examples=5, client_lr=0.1,
+                  rounds=200),
+        alphas=[0.1, 1.0], seeds=[0, 1, 2], tuning=[100]),
+}
+COMMON = dict(resources="lognormal", memory_sigma=0.0, memory_cap=128,
+              microbatch=4, batch_size=8, batch_min=8, batch_max=128,
+              eval_every=5, progress=False, noise_stats=True,
+              deadline_rule="fedbalancer")
+LOCAL_WORK = {
+    "epochs": dict(local_work="epochs", local_epochs=1.0),
+    "steps": dict(local_work="steps", local_steps=20),
+    "deadline": dict(local_work="deadline", local_steps=50),
+}
+DEVICES = {"homogeneous": 0.0, "heterogeneous": 1.0}   # speed_sigma
+COMM_RATIOS = [0.1, 1.0, 10.0]
+BATCHES = [4, 8, 16, 32, 64, 128]
+AGGREGATIONS = ["fedavg", "fednova"]
+METHODS = {
+    "adabatch": dict(controller="schedule", schedule="doubling"),
+    "resource_proportional": dict(controller="resource_proportional"),
+    "noise_scale": dict(controller="noise_scale"),
+    "goodput": dict(controller="goodput"),
+}
+
+
+def bandwidth_for(cfg: Config, exp, ratio: float) -> float:
+  """The bandwidth (bytes/s each way) at which the median client's local
+  compute at the reference batch takes ``ratio`` times its communication
+  (the model down and up), with the median device speed."""
+  sizes = np.array([len(p) for p in exp.parts], np.float64)
+  steps = np.median(regime.reference_steps(cfg, sizes))
+  compute = steps * (cfg.step_overhead + cfg.batch_size / cfg.base_speed)
+  return float(2.0 * exp.model_bytes * ratio / compute)
+
+
+def retime(exp, clients: dict, records: list, bandwidth: float) -> list:
+  """Simulated time at each evaluated round had the bandwidth been
+  ``bandwidth`` (``wait_all`` rounds: the slowest participant's compute
+  plus its communication). Exact: training does not depend on it."""
+  res = exp.resources._replace(
+      bandwidth_up=np.asarray(exp.resources.bandwidth_up) * (
+          bandwidth / exp.cfg.bandwidth),
+      bandwidth_down=np.asarray(exp.resources.bandwidth_down) * (
+          bandwidth / exp.cfg.bandwidth))
+  cohort = np.asarray(clients["cohort"], np.int64)
+  batch, steps = np.asarray(clients["batch"]), np.asarray(clients["steps"])
+  rc = type(res)(*[np.asarray(a)[cohort] for a in res])
+  t = (np.asarray(clock.local_time(rc, batch, steps), np.float64)
+       + np.asarray(clock.comm_time(rc, exp.model_bytes), np.float64))
+  round_time = np.where(steps > 0, t, 0.0).max(axis=1)
+  cum = np.concatenate([[0.0], np.cumsum(round_time)])
+  return [float(cum[r["round"]]) for r in records]
+
+
+def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
+  """What the report needs of one run (compact, JSON)."""
+  recs, cl = out.records, out.clients()
+  took = np.asarray(cl["steps"]) > 0
+  b_simple = [r["noise_scale"] for r in recs if r.get("noise_scale")]
+  s = dict(rounds=[r["round"] for r in recs],
+           accuracy=[r["test_accuracy"] for r in recs],
+           final_accuracy=recs[-1]["test_accuracy"],
+           examples=int(np.sum(np.asarray(cl["batch"]) * np.asarray(
+               cl["steps"]))),
+           bytes=int(2 * exp.model_bytes * took.sum()),
+           diverged=out.diverged,
+           noise_scale=b_simple,
+           mean_batch=float(np.mean(np.asarray(cl["batch"])[took]))
+           if took.any() else None)
+  recorded = [r["sim_time_s"] for r in recs]
+  if bandwidths is None:
+    s["sim_time"] = {"run": recorded}
+  else:
+    again = retime(exp, cl, recs, exp.cfg.bandwidth)
+    if not np.allclose(again, recorded, rtol=1e-4, atol=1e-3):
+      raise AssertionError(f"retiming does not reproduce the clock: "
+                           f"{again[-1]} vs {recorded[-1]}")
+    s["sim_time"] = {str(k): retime(exp, cl, recs, bw)
+                     for k, bw in bandwidths.items()}
+  return s
+
+
+def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
+                     key: str, retimes=None, log=print) -> list:
+  """Runs ``experiments`` (override dicts, each with an ``"id"``) as one
+  packed sweep, or loads its cached results; returns one summary each.
+
+  ``retimes(exp) -> {ratio: bandwidth}`` asks for retimed clocks (wait_all
+  protocols); None keeps the recorded clock.
+  """
+  ids = [e["id"] for e in experiments]
+  digest = hashlib.sha256(json.dumps(
+      [base.to_dict(), experiments], sort_keys=True).encode()).hexdigest()
+  path = os.path.join(cache_dir, f"{key}-{digest[:12]}.json")
+  if os.path.exists(path):
+    with open(path) as fh:
+      return json.load(fh)["runs"]
+  overrides = [{k: v for k, v in e.items() if k != "id"} for e in experiments]
+  t = time.perf_counter()
+  pre = driver.prepare(base, overrides, mesh=None, keep_going=True)
+  outs = [Outputs(c, None) for c in pre.configs]
+  driver.execute(pre, outs)
+  runs = [dict(id=i, failed=pre.failed.get(n)) for n, i in enumerate(ids)]
+  for out, exp, n in zip(outs, pre.experiments, pre.kept):
+    runs[n].update(_run_summary(exp, out, retimes(exp) if retimes else None))
+  os.makedirs(cache_dir, exist_ok=True)
+  with open(path + ".tmp", "w") as fh:
+    json.dump(dict(key=key, base=base.to_dict(), runs=runs), fh)
+  os.replace(path + ".tmp", path)
+  log(f"  {key}: {len(experiments)} experiments in "
+      f"{time.perf_counter() - t:.0f} s")
+  return runs
+
+
+class Study:
+  """One dataset's study over the chosen axes (see the module docstring)."""
+
+  def __init__(self, dataset: str, *, alphas=None, devices=None,
+               local_work=None, comm=None, seeds=None, tuning=None,
+               batches=None, methods=None, aggregations=None, rounds=None,
+               cache_dir: str = "benchmarks/results/regimes_cache",
+               log=print):
+    spec = DATASETS[dataset]
+    self.dataset, self.log = dataset, log
+    self.alphas = spec["alphas"] if alphas is None else alphas
+    self.devices = list(DEVICES) if devices is None else devices
+    self.local_work = list(LOCAL_WORK) if local_work is None else local_work
+    self.comm = COMM_RATIOS if comm is None else comm
+    self.seeds = spec["seeds"] if seeds is None else seeds
+    self.tuning = spec["tuning"] if tuning is None else tuning
+    self.batches = BATCHES if batches is None else batches
+    self.methods = list(METHODS) if methods is None else methods
+    self.aggregations = AGGREGATIONS if aggregations is None else aggregations
+    base = dict(spec["base"], **COMMON)
+    if rounds is not None:
+      base["rounds"] = rounds
+    base["schedule_every"] = max(1, base["rounds"] // 4)
+    self.base = Config(**base)
+    self.cache_dir = os.path.join(cache_dir, dataset)
+
+  # ------------------------------------------------------------- plumbing
+  def config(self, lw: str, agg: str, controller_kw: dict) -> Config:
+    return self.base.replace(algorithm=agg, **LOCAL_WORK[lw],
+                             **controller_kw)
+
+  @functools.lru_cache(maxsize=None)
+  def _bandwidths(self, lw: str) -> dict:
+    """Ratio -> bandwidth for local work ``lw`` (from the first alpha)."""
+    cfg = self.base.replace(**LOCAL_WORK[lw])
+    if self.alphas[0] is not None:
+      cfg = cfg.replace(alpha=self.alphas[0])
+    exp = experiment_lib.build(cfg)
+    return {r: bandwidth_for(cfg, exp, r) for r in self.comm}
+
+  def cells(self, lw: str):
+    """``(cell id, overrides)`` of the host/traced axes of ``lw``; deadline
+    rounds have one cell per ratio, wait_all rounds one for all ratios."""
+    ratios = self.comm if lw == "deadline" else [None]
+    out = []
+    for a in self.alphas:
+      for dev in self.devices:
+        for r in ratios:
+          ov = dict(speed_sigma=DEVICES[dev])
+          if a is not None:
+            ov["alpha"] = a
+          ov["bandwidth"] = self._bandwidths(lw)[
+              r if r is not None else self._run_ratio]
+          out.append((dict(alpha=a, devices=dev, local_work=lw,
+                           comm_ratio=r), ov))
+    return out
+
+  @property
+  def _run_ratio(self) -> float:
+    """The ratio wait_all runs are simulated at (then retimed)."""
+    return 1.0 if 1.0 in self.comm else self.comm[0]
+
+  def _retimes(self, lw):
+    if lw == "deadline":
+      return None
+    bws = self._bandwidths(lw)
+    return lambda exp: bws
+
+  def sweep(self, phase: str, lw: str, agg: str, name: str, kw: dict,
+            experiments: list) -> list:
+    key = f"{phase}-{lw}-{agg}-{name}"
+    return run_sweep_cached(self.config(lw, agg, kw), experiments,
+                            self.cache_dir, key, self._retimes(lw), self.log)
+
+  # ---------------------------------------------------------------- phases
+  def tune(self) -> dict:
+    """Phase A: every fixed batch on the tuning seeds."""
+    runs = {}
+    for lw in self.local_work:
+      for agg in self.aggregations:
+        exps = [dict(ov, seed=s, batch_size=b,
+                     id=json.dumps([cell, b, s], sort_keys=True))
+                for cell, ov in self.cells(lw) for b in self.batches
+                for s in self.tuning]
+        runs[(lw, agg)] = self.sweep("tune", lw, agg, "fixed",
+                                     dict(controller="constant"), exps)
+    return runs
+
+  def report_runs(self, tuned: dict) -> dict:
+    """Phase B: the tuned fixed batch and every method on the reported
+    seeds. ``tuned[(lw, agg)]`` lists ``(cell, batch)`` pairs to run."""
+    runs = {}
+    for lw in self.local_work:
+      for agg in self.aggregations:
+        pairs = {(json.dumps(c, sort_keys=True), b)
+                 for c, b in tuned[(lw, agg)]}
+        by_cell = {json.dumps(c, sort_keys=True): ov
+                   for c, ov in self.cells(lw)}
+        exps = [dict(by_cell[cj], seed=s, batch_size=b,
+                     id=json.dumps([json.loads(cj), b, s], sort_keys=True))
+                for cj, b in sorted(pairs) for s in self.seeds]
+        runs[(lw, agg, "fixed")] = self.sweep(
+            "report", lw, agg, "fixed", dict(controller="constant"), exps)
+        for m in self.methods:
+          exps = [dict(ov, seed=s, id=json.dumps([cell, None, s],
+                                                 sort_keys=True))
+                  for cell, ov in self.cells(lw) for s in self.seeds]
+          runs[(lw, agg, m)] = self.sweep("report", lw, agg, m, METHODS[m],
+                                          exps)
+    return runs
+
+
+def log_to_stderr(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)

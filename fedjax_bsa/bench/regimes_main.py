@@ -1,0 +1,166 @@
+"""``fedjax-bsa study``: runs the regime study and writes its report.
+
+  fedjax-bsa study --quick                         # CI: about a minute
+  fedjax-bsa study --datasets digits               # one dataset, all axes
+  fedjax-bsa study --datasets mnist1d --local-work deadline --comm 1,10
+  fedjax-bsa study --report-only                   # tables from the cache
+
+See :mod:`fedjax_bsa.bench.regimes` (what runs) and
+:mod:`fedjax_bsa.bench.regimes_report` (definitions). ``regimes.json``
+merges every dataset studied so far (a rerun replaces that dataset's
+cells); the markdown table and the heatmap are rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from fedjax_bsa import experiment as experiment_lib
+from fedjax_bsa import goodput
+from fedjax_bsa import regime
+from fedjax_bsa.bench import regimes
+from fedjax_bsa.bench import regimes_report as report
+from fedjax_bsa.bench import regimes_figures as figures
+
+__all__ = ["main", "QUICK"]
+
+QUICK = dict(datasets=["digits"], alphas=[0.1], devices=["heterogeneous"],
+             local_work=["deadline"], comm=[1.0], seeds=[0], tuning=[100],
+             batches=[8, 32], methods=["goodput"], aggregations=["fednova"],
+             rounds=10)
+
+
+def _floats(text):
+  return None if text is None else [float(x) for x in text.split(",")]
+
+
+def _strs(text):
+  return None if text is None else text.split(",")
+
+
+def _parser():
+  p = argparse.ArgumentParser(prog="fedjax-bsa study",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true",
+                 help="CI smoke run: one tiny cell of digits")
+  p.add_argument("--datasets", default="digits,synthetic,mnist1d")
+  p.add_argument("--alpha", help="Dirichlet alphas, e.g. 0.1,1.0")
+  p.add_argument("--devices", help="homogeneous,heterogeneous")
+  p.add_argument("--local-work", help="epochs,steps,deadline")
+  p.add_argument("--comm", help="compute/communication ratios, e.g. 0.1,1,10")
+  p.add_argument("--seeds", type=int, help="reported seeds (0..N-1)")
+  p.add_argument("--tuning-seeds", type=int, help="tuning seeds (100..)")
+  p.add_argument("--rounds", type=int, help="rounds (default per dataset)")
+  p.add_argument("--methods", help=",".join(regimes.METHODS))
+  p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--report-only", action="store_true",
+                 help="rebuild the table and heatmap from regimes.json")
+  return p
+
+
+def _headroom(study: regimes.Study, cell: dict, b_simple) -> float | None:
+  """The cell's headroom at the noise scale its tuning runs measured."""
+  if b_simple is None:
+    return None
+  lw = cell["local_work"]
+  cfg = study.base.replace(**regimes.LOCAL_WORK[lw],
+                           speed_sigma=regimes.DEVICES[cell["devices"]],
+                           seed=study.tuning[0])
+  if cell.get("alpha") is not None:
+    cfg = cfg.replace(alpha=cell["alpha"])
+  exp = experiment_lib.build(cfg)
+  cfg = cfg.replace(bandwidth=regimes.bandwidth_for(cfg, exp,
+                                                    cell["comm_ratio"]))
+  exp = experiment_lib.build(cfg, exp.dataset)
+  sizes = np.array([len(p) for p in exp.parts], np.float64)
+  steps = float(np.median(regime.reference_steps(cfg, sizes)))
+  from fedjax_bsa import clock  # pylint: disable=g-import-not-at-top
+  comm = np.asarray(clock.comm_time(exp.resources, exp.model_bytes))
+  return goodput.headroom(b_simple, sizes, exp.resources.step_overhead,
+                          exp.resources.speed, comm, steps,
+                          np.arange(1, cfg.batch_max + 1))
+
+
+def run_dataset(name: str, kw: dict, log) -> dict:
+  """Runs one dataset's study; returns its cells, trends and timings."""
+  t0 = time.perf_counter()
+  study = regimes.Study(name, log=log, **kw)
+  log(f"{name}: tuning the fixed batch ({len(study.batches)} batches x "
+      f"{len(study.tuning)} tuning seeds)")
+  tune_runs = study.tune()
+  tuning = report.tune(tune_runs, study.batches)
+  log(f"{name}: tuned baseline and {len(study.methods)} methods x "
+      f"{len(study.seeds)} seeds")
+  runs = study.report_runs(report.tuned_pairs(tuning))
+  cells = report.cell_results(tuning, runs, study.methods,
+                              study.aggregations)
+  for c in cells:
+    c["dataset"] = name
+    c["headroom"] = _headroom(study, c, c["tuning_noise_scale"])
+  return dict(cells=cells, trends=report.trends(tune_runs, runs, tuning,
+                                                cells),
+              wall_s=time.perf_counter() - t0,
+              settings=dict(base=study.base.to_dict(), alphas=study.alphas,
+                            devices=study.devices,
+                            local_work=study.local_work, comm=study.comm,
+                            seeds=study.seeds, tuning=study.tuning,
+                            batches=study.batches, methods=study.methods,
+                            aggregations=study.aggregations))
+
+
+def _merge(path: str, results: dict) -> dict:
+  old = {}
+  if os.path.exists(path):
+    with open(path) as fh:
+      old = json.load(fh)
+  datasets = dict(old.get("datasets", {}))
+  datasets.update(results)
+  cells = [c for d in datasets.values() for c in d["cells"]]
+  return dict(
+      created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      machine=dict(platform=platform.platform(),
+                   processor=platform.processor(), cpus=os.cpu_count()),
+      definitions=report.__doc__, datasets=datasets, cells=cells,
+      verdict=report.verdict(cells))
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  log = regimes.log_to_stderr
+  name = "regimes_quick" if args.quick else "regimes"
+  path = os.path.join(args.out, f"{name}.json")
+  if not args.report_only:
+    if args.quick:
+      q = dict(QUICK)
+      datasets, kw = q.pop("datasets"), q
+    else:
+      datasets = _strs(args.datasets)
+      kw = dict(alphas=_floats(args.alpha), devices=_strs(args.devices),
+                local_work=_strs(args.local_work), comm=_floats(args.comm),
+                seeds=None if args.seeds is None else list(
+                    range(args.seeds)),
+                tuning=None if args.tuning_seeds is None else list(
+                    range(100, 100 + args.tuning_seeds)),
+                methods=_strs(args.methods), rounds=args.rounds)
+    kw["cache_dir"] = os.path.join(args.out, "regimes_cache")
+    results = {d: run_dataset(d, kw, log) for d in datasets}
+    for d, r in results.items():
+      log(f"{d}: {len(r['cells'])} cells in {r['wall_s'] / 60:.1f} min")
+    rep = _merge(path, results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as fh:
+      json.dump(rep, fh, indent=1)
+  with open(path) as fh:
+    rep = json.load(fh)
+  with open(os.path.join(args.out, f"{name}.md"), "w") as fh:
+    fh.write(figures.markdown(rep))
+  figures.heatmap(rep, os.path.join(args.out, f"{name}_heatmap.png"))
+  log(f"wrote {path}, {name}.md and {name}_heatmap.png")
+  return 0

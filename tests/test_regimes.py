@@ -1,0 +1,108 @@
+"""The regime study: quick mode end to end, and its definitions on
+hand-made runs (targets, tuning, speedups, retiming)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedjax_bsa import Config, driver, experiment
+from fedjax_bsa.bench import regimes
+from fedjax_bsa.bench import regimes_main
+from fedjax_bsa.bench import regimes_report as report
+from fedjax_bsa.outputs import Outputs
+
+
+def test_quick_mode_writes_the_report(tmp_path):
+  assert regimes_main.main(["--quick", "--out", str(tmp_path)]) == 0
+  rep = json.loads((tmp_path / "regimes_quick.json").read_text())
+  (cell,) = rep["cells"]
+  for key in ("dataset", "alpha", "devices", "local_work", "comm_ratio",
+              "headroom", "target", "tuned", "reference", "methods"):
+    assert key in cell
+  assert cell["dataset"] == "digits" and cell["local_work"] == "deadline"
+  assert "goodput+fednova" in cell["methods"]
+  sp = cell["methods"]["goodput+fednova"]["speedup"]
+  assert set(sp) >= {"median", "lo", "hi"}
+  # the tuned fixed batch against itself, on the same seeds: exactly 1
+  assert cell["methods"]["fixed+fednova"]["speedup"]["median"] == 1.0
+  assert cell["headroom"] >= 1.0
+  assert (tmp_path / "regimes_quick.md").read_text().count("| 0.1 |") == 1
+  assert (tmp_path / "regimes_quick_heatmap.png").stat().st_size > 1000
+  # a second run reuses every cached sweep (no new cache files)
+  cache = sorted(p.name for p in (tmp_path / "regimes_cache").rglob("*"))
+  assert regimes_main.main(["--quick", "--out", str(tmp_path)]) == 0
+  assert sorted(p.name for p in
+                (tmp_path / "regimes_cache").rglob("*")) == cache
+
+
+def _run(seed, times, accs, batch=8):
+  cell = dict(alpha=0.1, devices="heterogeneous", local_work="deadline",
+              comm_ratio=1.0)
+  return dict(id=json.dumps([cell, batch, seed], sort_keys=True),
+              rounds=[0, 5, 10], accuracy=accs, final_accuracy=accs[-1],
+              sim_time={"run": times}, examples=1, bytes=1,
+              noise_scale=[])
+
+
+def test_tuning_and_speedups_by_hand():
+  # batch 8 reaches 0.95 * 0.8 = 0.76 at t=10 on both tuning seeds,
+  # batch 32 at t=20: 8 is the tuned batch
+  tune_runs = {("deadline", "fednova"): [
+      _run(100, [0, 10, 20], [0.1, 0.77, 0.8], 8),
+      _run(101, [0, 10, 20], [0.1, 0.78, 0.8], 8),
+      _run(100, [0, 5, 20], [0.1, 0.5, 0.8], 32),
+      _run(101, [0, 5, 20], [0.1, 0.5, 0.79], 32)]}
+  tuning = report.tune(tune_runs, [8, 32])
+  (t,) = tuning.values()
+  assert t["target"] == pytest.approx(0.95 * 0.8)
+  assert t["tuned"]["fednova"]["batch"] == 8
+  assert t["reference"] == dict(aggregation="fednova", batch=8)
+  runs = {("deadline", "fednova", "fixed"): [
+              _run(0, [0, 10, 20], [0.1, 0.8, 0.8]),
+              _run(1, [0, 12, 24], [0.1, 0.8, 0.8])],
+          ("deadline", "fednova", "goodput"): [
+              _run(0, [0, 5, 10], [0.1, 0.8, 0.8], None),
+              _run(1, [0, 6, 12], [0.1, 0.5, 0.8], None)]}
+  (c,) = report.cell_results(tuning, runs, ["goodput"], ["fednova"])
+  sp = c["methods"]["goodput+fednova"]["speedup"]
+  # seed 0: 10 / 5 = 2; seed 1: 12 / 12 = 1
+  assert sorted(sp["per_seed"]) == [1.0, 2.0] and sp["median"] == 1.5
+  assert sp["lo"] >= 1.0 and sp["hi"] <= 2.0
+
+
+def test_a_method_that_never_reaches_the_target_scores_zero():
+  rng = np.random.default_rng(0)
+  s = report.speedup_stats({0: 10.0, 1: 10.0}, {0: math.inf, 1: 5.0}, rng)
+  assert sorted(s["per_seed"]) == [0.0, 2.0]
+  assert report.speedup_stats({0: math.inf}, {0: math.inf},
+                              rng)["median"] is None
+
+
+def test_retiming_reproduces_the_clock_and_scales_communication():
+  """Under wait_all rounds, recomputing the clock from the per-round plans
+  gives the recorded times; a faster link shortens every round by the
+  slowest participant's saved communication."""
+  cfg = Config(num_clients=20, clients_per_round=5, hidden=8, rounds=6,
+               eval_every=3, progress=False, local_work="steps",
+               local_steps=3, speed_sigma=1.0, controller="goodput")
+  pre = driver.prepare(cfg, [{}], mesh=None)
+  out = Outputs(cfg, None)
+  driver.execute(pre, [out])
+  exp = pre.experiments[0]
+  again = regimes.retime(exp, out.clients(), out.records, cfg.bandwidth)
+  np.testing.assert_allclose(again, [r["sim_time_s"] for r in out.records],
+                             rtol=1e-5)
+  faster = regimes.retime(exp, out.clients(), out.records,
+                          10 * cfg.bandwidth)
+  assert all(f < a for f, a in zip(faster[1:], again[1:]))
+
+
+def test_bandwidth_for_a_ratio():
+  cfg = Config(num_clients=20, local_work="steps", local_steps=20,
+               batch_size=8, base_speed=1000.0, step_overhead=0.01)
+  exp = experiment.build(cfg)
+  bw = regimes.bandwidth_for(cfg, exp, 2.0)
+  compute = 20 * (0.01 + 8 / 1000.0)
+  assert 2 * exp.model_bytes / bw == pytest.approx(compute / 2.0)
