@@ -30,7 +30,8 @@ import numpy as np
 from fedjax_bsa import controllers
 from fedjax_bsa import noise
 
-__all__ = ["time_per_progress", "time_optimal_batch", "headroom", "goodput"]
+__all__ = ["time_per_progress", "time_optimal_batch", "headroom",
+           "deadline_headroom", "goodput"]
 
 Plan = controllers.Plan
 
@@ -152,6 +153,50 @@ def headroom(b_simple, n, overhead, speed, comm, steps_ref, batches) -> float:
   common = t.max(axis=0).min()
   own = t.min(axis=1).max()
   return float(common / own)
+
+
+def deadline_headroom(b_simple, n, overhead, speed, comm, deadline,
+                      max_steps, batches) -> float:
+  """How much per-client batches can add to a deadline round, at most.
+
+  With the round fixed at ``deadline`` seconds, client ``k`` at batch ``b``
+  runs ``s_k(b) = min(floor((D - comm_k) / (o_k + b / v_k)), max_steps)``
+  steps and makes ``P_k(b) = s_k(b) / (1 + B_k c_eff(b, n_k))`` noise-free
+  steps of progress. Headroom is the round's progress with each client at
+  its own best batch over the best with one common batch:
+
+    headroom = sum_k max_b P_k(b) / max_b sum_k P_k(b)   (>= 1),
+
+  (``docs/method.md`` (e); this project's definition). Clients that fit no
+  step contribute nothing either way.
+
+  Args: as :func:`headroom`, with ``deadline`` (seconds) and ``max_steps``
+  (the protocol's cap) instead of ``steps_ref``.
+
+  An overhead-bound fast client (``o = 1``, ``v = 100``) wants batch 8, a
+  compute-bound one (``o = 0``, ``v = 1``) batch 1 (``B = 4``, 16 s):
+
+  >>> h = deadline_headroom([4.0, 4.0], [1000, 1000], [1.0, 0.0],
+  ...                       [100.0, 1.0], [0.0, 0.0], 16.0, 100, [1, 2, 4, 8])
+  >>> round(h, 3)
+  1.174
+  """
+  args = [np.asarray(x, np.float64) for x in (b_simple, n, overhead, speed,
+                                             comm)]
+  bs, nn, o, v, c = np.broadcast_arrays(*args)
+  grid = np.asarray(batches, np.float64).reshape(-1)
+  if grid.size == 0 or (grid < 1).any():
+    raise ValueError(f"batches={batches!r} is not allowed: give a non-empty "
+                     "grid of batches >= 1")
+  coef = np.asarray(noise.fpc_coefficient(grid[None, :], nn[:, None]),
+                    np.float64)                                   # [K, J]
+  steps = np.floor(np.maximum(float(deadline) - c[:, None], 0.0)
+                   / (o[:, None] + grid[None] / v[:, None]))
+  steps = np.minimum(steps, float(max_steps))
+  prog = steps / (1.0 + np.maximum(bs, 0)[:, None] * coef)
+  common = prog.sum(axis=0).max()
+  own = prog.max(axis=1).sum()
+  return float(own / common) if common > 0 else 1.0
 
 
 def goodput(batch_size, batch_min, batch_max, local_steps: int, client_lr,

@@ -16,7 +16,7 @@ from fedjax_bsa import clock
 from fedjax_bsa import deadline as deadline_lib
 from fedjax_bsa import goodput
 
-__all__ = ["describe", "reference_steps"]
+__all__ = ["describe", "reference_steps", "headroom"]
 
 
 def reference_steps(cfg, sizes: np.ndarray) -> np.ndarray:
@@ -47,12 +47,36 @@ def describe(exp, records) -> dict:
               if r.get("noise_scale") is not None]
   room = None
   if measured:
-    comm = np.asarray(clock.comm_time(res, exp.model_bytes), np.float64)
-    room = goodput.headroom(
-        float(np.median(measured)), sizes, res.step_overhead, res.speed,
-        comm, float(np.median(steps)), np.arange(1, cfg.batch_max + 1))
+    room = headroom(exp, float(np.median(measured)))
   return dict(compute_comm_ratio=ratio, headroom=room,
               regime=_words(ratio))
+
+
+def headroom(exp, b_simple: float) -> float:
+  """The batch lever's largest possible gain for ``exp`` at noise scale
+  ``b_simple``, under its protocol: with ``local_work=deadline`` the
+  progress a deadline round gains (:func:`fedjax_bsa.goodput.
+  deadline_headroom`, the deadline from the configured rule over every
+  client's predicted one-epoch time at the reference batch), otherwise the
+  time a synchronous round saves for the same progress
+  (:func:`fedjax_bsa.goodput.headroom`)."""
+  cfg, res = exp.cfg, exp.resources
+  sizes = np.array([len(p) for p in exp.parts], np.float64)
+  comm = np.asarray(clock.comm_time(res, exp.model_bytes), np.float64)
+  batches = np.arange(1, cfg.batch_max + 1)
+  if cfg.local_work != "deadline":
+    steps = float(np.median(reference_steps(cfg, sizes)))
+    return goodput.headroom(b_simple, sizes, res.step_overhead, res.speed,
+                            comm, steps, batches)
+  predicted = deadline_lib.one_epoch_time(res, cfg.batch_size, sizes,
+                                          exp.model_bytes)
+  d = float(deadline_lib.round_deadline(
+      cfg.deadline_rule, predicted, np.ones(sizes.shape, bool),
+      seconds=cfg.deadline if cfg.deadline_rule == "fixed" else None,
+      quantile=cfg.deadline_quantile))
+  return goodput.deadline_headroom(b_simple, sizes, res.step_overhead,
+                                   res.speed, comm, d, cfg.local_steps,
+                                   batches)
 
 
 def _words(ratio: float) -> str:

@@ -128,7 +128,11 @@ def heatmap(rep: dict, path: str) -> None:
   for ax in list(axes.flat)[len(keys):]:
     ax.axis("off")
   if im is not None:
-    fig.colorbar(im, ax=axes, shrink=0.8,
-                 label=f"{HEADLINE} speedup over the tuned fixed batch")
+    bar = fig.colorbar(im, ax=axes, shrink=0.8,
+                       label=f"{HEADLINE} speedup over the tuned fixed "
+                       "batch")
+    ticks = [0.25, 0.5, 1.0, 2.0, 4.0]
+    bar.set_ticks(ticks, labels=[f"{t:g}x" for t in ticks])
+    bar.minorticks_off()
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)

@@ -23,7 +23,6 @@ import time
 import numpy as np
 
 from fedjax_bsa import experiment as experiment_lib
-from fedjax_bsa import goodput
 from fedjax_bsa import regime
 from fedjax_bsa.bench import regimes
 from fedjax_bsa.bench import regimes_report as report
@@ -79,13 +78,7 @@ def _headroom(study: regimes.Study, cell: dict, b_simple) -> float | None:
   cfg = cfg.replace(bandwidth=regimes.bandwidth_for(cfg, exp,
                                                     cell["comm_ratio"]))
   exp = experiment_lib.build(cfg, exp.dataset)
-  sizes = np.array([len(p) for p in exp.parts], np.float64)
-  steps = float(np.median(regime.reference_steps(cfg, sizes)))
-  from fedjax_bsa import clock  # pylint: disable=g-import-not-at-top
-  comm = np.asarray(clock.comm_time(exp.resources, exp.model_bytes))
-  return goodput.headroom(b_simple, sizes, exp.resources.step_overhead,
-                          exp.resources.speed, comm, steps,
-                          np.arange(1, cfg.batch_max + 1))
+  return regime.headroom(exp, b_simple)
 
 
 def run_dataset(name: str, kw: dict, log) -> dict:
