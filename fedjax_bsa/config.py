@@ -164,8 +164,8 @@ class Config:
                              lo=0.0, hi=1.0, lo_open=True, host=True)
   round_policy: str = _res("wait_all", "what a round waits for",
                            choices=reg.ROUND_POLICIES)
-  deadline_rule: str = _res("fixed", "how the round's deadline is set",
-                            choices=reg.DEADLINE_RULES)
+  deadline_rule: str = _res("fedbalancer", "how the round's deadline is "
+                            "set", choices=reg.DEADLINE_RULES)
   deadline: float = _res(0.0, "deadline in simulated s (deadline_rule="
                          "fixed; 0: none)", lo=0.0, traced=True)
   deadline_quantile: float = _res(0.8, "deadline_rule=quantile: quantile of "
@@ -177,7 +177,6 @@ class Config:
                            part="run")
   progress: bool = _field(True, "show a progress bar", part="run")
 
-  # ------------------------------------------------------------------ api
   def validate(self) -> "Config":
     """Checks every field and the relations between them.
 
@@ -211,6 +210,10 @@ class Config:
     if self.batch_min > self.batch_max:
       raise ConfigError(f"batch_min={self.batch_min} is out of range: must be "
                         f"<= batch_max={self.batch_max}")
+    if self.deadline > 0 and self.deadline_rule != "fixed":
+      raise ConfigError(f"deadline={self.deadline} is not allowed with "
+                        f"deadline_rule={self.deadline_rule}: it is the "
+                        "fixed rule's deadline (set deadline_rule=fixed)")
     needs_deadline = (self.round_policy != "wait_all"
                       or self.local_work == "deadline")
     if needs_deadline and self.deadline_rule == "fixed" and self.deadline <= 0:
