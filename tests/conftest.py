@@ -1,7 +1,31 @@
-"""Shared fixtures: small data and models, compiled once per session."""
+"""Shared fixtures: small data and models, compiled once per session.
 
+XLA compiles are most of the suite's time, and many tests build the same
+program (runs differing only in traced settings, the same run in a test
+and in its subprocesses, the two xdist workers). The session therefore
+shares one persistent compilation cache: a fresh folder made by the
+controlling pytest process (inherited by the xdist workers and by every
+subprocess a test starts) and removed at its exit. A program is still
+traced by each run (the tests' compile counts count traces), only XLA's
+compile of an identical program is skipped. Set
+``JAX_COMPILATION_CACHE_DIR`` yourself to keep a cache between sessions.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
+if "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get(
+    "JAX_COMPILATION_CACHE_DIR"):
+  _CACHE_DIR = tempfile.mkdtemp(prefix="fedjax_bsa_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# every program is cached, however quick its compile
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +34,6 @@ import pytest
 from fedjax_bsa import models
 from fedjax_bsa.data import datasets
 from fedjax_bsa.data import federated
-
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +58,19 @@ def small_fed(digits):
 @pytest.fixture(scope="session")
 def small_mlp():
   return models.make_model("mlp", (64,), 10, hidden=16)
+
+
+FINISHED_RUN_ARGS = ["run", "--no-progress", "--set", "rounds=40",
+                     "--set", "num_clients=30", "--set",
+                     "clients_per_round=6", "--set", "hidden=32"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+  """``(exit code, folder)`` of one finished default run from the command
+  line (40 rounds, 30 clients), shared by the tests that read a run's
+  files; treat the folder as read-only."""
+  from fedjax_bsa import cli  # pylint: disable=g-import-not-at-top
+  out = tmp_path_factory.mktemp("finished_run") / "run"
+  code = cli.main(FINISHED_RUN_ARGS + ["--out", str(out)])
+  return code, out

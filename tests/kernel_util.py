@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,6 @@ def stack(*trees):
 
 
 def close(a, b, rtol=2e-4, atol=2e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                               atol=atol)
+  """Same tree structure, shapes and values (within tolerances)."""
+  chex.assert_trees_all_equal_shapes(a, b)
+  chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)

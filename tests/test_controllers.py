@@ -61,18 +61,78 @@ def _run(ctrl, n_rounds=4, seed=0):
   return plans, state
 
 
+def _by_hand(name, fb, ctx):
+  """One update from the initial state, in numpy: ``(batch, steps, lr)``
+  of :func:`_controllers`' ``name`` (no time budget), or None (random)."""
+  cap = np.asarray(ctx.memory_cap)
+  speed = np.asarray(ctx.speed, np.float64)
+  K_ = cap.shape[0]
+  if name == "constant":
+    return np.minimum(32, cap), np.full(K_, 10), np.full(K_, 0.1)
+  if name == "schedule":  # doubling from 8 every 2 rounds: round 3 -> 16
+    assert int(ctx.round) == 3
+    return np.minimum(16, cap), np.full(K_, 10), np.full(K_, 0.1)
+  if name == "resource_proportional":
+    b = np.maximum(np.round(16 * speed / 500.0), 1)
+    return np.minimum(b, cap), np.full(K_, 10), np.full(K_, 0.1)
+  if name == "noise_scale":
+    # after one update from empty EMAs, each EMA's bias-corrected value is
+    # the sample itself: a reporting client's B = tr / |G|^2; any other
+    # takes the cohort's mean(tr) / mean(|G|^2)
+    g = np.asarray(fb.stats.grad_sq, np.float64)
+    tr = np.asarray(fb.stats.trace, np.float64)
+    own = dict(zip(np.asarray(fb.cohort).tolist(), tr / g))
+    cohort_b = tr.mean() / g.mean()
+    big_b = np.array([own.get(c, cohort_b)
+                      for c in np.asarray(ctx.cohort).tolist()])
+    # kappa = 1, n = inf: the target is B, clipped to [max(8, 2 MU), 128]
+    # and rounded to a multiple of MU = 4
+    b = np.round(np.clip(big_b, 8, 128) / MU) * MU
+    # AdaScale gain over b0 = 8, capped at 4, before the memory clamp
+    lr = 0.1 * np.minimum((1 + big_b / 8) / (1 + big_b / b), 4.0)
+    # clamp: below the cap, a multiple of MU unless the cap is below MU
+    b = np.where(cap < MU, cap, np.minimum(b, cap // MU * MU))
+    return b, np.full(K_, 10), lr
+  return None
+
+
 @pytest.mark.parametrize("name", list(_controllers()))
-def test_pure_and_jit_equal(name):
+def test_plan_by_hand_eager_and_jit(name):
+  """One round's plan against :func:`_by_hand` (eager and under ``jit``);
+  the random controller's batches are uniform in [1, 300] under the caps."""
   ctrl = _controllers()[name]
   state = ctrl.init(N)
   fb, ctx = _feedback(), _ctx()
-  p1, s1 = ctrl.update(fb, state, ctx)
-  p2, s2 = ctrl.update(fb, state, ctx)
-  p3, s3 = jax.jit(ctrl.update)(fb, state, ctx)
-  for a, b, c in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2)),
-                     jax.tree.leaves((p3, s3))):
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(a, c, rtol=1e-6)
+  want = _by_hand(name, fb, ctx)
+  for update in (ctrl.update, jax.jit(ctrl.update)):
+    plan, new_state = update(fb, state, ctx)
+    if want is not None:
+      np.testing.assert_array_equal(plan.batch_size, want[0])
+      np.testing.assert_array_equal(plan.steps, want[1])
+      np.testing.assert_allclose(plan.lr, want[2], rtol=1e-5)
+  if name == "noise_scale":
+    # the cohort's estimates now sit in the state: the next round with no
+    # feedback gives the same plan (the EMAs do not move)
+    again, _ = jax.jit(ctrl.update)(C.empty_feedback(K), new_state, ctx)
+    np.testing.assert_array_equal(again.batch_size, want[0])
+  if name == "random":
+    keys = jax.random.split(jax.random.key(5), 2000)
+    draws = jax.jit(jax.vmap(lambda k: ctrl.update(
+        fb, state, ctx._replace(key=k))[0].batch_size))(keys)
+    draws = np.asarray(draws)
+    cap = np.asarray(ctx.memory_cap)
+    assert (draws >= 1).all() and (draws <= cap).all()
+    # a draw at or above the cap is clamped to it: client 3 (cap 200) is
+    # at 200 with P = 101 / 300, client 1 (cap 64) at 64 with P = 237 / 300;
+    # uniform below the cap
+    np.testing.assert_allclose((draws[:, 3] == 200).mean(), 101 / 300,
+                               atol=0.04)
+    np.testing.assert_allclose((draws[:, 1] == 64).mean(), 237 / 300,
+                               atol=0.04)
+    np.testing.assert_allclose((draws[:, 3] <= 100).mean(), 100 / 300,
+                               atol=0.04)
+    # a client's draws change with the round's key
+    assert len(np.unique(draws[:, 3])) > 100
 
 
 @pytest.mark.parametrize("budget", [0.0, 0.05])

@@ -1,5 +1,8 @@
 """Every dataset / partition / algorithm / optimizer / resource option runs
-and learns through the compile-once kernel (short runs, well above chance)."""
+and learns through the compile-once kernel (short runs, well above chance)
+and changes the run (against the base run). One round of each algorithm and
+server optimizer is checked against a hand computation in
+``test_round.py``."""
 
 import pickle
 
@@ -43,8 +46,20 @@ def _id(o):
                   ("rounds", "client_lr", "num_examples", "num_clients"))
 
 
+def _fingerprint(res):
+  """What an option could change: the final loss, time and batches."""
+  last = res.records[-1]
+  return (round(last["test_loss"], 6), round(last["sim_time_s"], 6),
+          float(np.mean(res.clients["batch"])))
+
+
+@pytest.fixture(scope="module")
+def base_run():
+  return run(Config(**BASE), print_table=False)
+
+
 @pytest.mark.parametrize("option", OPTIONS, ids=_id)
-def test_option_runs_and_learns(option, tmp_path):
+def test_option_runs_and_learns(option, tmp_path, base_run):
   kw = dict(BASE)
   kw.update(option)
   if kw.get("resources") == "trace":
@@ -63,6 +78,9 @@ def test_option_runs_and_learns(option, tmp_path):
   y = experiment.load_dataset(Config(**kw)).y_test
   majority = np.bincount(y).max() / len(y)
   assert acc > majority + 0.15, (acc, majority)
+  # and the option was not ignored: the run differs from the base run
+  # (a dropped prox_mu or a server optimizer falling back to sgd would not)
+  assert _fingerprint(res) != _fingerprint(base_run), option
   last = res.records[-1]
   if kw.get("round_policy") == "deadline_drop":
     assert last["round_time_s"] <= 0.15 + 1e-6

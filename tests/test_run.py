@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from fedjax_bsa import cli
 from fedjax_bsa.config import Config
 from fedjax_bsa.runner import run
 
@@ -17,11 +16,8 @@ REQUIRED = ("round", "sim_time_s", "wall_time_s", "test_accuracy",
             "max_batch_size", "noise_scale")
 
 
-def test_cli_run_writes_files_and_learns(tmp_path):
-  out = tmp_path / "run"
-  code = cli.main(["run", "--no-progress", "--set", "rounds=40",
-                   "--set", "num_clients=30", "--set", "clients_per_round=6",
-                   "--set", "hidden=32", "--out", str(out)])
+def test_cli_run_writes_files_and_learns(finished_run):
+  code, out = finished_run
   assert code == 0
   cfg = json.loads((out / "config.json").read_text())
   assert cfg["rounds"] == 40
