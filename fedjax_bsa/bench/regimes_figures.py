@@ -102,7 +102,7 @@ def heatmap(rep: dict, path: str) -> None:
   cols = 2
   rows = max(1, math.ceil(len(keys) / cols))
   fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.2 * rows),
-                           squeeze=False)
+                           squeeze=False, layout="constrained")
   norm = matplotlib.colors.LogNorm(vmin=0.25, vmax=4.0)
   im = None
   for ax, key in zip(axes.flat, keys):
@@ -116,7 +116,10 @@ def heatmap(rep: dict, path: str) -> None:
       med = sp.get("median")
       grid[i, j] = np.clip(med, 0.25, 4.0) if med is not None else np.nan
       h = c.get("headroom")
-      ax.text(j, i, ("-" if med is None else f"{med:.2f}x") +
+      # a median of 0: most seeds never reached the target
+      label = ("-" if med is None else "target\nnot reached" if med == 0
+               else f"{med:.2f}x")
+      ax.text(j, i, label +
               ("" if h is None else f"\nheadroom {h:.2f}"),
               ha="center", va="center", fontsize=8)
     im = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
