@@ -99,6 +99,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bsa import algorithms
+from fedjax_bsa.bench import harness
 from fedjax_bsa import clock
 from fedjax_bsa import config as config_lib
 from fedjax_bsa import controllers
@@ -397,14 +398,9 @@ def _machine() -> dict:
           "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
                        "numpy": np.__version__,
                        "python": platform.python_version()}}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          info["cpu_model"] = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  model = harness.cpu_model()
+  if model is not None:
+    info["cpu_model"] = model
   return info
 
 

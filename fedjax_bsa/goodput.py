@@ -105,6 +105,21 @@ def time_optimal_batch(b_simple, n, overhead, speed):
   return jnp.clip(best, 1.0, jnp.maximum(n, 1.0)).astype(jnp.float32)
 
 
+def _client_grid(b_simple, n, overhead, speed, comm, batches):
+  """The clients' arrays broadcast to ``[K]`` (float64), the batch grid
+  ``[J]`` (checked) and ``c_eff(b, n_k)`` on it ``[K, J]``."""
+  args = [np.asarray(x, np.float64) for x in (b_simple, n, overhead, speed,
+                                             comm)]
+  bs, nn, o, v, c = np.broadcast_arrays(*args)
+  grid = np.asarray(batches, np.float64).reshape(-1)
+  if grid.size == 0 or (grid < 1).any():
+    raise ValueError(f"batches={batches!r} is not allowed: give a non-empty "
+                     "grid of batches >= 1")
+  coef = np.asarray(noise.fpc_coefficient(grid[None, :], nn[:, None]),
+                    np.float64)                                   # [K, J]
+  return bs, o, v, c, grid, coef
+
+
 def headroom(b_simple, n, overhead, speed, comm, steps_ref, batches) -> float:
   """How much per-client batches can shorten a round, at most.
 
@@ -139,15 +154,8 @@ def headroom(b_simple, n, overhead, speed, comm, steps_ref, batches) -> float:
   >>> round(h, 6)
   1.2
   """
-  args = [np.asarray(x, np.float64) for x in (b_simple, n, overhead, speed,
-                                             comm)]
-  bs, nn, o, v, c = np.broadcast_arrays(*args)
-  grid = np.asarray(batches, np.float64).reshape(-1)
-  if grid.size == 0 or (grid < 1).any():
-    raise ValueError(f"batches={batches!r} is not allowed: give a non-empty "
-                     "grid of batches >= 1")
-  coef = np.asarray(noise.fpc_coefficient(grid[None, :], nn[:, None]),
-                    np.float64)                                   # [K, J]
+  bs, o, v, c, grid, coef = _client_grid(b_simple, n, overhead, speed, comm,
+                                         batches)
   t = c[:, None] + float(steps_ref) * (1.0 + np.maximum(bs, 0)[:, None] * coef
                                        ) * (o[:, None] + grid[None] / v[:, None])
   common = t.max(axis=0).min()
@@ -181,15 +189,8 @@ def deadline_headroom(b_simple, n, overhead, speed, comm, deadline,
   >>> round(h, 3)
   1.174
   """
-  args = [np.asarray(x, np.float64) for x in (b_simple, n, overhead, speed,
-                                             comm)]
-  bs, nn, o, v, c = np.broadcast_arrays(*args)
-  grid = np.asarray(batches, np.float64).reshape(-1)
-  if grid.size == 0 or (grid < 1).any():
-    raise ValueError(f"batches={batches!r} is not allowed: give a non-empty "
-                     "grid of batches >= 1")
-  coef = np.asarray(noise.fpc_coefficient(grid[None, :], nn[:, None]),
-                    np.float64)                                   # [K, J]
+  bs, o, v, c, grid, coef = _client_grid(b_simple, n, overhead, speed, comm,
+                                         batches)
   steps = np.floor(np.maximum(float(deadline) - c[:, None], 0.0)
                    / (o[:, None] + grid[None] / v[:, None]))
   steps = np.minimum(steps, float(max_steps))

@@ -182,15 +182,22 @@ def machine_info() -> dict:
           "system": platform.platform(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "compilation_cache_dir": jax.config.jax_compilation_cache_dir}
+  model = cpu_model()
+  if model is not None:
+    info["cpu_model"] = model
+  return info
+
+
+def cpu_model() -> str | None:
+  """The host CPU's model name from ``/proc/cpuinfo`` (None where unknown)."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         if line.startswith("model name"):
-          info["cpu_model"] = line.split(":", 1)[1].strip()
-          break
+          return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return info
+  return None
 
 
 def loadavg() -> list | None:

@@ -58,6 +58,7 @@ import jax
 import numpy as np
 import optax
 
+from fedjax_bsa.bench import harness
 from fedjax_bsa.bench.estimator_setup import ALPHA
 from fedjax_bsa.bench.estimator_setup import FROZEN_LR
 from fedjax_bsa.bench.estimator_setup import HIDDEN
@@ -106,14 +107,9 @@ def _machine() -> dict:
   dev = jax.devices()[0]
   info = {"platform": dev.platform, "device_kind": dev.device_kind,
           "cpu_count": os.cpu_count(), "system": platform.platform()}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          info["cpu_model"] = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  model = harness.cpu_model()
+  if model is not None:
+    info["cpu_model"] = model
   return info
 
 
