@@ -121,7 +121,9 @@ def heatmap(rep: dict, path: str) -> None:
                else f"{med:.2f}x")
       ax.text(j, i, label +
               ("" if h is None else f"\nheadroom {h:.2f}"),
-              ha="center", va="center", fontsize=8)
+              ha="center", va="center", fontsize=8,
+              color="white" if med is not None and not 0.4 < med < 2.5
+              else "black")
     im = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
     ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
     ax.set_yticks(range(len(lws)), lws)
