@@ -87,7 +87,6 @@ import functools
 import json
 import os
 import platform
-import re
 import resource
 import sys
 import time
@@ -380,19 +379,10 @@ def _time(fn, *args, repeats: int = 7) -> float:
   return float(np.median(times))
 
 
-def machine_name() -> str:
-  """``cpu-<n>core`` or ``<platform>-<device kind>`` (lower case)."""
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    return f"cpu-{os.cpu_count()}core"
-  kind = re.sub(r"[^a-z0-9]+", "-", dev.device_kind.lower()).strip("-")
-  return f"{dev.platform}-{kind}"
-
-
 def _machine() -> dict:
   import jaxlib  # pylint: disable=g-import-not-at-top
   dev = jax.devices()[0]
-  info = {"name": machine_name(), "platform": dev.platform,
+  info = {"name": harness.machine_name(), "platform": dev.platform,
           "device_kind": dev.device_kind, "devices": jax.device_count(),
           "cpu_count": os.cpu_count(), "system": platform.platform(),
           "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
