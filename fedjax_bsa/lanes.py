@@ -187,13 +187,30 @@ def _next_job(rd: Round, ptr, lane_ids):
   return rd.layout.order[jnp.clip(rd.layout.begin[lane_ids] + ptr, 0, J - 1)]
 
 
-def _by_experiment(spec: Spec, t, e):
-  """Sums a ``[L, ...]`` tree into ``[E, ...]`` by each lane's experiment
-  ``e [L]`` (a one-hot contraction: dense, unlike a scatter on a CPU)."""
+def _by_experiment(spec: Spec, t, e, live):
+  """Sums the ``live`` lanes of a ``[L, ...]`` tree into ``[E, ...]`` by
+  each lane's experiment ``e [L]`` (a one-hot contraction: dense, unlike a
+  scatter on a CPU). Experiments stay isolated: a lane's non-finite values
+  make its own experiment's sum NaN and no other's (``0 * inf`` in the
+  contraction would spread them to every experiment of the sweep)."""
+  t = tmap(lambda a: jnp.where(_lanes_like(live, a), a, 0), t)
   if spec.experiments == 1:
     return tmap(lambda a: a.sum(0, keepdims=True), t)
   onehot = (e[None, :] == jnp.arange(spec.experiments)[:, None])
-  return tmap(lambda a: jnp.tensordot(onehot.astype(a.dtype), a, 1), t)
+
+  def one(a):
+    ok = jnp.isfinite(a)
+    bad = ~ok.reshape(a.shape[0], -1).all(axis=1)            # [L]
+    hit = jnp.any(onehot & bad[None, :], axis=1)             # [E]
+    s = jnp.tensordot(onehot.astype(a.dtype), jnp.where(ok, a, 0), 1)
+    return jnp.where(_lanes_like(hit, s), jnp.nan, s)
+
+  return tmap(one, t)
+
+
+def _lanes_like(flag, a):
+  """``flag [n]`` shaped to broadcast against ``a [n, ...]``."""
+  return flag.reshape((-1,) + (1,) * (a.ndim - 1))
 
 
 def job_end(spec: Spec, rd: Round, ln: Lanes, sh: Shared, out: SlotOut,
@@ -206,22 +223,22 @@ def job_end(spec: Spec, rd: Round, ln: Lanes, sh: Shared, out: SlotOut,
   delta = tmap(jnp.subtract, ln.params,
                tmap(lambda a: a[e], rd.server))
   w = jnp.where(end, rd.jobs.weight[j], 0.0)
-  agg = tmap(jnp.add, sh.agg, _by_experiment(spec, _per_lane(w, delta), e))
+  agg = tmap(jnp.add, sh.agg,
+             _by_experiment(spec, _per_lane(w, delta), e, end))
   hsum, usq, deltas = sh.hsum, sh.usq, sh.deltas
   if spec.noise_stats:
     s = jnp.maximum(rd.jobs.steps[j], 1).astype(jnp.float32)
     h = _per_lane(jnp.where(end, -1.0 / (rd.jobs.lr[j] * s), 0.0), delta)
-    usq = usq.at[j].add(jax.vmap(sq_norm)(h))
-    hsum = tmap(jnp.add, hsum, _by_experiment(spec, h, e))
+    usq = usq.at[j].add(jnp.where(end, jax.vmap(sq_norm)(h), 0.0))
+    hsum = tmap(jnp.add, hsum, _by_experiment(spec, h, e, end))
   if spec.client_deltas:
     at = jnp.where(end, j, rd.jobs.client.shape[0])
     deltas = tmap(lambda buf, d: buf.at[at].set(d, mode="drop"), deltas,
                   delta)
   start, opt = _job_start(spec, rd, _next_job(rd, ln.ptr, lane_ids))
-  flag = lambda a: end.reshape((-1,) + (1,) * (a.ndim - 1))
-  ln = ln._replace(
-      params=tmap(lambda x, y: jnp.where(flag(x), x, y), start, ln.params),
-      opt=tmap(lambda x, y: jnp.where(flag(x), x, y), opt, ln.opt))
+  reset = lambda x, y: jnp.where(_lanes_like(end, x), x, y)
+  ln = ln._replace(params=tmap(reset, start, ln.params),
+                   opt=tmap(reset, opt, ln.opt))
   return ln, sh._replace(agg=agg, hsum=hsum, usq=usq, deltas=deltas)
 
 

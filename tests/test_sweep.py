@@ -89,3 +89,16 @@ def test_a_failing_experiment_is_marked_and_the_others_finish(tmp_path):
            (tmp_path / "sweep.jsonl").read_text().splitlines()]
   assert "failed" in lines[0] and "final_test_accuracy" in lines[1]
   assert "failed: partition=dirichlet" in (tmp_path / "table.txt").read_text()
+
+
+def test_a_diverging_experiment_does_not_touch_the_others():
+  """Experiments share kernel lanes: one whose parameters become non-finite
+  diverges alone (a one-hot sum over lanes would spread ``0 * inf`` to
+  every experiment); the other still equals its separate run."""
+  base = Config(**dict(BASE, rounds=6))
+  ov = [dict(seed=1, client_lr=1e12), dict(seed=2, client_lr=0.1)]
+  res = sweep.run_sweep(base, ov, None, print_table=False)
+  assert res.summaries[0]["diverged_round"] is not None
+  assert res.summaries[1]["diverged_round"] is None
+  ref = runner.run(base.replace(**ov[1]), print_table=False)
+  _close(ref.records, res.records[1])
