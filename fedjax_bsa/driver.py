@@ -99,7 +99,10 @@ def _mode(E: int, mesh) -> str:
 
 def _host_inputs(exps, first_client):
   """Per-experiment host inputs, as ``build(e) -> pytree`` for
-  :func:`fedjax_bsa.distributed.stacked`."""
+  :func:`fedjax_bsa.distributed.stacked`. Test sets of different sizes
+  (e.g. Synthetic's, drawn per seed) are padded to the largest with label
+  -1, which :func:`fedjax_bsa.simulate.evaluate_model` leaves out."""
+  n_test = max(len(x.dataset.y_test) for x in exps)
 
   def build(e):
     x = exps[e]
@@ -109,9 +112,13 @@ def _host_inputs(exps, first_client):
     inputs = simulate.Inputs(x.resources, hp, np.int32(first_client[e]),
                              sizes)
     key = np.asarray(jax.random.key_data(jax.random.key(x.cfg.seed)))
-    ds = x.dataset
-    return inputs, key, (np.asarray(ds.x_test, np.float32),
-                         np.asarray(ds.y_test, np.int32))
+    ds, pad = x.dataset, n_test - len(x.dataset.y_test)
+    x_test = np.asarray(ds.x_test, np.float32)
+    return inputs, key, (
+        np.concatenate([x_test, np.zeros((pad,) + x_test.shape[1:],
+                                         np.float32)]),
+        np.concatenate([np.asarray(ds.y_test, np.int32),
+                        np.full((pad,), -1, np.int32)]))
   return build
 
 
@@ -177,7 +184,7 @@ def _build(base: Config, overrides: list[dict], keep_going: bool):
         f"experiment {','.join(ids)}: {m}" for m, ids in why.items()))
   _check_same(exps, "num_clients", lambda x: x.num_clients)
   _check_same(exps, "input shape", lambda x: x.dataset.x_train.shape[1:])
-  _check_same(exps, "test set shape", lambda x: x.dataset.x_test.shape)
+  _check_same(exps, "test input shape", lambda x: x.dataset.x_test.shape[1:])
   kept = [i for i in range(len(cfgs)) if i not in failed]
   return [cfgs[i] for i in kept], exps, kept, failed
 

@@ -287,26 +287,29 @@ def _run_chunk(sv: _Static, chunk: int, st, data, inputs: Inputs,
 
 def evaluate_model(apply, params, x, y, batch: int = 512):
   """Test accuracy and mean loss of ``apply(params, .)`` on ``(x, y)``, in
-  batches of ``batch`` (one experiment; :class:`Simulation` vmaps it)."""
+  batches of ``batch`` (one experiment; :class:`Simulation` vmaps it). Rows
+  labelled ``-1`` are padding (a sweep's test sets padded to one shape) and
+  are left out of both."""
   n = x.shape[0]
   pad = (-n) % batch
   xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-  yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)])
-  valid = jnp.arange(n + pad) < n
+  yp = jnp.concatenate([y, jnp.full((pad,), -1, y.dtype)])
+  count = jnp.maximum(jnp.sum(y >= 0), 1)
 
   def body(carry, i):
     xb = jax.lax.dynamic_slice_in_dim(xp, i * batch, batch)
     yb = jax.lax.dynamic_slice_in_dim(yp, i * batch, batch)
-    vb = jax.lax.dynamic_slice_in_dim(valid, i * batch, batch)
+    vb = yb >= 0
     logits = apply(params, xb)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.maximum(yb, 0))
     correct = (jnp.argmax(logits, -1) == yb) & vb
     return (carry[0] + correct.sum(),
             carry[1] + jnp.where(vb, loss, 0.0).sum()), None
 
   (correct, loss), _ = jax.lax.scan(
       body, (jnp.int32(0), jnp.float32(0.0)), jnp.arange((n + pad) // batch))
-  return correct / n, loss / n
+  return correct / count, loss / count
 
 
 def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,

@@ -292,3 +292,20 @@ def test_goodput_needs_num_examples():
   with pytest.raises(ValueError, match="num_examples"):
     ctrl.update(_feedback(), ctrl.init(N_CLIENTS),
                 _context()._replace(num_examples=None))
+
+
+def test_headroom_bound_search_finds_above_two_and_its_point_reproduces():
+  """The headroom-bound search (benchmarks.headroom_bound): with noise
+  scales 1-100 across clients, batches [8, 128] leave headroom above 2; its
+  reported point gives the same value again; with one shared noise scale
+  the search stays below 1.6 (the IID limit the study's cells measure)."""
+  from fedjax_bsa.bench import headroom_bound
+  grid = np.arange(8, 129)
+  h, pt = headroom_bound.search(headroom_bound.BOXES["B_1_to_100"], grid, 300)
+  assert h > 2.0
+  again = goodput.headroom(pt["B"], [np.inf, np.inf], pt["o"], pt["v"],
+                           [0.0, 0.0], 20, grid)
+  assert again == pytest.approx(h, rel=1e-6)
+  shared, _ = headroom_bound.search(headroom_bound.BOXES["shared_B"], grid,
+                                    300)
+  assert 1.0 <= shared < 1.6

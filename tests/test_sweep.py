@@ -102,3 +102,20 @@ def test_a_diverging_experiment_does_not_touch_the_others():
   assert res.summaries[1]["diverged_round"] is None
   ref = runner.run(base.replace(**ov[1]), print_table=False)
   _close(ref.records, res.records[1])
+
+
+def test_seeds_of_a_generated_dataset_with_different_test_sizes_sweep():
+  """Synthetic(1, 1) draws its data per seed, so the test sets differ in
+  size: the sweep pads them (label -1, left out of the metrics) and each
+  experiment still equals its separate run."""
+  base = Config(**dict(BASE, dataset="synthetic", partition="natural",
+                       num_clients=12, clients_per_round=4))
+  ov = [dict(seed=0), dict(seed=1)]
+  from fedjax_bsa import experiment as experiment_lib
+  sizes = {len(experiment_lib.build(base.replace(**o)).dataset.y_test)
+           for o in ov}
+  assert len(sizes) == 2        # the case this test is about
+  res = sweep.run_sweep(base, ov, None, print_table=False)
+  for e, o in enumerate(ov):
+    _close(runner.run(base.replace(**o), print_table=False).records,
+           res.records[e])
