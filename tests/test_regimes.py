@@ -106,3 +106,27 @@ def test_bandwidth_for_a_ratio():
   bw = regimes.bandwidth_for(cfg, exp, 2.0)
   compute = 20 * (0.01 + 8 / 1000.0)
   assert 2 * exp.model_bytes / bw == pytest.approx(compute / 2.0)
+
+
+def test_parts_of_a_dataset_merge_cell_by_cell():
+  """A run over some axes replaces the cells it ran and keeps the others;
+  a part whose cells are all replaced is dropped, and the time adds up."""
+  def cell(alpha, lw, tag):
+    return dict(alpha=alpha, devices="homogeneous", local_work=lw,
+                comm_ratio=1.0, tag=tag)
+
+  def part(cells, wall):
+    return dict(cells=cells, wall_s=wall, trends={"t": {}},
+                settings=dict(alphas=sorted({c["alpha"] for c in cells})))
+
+  a = regimes_main._merge_dataset(None, part(
+      [cell(0.1, "epochs", "a"), cell(0.1, "deadline", "a")], 60.0))
+  b = regimes_main._merge_dataset(a, part([cell(1.0, "epochs", "b")], 30.0))
+  assert sorted((c["alpha"], c["tag"]) for c in b["cells"]) == [
+      (0.1, "a"), (0.1, "a"), (1.0, "b")]
+  assert len(b["parts"]) == 2 and b["wall_s"] == 90.0
+  c = regimes_main._merge_dataset(b, part([cell(0.1, "epochs", "c"),
+                                           cell(0.1, "deadline", "c")], 10))
+  assert sorted((c_["alpha"], c_["tag"]) for c_ in c["cells"]) == [
+      (0.1, "c"), (0.1, "c"), (1.0, "b")]
+  assert len(c["parts"]) == 2 and c["wall_s"] == 40.0

@@ -70,13 +70,18 @@ def markdown(rep: dict) -> str:
                  "-" if gap is None else f"{gap:+.1f}"]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines += ["Published trends, rechecked:", ""]
-    for k, t in d["trends"].items():
-      detail = {x: y for x, y in t.items() if x not in ("claim",
-                                                        "reproduced")}
-      lines.append(f"- **{k}**: {t['claim']} - reproduced: "
-                   f"**{t['reproduced']}** ({detail})")
-    lines.append("")
+    for part in d.get("parts", [d]):
+      ps = part["settings"]
+      lines += [f"Published trends, rechecked on the part with alphas "
+                f"{ps['alphas']}, devices {ps['devices']}, local work "
+                f"{ps['local_work']}, ratios {ps['comm']} "
+                f"({part['wall_s'] / 60:.1f} min):", ""]
+      for k, t in part["trends"].items():
+        detail = {x: y for x, y in t.items() if x not in ("claim",
+                                                          "reproduced")}
+        lines.append(f"- **{k}**: {t['claim']} - reproduced: "
+                     f"**{t['reproduced']}** ({detail})")
+      lines.append("")
   v = rep.get("verdict", [])
   q = [x for x in v if x["qualifies"]]
   met = [x for x in q if x["met"]]

@@ -7,8 +7,11 @@
 
 See :mod:`fedjax_bsa.bench.regimes` (what runs) and
 :mod:`fedjax_bsa.bench.regimes_report` (definitions). ``regimes.json``
-merges every dataset studied so far (a rerun replaces that dataset's
-cells); the markdown table and the heatmap are rebuilt from it.
+merges every dataset and every part studied so far: a run over some axes
+replaces the cells it ran (same dataset, alpha, devices, local work and
+ratio) and keeps the others, so a dataset can be studied axis by axis
+(each part keeps its settings, trends and time under ``parts``); the
+markdown table and the heatmap are rebuilt from it.
 """
 
 from __future__ import annotations
@@ -108,13 +111,35 @@ def run_dataset(name: str, kw: dict, log) -> dict:
                             aggregations=study.aggregations))
 
 
+def _cell_key(c: dict) -> tuple:
+  return (c.get("alpha"), c["devices"], c["local_work"], c["comm_ratio"])
+
+
+def _merge_dataset(old: dict | None, new: dict) -> dict:
+  """One dataset's entry after a new part: the new cells replace the old
+  ones with the same key; parts whose cells are all replaced are dropped."""
+  part = lambda d: dict(settings=d["settings"], trends=d["trends"],
+                        wall_s=d["wall_s"],
+                        cells=[list(_cell_key(c)) for c in d["cells"]])
+  if old is None:
+    return dict(new, parts=[part(new)])
+  keys = {_cell_key(c) for c in new["cells"]}
+  parts = [p for p in old.get("parts", [part(old)])
+           if not {tuple(k) for k in p["cells"]} <= keys] + [part(new)]
+  cells = [c for c in old["cells"] if _cell_key(c) not in keys]
+  return dict(cells=cells + new["cells"], parts=parts,
+              wall_s=sum(p["wall_s"] for p in parts),
+              settings=new["settings"], trends=new["trends"])
+
+
 def _merge(path: str, results: dict) -> dict:
   old = {}
   if os.path.exists(path):
     with open(path) as fh:
       old = json.load(fh)
   datasets = dict(old.get("datasets", {}))
-  datasets.update(results)
+  for name, new in results.items():
+    datasets[name] = _merge_dataset(datasets.get(name), new)
   cells = [c for d in datasets.values() for c in d["cells"]]
   return dict(
       created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
