@@ -87,8 +87,13 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m benchmarks.headroom_bound",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--samples", type=int, default=6000)
+  p.add_argument("--quick", action="store_true",
+                 help="a smoke test: 200 samples, written as "
+                      "headroom_bound_quick.json")
   p.add_argument("--out", default="benchmarks/results")
   a = p.parse_args(argv)
+  if a.quick:
+    a.samples = 200
   report = harness.new_report("headroom_bound", dict(samples=a.samples))
   rows = []
   for name, box in BOXES.items():
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
             flush=True)
   report["rows"] = rows
   harness.write_report(harness.finish_report(report), a.out,
-                       "headroom_bound")
+                       "headroom_bound_quick" if a.quick else "headroom_bound")
   return 0
 
 
