@@ -130,3 +130,30 @@ def test_parts_of_a_dataset_merge_cell_by_cell():
   assert sorted((c_["alpha"], c_["tag"]) for c_ in c["cells"]) == [
       (0.1, "c"), (0.1, "c"), (1.0, "b")]
   assert len(c["parts"]) == 2 and c["wall_s"] == 40.0
+
+
+def test_mcmahan_trend_by_hand_and_not_measurable_when_no_batch_reaches():
+  """Rounds to the target by batch (one epoch, FedAvg): batch 4 at round
+  5, batch 8 at 10, batch 32 never: reproduced. No batch reaching the
+  target is not measurable (None), not 'reproduced' (inf <= inf)."""
+  cell = dict(alpha=0.1, devices="heterogeneous", local_work="epochs",
+              comm_ratio=None)
+
+  def run(b, accs):
+    return dict(id=json.dumps([cell, b, 100], sort_keys=True),
+                rounds=[0, 5, 10], accuracy=accs, final_accuracy=accs[-1],
+                sim_time={"1.0": [0.0, 1.0, 2.0]})
+
+  tuning = {report._key(dict(cell, comm_ratio=1.0)): dict(target=0.5)}
+  runs = [run(4, [0.1, 0.6, 0.7]), run(8, [0.1, 0.3, 0.55]),
+          run(32, [0.1, 0.2, 0.3])]
+  t = report.trends({("epochs", "fedavg"): runs}, {}, tuning, [])
+  m = t["mcmahan_2017"]
+  assert m["median_rounds_by_batch"] == {"4": 5.0, "8": 10.0, "32": None}
+  assert m["reproduced"] is True
+  runs = [run(4, [0.1, 0.3, 0.6]), run(8, [0.1, 0.6, 0.7])]
+  assert report.trends({("epochs", "fedavg"): runs}, {}, tuning, [])[
+      "mcmahan_2017"]["reproduced"] is False
+  runs = [run(4, [0.1, 0.2, 0.3]), run(8, [0.1, 0.2, 0.3])]
+  assert report.trends({("epochs", "fedavg"): runs}, {}, tuning, [])[
+      "mcmahan_2017"]["reproduced"] is None

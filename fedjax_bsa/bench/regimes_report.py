@@ -242,7 +242,8 @@ def trends(tune_runs: dict, runs: dict, tuning: dict, cells: list) -> dict:
             "rounds (one epoch, FedAvg)",
       median_rounds_by_batch={str(b): (v if math.isfinite(v) else None)
                               for b, v in med.items()},
-      reproduced=None if not vals else all(
+      # not measurable when no batch reaches the target (inf <= inf)
+      reproduced=None if not any(map(math.isfinite, vals)) else all(
           x <= y for x, y in zip(vals, vals[1:])))
   # Wang et al. 2020: FedNova beats FedAvg when local steps differ
   # (deadline rounds on heterogeneous devices: the tuned fixed batch of each)
