@@ -35,6 +35,10 @@ def test_quick_mode_writes_the_report(tmp_path):
   assert regimes_main.main(["--quick", "--out", str(tmp_path)]) == 0
   assert sorted(p.name for p in
                 (tmp_path / "regimes_cache").rglob("*")) == cache
+  # and still reports what its sweeps took when they ran
+  again = json.loads((tmp_path / "regimes_quick.json").read_text())
+  took = rep["datasets"]["digits"]["wall_s"]
+  assert took > 0 and again["datasets"]["digits"]["wall_s"] == took
 
 
 def _run(seed, times, accs, batch=8):

@@ -148,12 +148,16 @@ def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
 
 
 def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
-                     key: str, retimes=None, log=print) -> list:
+                     key: str, retimes=None, log=print,
+                     seconds: list | None = None) -> list:
   """Runs ``experiments`` (override dicts, each with an ``"id"``) as one
   packed sweep, or loads its cached results; returns one summary each.
 
   ``retimes(exp) -> {ratio: bandwidth}`` asks for retimed clocks (wait_all
-  protocols); None keeps the recorded clock.
+  protocols); None keeps the recorded clock. The sweep's wall time when it
+  ran (stored with the results; None if unknown) is appended to
+  ``seconds``, so that a study resumed from its cache still reports what
+  its sweeps took.
   """
   ids = [e["id"] for e in experiments]
   digest = hashlib.sha256(json.dumps(
@@ -161,7 +165,10 @@ def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
   path = os.path.join(cache_dir, f"{key}-{digest[:12]}.json")
   if os.path.exists(path):
     with open(path) as fh:
-      return json.load(fh)["runs"]
+      doc = json.load(fh)
+    if seconds is not None:
+      seconds.append(doc.get("wall_s"))
+    return doc["runs"]
   overrides = [{k: v for k, v in e.items() if k != "id"} for e in experiments]
   t = time.perf_counter()
   pre = driver.prepare(base, overrides, mesh=None, keep_going=True)
@@ -170,12 +177,14 @@ def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
   runs = [dict(id=i, failed=pre.failed.get(n)) for n, i in enumerate(ids)]
   for out, exp, n in zip(outs, pre.experiments, pre.kept):
     runs[n].update(_run_summary(exp, out, retimes(exp) if retimes else None))
+  wall = time.perf_counter() - t
   os.makedirs(cache_dir, exist_ok=True)
   with open(path + ".tmp", "w") as fh:
-    json.dump(dict(key=key, base=base.to_dict(), runs=runs), fh)
+    json.dump(dict(key=key, base=base.to_dict(), runs=runs, wall_s=wall), fh)
   os.replace(path + ".tmp", path)
-  log(f"  {key}: {len(experiments)} experiments in "
-      f"{time.perf_counter() - t:.0f} s")
+  if seconds is not None:
+    seconds.append(wall)
+  log(f"  {key}: {len(experiments)} experiments in {wall:.0f} s")
   return runs
 
 
@@ -204,6 +213,7 @@ class Study:
     base["schedule_every"] = max(1, base["rounds"] // 4)
     self.base = Config(**base)
     self.cache_dir = os.path.join(cache_dir, dataset)
+    self.sweep_seconds = []    # each sweep's wall time when it ran
 
   # ------------------------------------------------------------- plumbing
   def config(self, lw: str, agg: str, controller_kw: dict) -> Config:
@@ -251,7 +261,8 @@ class Study:
             experiments: list) -> list:
     key = f"{phase}-{lw}-{agg}-{name}"
     return run_sweep_cached(self.config(lw, agg, kw), experiments,
-                            self.cache_dir, key, self._retimes(lw), self.log)
+                            self.cache_dir, key, self._retimes(lw), self.log,
+                            self.sweep_seconds)
 
   # ---------------------------------------------------------------- phases
   def tune(self) -> dict:

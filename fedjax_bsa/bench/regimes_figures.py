@@ -35,6 +35,10 @@ def _ref_time(c) -> str:
   return f"{np.median(t):.1f}" if t else "-"
 
 
+def _minutes(seconds) -> str:
+  return "an unknown time" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def markdown(rep: dict) -> str:
   """The study's tables, verdict and trends as markdown."""
   lines = ["# Regime study: speedup over the tuned fixed batch", "",
@@ -49,8 +53,8 @@ def markdown(rep: dict) -> str:
     lines += [f"## {name}", "",
               f"{len(d['cells'])} cells, {len(st['seeds'])} reported seeds, "
               f"{len(st['tuning'])} tuning seeds, {st['base']['rounds']} "
-              f"rounds, batches {st['batches']}; ran in "
-              f"{d['wall_s'] / 60:.1f} min on this machine.", ""]
+              f"rounds, batches {st['batches']}; its sweeps took "
+              f"{_minutes(d.get('wall_s'))} on this machine.", ""]
     head = ["alpha", "devices", "local work", "comp/comm", "headroom",
             "target", "tuned b (avg/nova)", "ref s"] + list(_COLUMNS) + [
                 "acc gap (pts)"]
@@ -75,7 +79,7 @@ def markdown(rep: dict) -> str:
       lines += [f"Published trends, rechecked on the part with alphas "
                 f"{ps['alphas']}, devices {ps['devices']}, local work "
                 f"{ps['local_work']}, ratios {ps['comm']} "
-                f"({part['wall_s'] / 60:.1f} min):", ""]
+                f"({_minutes(part.get('wall_s'))}):", ""]
       for k, t in part["trends"].items():
         detail = {x: y for x, y in t.items() if x not in ("claim",
                                                           "reproduced")}

@@ -100,9 +100,14 @@ def run_dataset(name: str, kw: dict, log) -> dict:
   for c in cells:
     c["dataset"] = name
     c["headroom"] = _headroom(study, c, c["tuning_noise_scale"])
+  secs = study.sweep_seconds
+  known = [x for x in secs if x is not None]
   return dict(cells=cells, trends=report.trends(tune_runs, runs, tuning,
                                                 cells),
-              wall_s=time.perf_counter() - t0,
+              # what the sweeps took when they ran (a resumed study reads
+              # it from its cache); None if some sweep's time is unknown
+              wall_s=sum(known) if len(known) == len(secs) else None,
+              this_call_s=time.perf_counter() - t0,
               settings=dict(base=study.base.to_dict(), alphas=study.alphas,
                             devices=study.devices,
                             local_work=study.local_work, comm=study.comm,
@@ -128,8 +133,13 @@ def _merge_dataset(old: dict | None, new: dict) -> dict:
            if not {tuple(k) for k in p["cells"]} <= keys] + [part(new)]
   cells = [c for c in old["cells"] if _cell_key(c) not in keys]
   return dict(cells=cells + new["cells"], parts=parts,
-              wall_s=sum(p["wall_s"] for p in parts),
+              wall_s=_total(p["wall_s"] for p in parts),
               settings=new["settings"], trends=new["trends"])
+
+
+def _total(xs):
+  xs = list(xs)
+  return None if any(x is None for x in xs) else sum(xs)
 
 
 def _merge(path: str, results: dict) -> dict:
@@ -170,7 +180,10 @@ def main(argv=None) -> int:
     kw["cache_dir"] = os.path.join(args.out, "regimes_cache")
     results = {d: run_dataset(d, kw, log) for d in datasets}
     for d, r in results.items():
-      log(f"{d}: {len(r['cells'])} cells in {r['wall_s'] / 60:.1f} min")
+      took = ("unknown" if r["wall_s"] is None
+              else f"{r['wall_s'] / 60:.1f} min")
+      log(f"{d}: {len(r['cells'])} cells; sweeps took {took} when they "
+          f"ran, this call {r['this_call_s'] / 60:.1f} min")
     rep = _merge(path, results)
     os.makedirs(args.out, exist_ok=True)
     with open(path, "w") as fh:
