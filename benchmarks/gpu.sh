@@ -22,8 +22,15 @@
 #   4. the sweep: 8 experiments packed vs run one after another, compiled
 #      loop and end to end, noise_scale then constant -> sweep_<machine>.json;
 #   5. the scale run, if benchmarks/scale.py exists;
-#   6. a short table.
-# Limits in seconds (environment): CHECK_S, KERNEL_S, SWEEP_S, SCALE_S.
+#   6. only when STUDY names datasets (e.g. STUDY=digits,synthetic): the
+#      regime study on them (fedjax-bsa study --datasets $STUDY, plus any
+#      STUDY_ARGS) -> regimes.json/.md/_heatmap.png and its cache under
+#      $DEST; it resumes from that cache, so a study cut by STUDY_S continues
+#      when the script runs again with the same DEST. The full study needs
+#      hours of CPU time; a 15-minute GPU lease fits one dataset at most;
+#   7. a short table.
+# Limits in seconds (environment): CHECK_S, KERNEL_S, SWEEP_S, SCALE_S,
+# STUDY_S.
 # Exit: 0 all steps passed; 1 the kernel differs from the reference; 2 a
 # later step failed or hit its limit (its partial JSON is kept).
 set -uo pipefail
@@ -94,6 +101,12 @@ step sweep "$SWEEP_S" "$PY" -m fedjax_bsa.bench.sweep_bench \
 if [ -f benchmarks/scale.py ]; then
   step scale "$SCALE_S" "$PY" -m benchmarks.scale --clients "$SCALE_CLIENTS" \
       --out "$DEST"
+fi
+
+if [[ -n "${STUDY:-}" ]]; then
+  # shellcheck disable=SC2086
+  step study "${STUDY_S:-600}" "$PY" -m benchmarks.regimes \
+      --datasets "$STUDY" --out "$DEST" ${STUDY_ARGS:-}
 fi
 
 "$PY" - "$DEST" <<'PYEOF'
