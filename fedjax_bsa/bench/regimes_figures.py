@@ -133,7 +133,15 @@ def heatmap(rep: dict, path: str) -> None:
               ha="center", va="center", fontsize=8,
               color="white" if med is not None and not 0.4 < med < 2.5
               else "black")
-    im = ax.imshow(grid, cmap="RdBu", norm=norm, aspect="auto")
+    ran = {(c["local_work"], c["comm_ratio"]) for c in cs}
+    for i, lw in enumerate(lws):
+      for j, r in enumerate(ratios):
+        if (lw, r) not in ran:   # grey, not white (white reads as 1x)
+          ax.text(j, i, "not run", ha="center", va="center", fontsize=8,
+                  color="dimgray")
+    cmap = matplotlib.colormaps["RdBu"].copy()
+    cmap.set_bad("#d9d9d9")
+    im = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto")
     ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
     ax.set_yticks(range(len(lws)), lws)
     ax.set_xlabel("compute / communication")
