@@ -139,8 +139,7 @@ def heatmap(rep: dict, path: str) -> None:
         if (lw, r) not in ran:   # grey, not white (white reads as 1x)
           ax.text(j, i, "not run", ha="center", va="center", fontsize=8,
                   color="dimgray")
-    cmap = matplotlib.colormaps["RdBu"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(grid, cmap=cmap, norm=norm, aspect="auto")
     ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
     ax.set_yticks(range(len(lws)), lws)
