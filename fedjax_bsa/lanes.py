@@ -192,10 +192,12 @@ def _by_experiment(spec: Spec, t, e, live):
   each lane's experiment ``e [L]`` (a one-hot contraction: dense, unlike a
   scatter on a CPU). Experiments stay isolated: a lane's non-finite values
   make its own experiment's sum NaN and no other's (``0 * inf`` in the
-  contraction would spread them to every experiment of the sweep)."""
-  t = tmap(lambda a: jnp.where(_lanes_like(live, a), a, 0), t)
-  if spec.experiments == 1:
+  contraction would spread them to every experiment of the sweep). With one
+  experiment the sum is plain: the lanes that did not finish carry weight
+  0, and their non-finite values could only be that experiment's own."""
+  if spec.experiments == 1:   # lanes that did not finish carry weight 0
     return tmap(lambda a: a.sum(0, keepdims=True), t)
+  t = tmap(lambda a: jnp.where(_lanes_like(live, a), a, 0), t)
   onehot = (e[None, :] == jnp.arange(spec.experiments)[:, None])
 
   def one(a):
