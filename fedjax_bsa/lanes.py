@@ -99,7 +99,7 @@ def _select(flag, a, b):
 
 def _per_lane(f, t):
   """``t[l] * f[l]`` for a tree with a leading lane axis."""
-  return tmap(lambda a: a * f.reshape((-1,) + (1,) * (a.ndim - 1)), t)
+  return tmap(lambda a: a * _lanes_like(f, a), t)
 
 
 def _gradients(spec: Spec, params, xb, yb, valid):
@@ -197,10 +197,10 @@ def _by_experiment(spec: Spec, t, e, live):
   0, and their non-finite values could only be that experiment's own."""
   if spec.experiments == 1:   # lanes that did not finish carry weight 0
     return tmap(lambda a: a.sum(0, keepdims=True), t)
-  t = tmap(lambda a: jnp.where(_lanes_like(live, a), a, 0), t)
   onehot = (e[None, :] == jnp.arange(spec.experiments)[:, None])
 
   def one(a):
+    a = jnp.where(_lanes_like(live, a), a, 0)
     ok = jnp.isfinite(a)
     bad = ~ok.reshape(a.shape[0], -1).all(axis=1)            # [L]
     hit = jnp.any(onehot & bad[None, :], axis=1)             # [E]

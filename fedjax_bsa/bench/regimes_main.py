@@ -100,13 +100,11 @@ def run_dataset(name: str, kw: dict, log) -> dict:
   for c in cells:
     c["dataset"] = name
     c["headroom"] = _headroom(study, c, c["tuning_noise_scale"])
-  secs = study.sweep_seconds
-  known = [x for x in secs if x is not None]
   return dict(cells=cells, trends=report.trends(tune_runs, runs, tuning,
                                                 cells),
               # what the sweeps took when they ran (a resumed study reads
               # it from its cache); None if some sweep's time is unknown
-              wall_s=sum(known) if len(known) == len(secs) else None,
+              wall_s=_total(study.sweep_seconds),
               this_call_s=time.perf_counter() - t0,
               settings=dict(base=study.base.to_dict(), alphas=study.alphas,
                             devices=study.devices,
