@@ -161,3 +161,41 @@ def test_mcmahan_trend_by_hand_and_not_measurable_when_no_batch_reaches():
   runs = [run(4, [0.1, 0.2, 0.3]), run(8, [0.1, 0.2, 0.3])]
   assert report.trends({("epochs", "fedavg"): runs}, {}, tuning, [])[
       "mcmahan_2017"]["reproduced"] is None
+
+
+def test_cached_sweep_is_retimed_for_ratios_asked_later(tmp_path,
+                                                         monkeypatch):
+  """A cached wait_all sweep asked for a ratio it was not timed at gives
+  the clock a fresh run at both ratios gives, without running again; an
+  older cache without round parts runs again."""
+  cfg = Config(num_clients=20, clients_per_round=5, hidden=8, rounds=4,
+               eval_every=2, progress=False, local_work="steps",
+               local_steps=2, speed_sigma=1.0)
+  exps = [dict(id="a", seed=0), dict(id="b", seed=1, batch_size=16)]
+  one, both = {1.0: 1e5}, {1.0: 1e5, 10.0: 1e4}
+  first = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
+                                   one, log=lambda m: None)
+  assert all(set(r["sim_time"]) == {"1.0"} for r in first)
+  fresh = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "d"), "k",
+                                   both, log=lambda m: None)
+  assert fresh[0]["sim_time"]["10.0"] != fresh[0]["sim_time"]["1.0"]
+
+  def no_run(*a, **k):
+    raise AssertionError("ran again")
+  monkeypatch.setattr(driver, "prepare", no_run)
+  again = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
+                                   both, log=lambda m: None)
+  for a, f in zip(again, fresh):
+    for k in ("1.0", "10.0"):
+      np.testing.assert_allclose(a["sim_time"][k], f["sim_time"][k],
+                                 rtol=1e-6)
+  monkeypatch.undo()
+  (path,) = (tmp_path / "c").glob("*.json")
+  doc = json.loads(path.read_text())
+  for r in doc["runs"]:
+    del r["round_parts"]
+  path.write_text(json.dumps(doc))
+  rerun = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
+                                   both, log=lambda m: None)
+  assert all(set(r["sim_time"]) == {"1.0", "10.0"} for r in rerun)
+  assert "round_parts" in json.loads(path.read_text())["runs"][0]

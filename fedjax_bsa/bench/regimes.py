@@ -100,23 +100,38 @@ def bandwidth_for(cfg: Config, exp, ratio: float) -> float:
   return float(2.0 * exp.model_bytes * ratio / compute)
 
 
-def retime(exp, clients: dict, records: list, bandwidth: float) -> list:
-  """Simulated time at each evaluated round had the bandwidth been
-  ``bandwidth`` (``wait_all`` rounds: the slowest participant's compute
-  plus its communication). Exact: training does not depend on it."""
-  res = exp.resources._replace(
-      bandwidth_up=np.asarray(exp.resources.bandwidth_up) * (
-          bandwidth / exp.cfg.bandwidth),
-      bandwidth_down=np.asarray(exp.resources.bandwidth_down) * (
-          bandwidth / exp.cfg.bandwidth))
+def round_parts(exp, clients: dict) -> dict:
+  """Each round's per-participant compute and communication seconds at the
+  run's own bandwidth (``took``: the client ran steps); what
+  :func:`retime_parts` needs to retime a wait_all run to any bandwidth."""
   cohort = np.asarray(clients["cohort"], np.int64)
   batch, steps = np.asarray(clients["batch"]), np.asarray(clients["steps"])
-  rc = type(res)(*[np.asarray(a)[cohort] for a in res])
-  t = (np.asarray(clock.local_time(rc, batch, steps), np.float64)
-       + np.asarray(clock.comm_time(rc, exp.model_bytes), np.float64))
-  round_time = np.where(steps > 0, t, 0.0).max(axis=1)
+  rc = type(exp.resources)(*[np.asarray(a)[cohort] for a in exp.resources])
+  return dict(bandwidth=float(exp.cfg.bandwidth),
+              local=np.asarray(clock.local_time(rc, batch, steps),
+                               np.float64).tolist(),
+              comm=np.asarray(clock.comm_time(rc, exp.model_bytes),
+                              np.float64).tolist(),
+              took=(steps > 0).tolist())
+
+
+def retime_parts(parts: dict, rounds: list, bandwidth: float) -> list:
+  """Simulated time at each of ``rounds`` had the bandwidth been
+  ``bandwidth`` (``wait_all`` rounds: the slowest participant's compute
+  plus its communication, which scales as 1 / bandwidth)."""
+  comm = np.asarray(parts["comm"]) * (parts["bandwidth"] / bandwidth)
+  t = np.asarray(parts["local"]) + comm
+  round_time = np.where(np.asarray(parts["took"]), t, 0.0).max(axis=1)
   cum = np.concatenate([[0.0], np.cumsum(round_time)])
-  return [float(cum[r["round"]]) for r in records]
+  return [float(cum[r]) for r in rounds]
+
+
+def retime(exp, clients: dict, records: list, bandwidth: float) -> list:
+  """Simulated time at each evaluated round had the bandwidth been
+  ``bandwidth``. Exact: under wait_all rounds training does not depend on
+  it."""
+  return retime_parts(round_parts(exp, clients),
+                      [r["round"] for r in records], bandwidth)
 
 
 def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
@@ -138,12 +153,14 @@ def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
   if bandwidths is None:
     s["sim_time"] = {"run": recorded}
   else:
-    again = retime(exp, cl, recs, exp.cfg.bandwidth)
+    parts = round_parts(exp, cl)
+    again = retime_parts(parts, s["rounds"], exp.cfg.bandwidth)
     if not np.allclose(again, recorded, rtol=1e-4, atol=1e-3):
       raise AssertionError(f"retiming does not reproduce the clock: "
                            f"{again[-1]} vs {recorded[-1]}")
-    s["sim_time"] = {str(k): retime(exp, cl, recs, bw)
+    s["sim_time"] = {str(k): retime_parts(parts, s["rounds"], bw)
                      for k, bw in bandwidths.items()}
+    s["round_parts"] = parts     # to retime for ratios asked for later
   return s
 
 
@@ -153,8 +170,10 @@ def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
   """Runs ``experiments`` (override dicts, each with an ``"id"``) as one
   packed sweep, or loads its cached results; returns one summary each.
 
-  ``retimes(exp) -> {ratio: bandwidth}`` asks for retimed clocks (wait_all
-  protocols); None keeps the recorded clock. The sweep's wall time when it
+  ``retimes`` (``{ratio: bandwidth}``) asks for retimed clocks (wait_all
+  protocols); None keeps the recorded clock. A cached sweep that lacks a
+  ratio is retimed from its stored round parts, or run again if it has
+  none. The sweep's wall time when it
   ran (stored with the results; None if unknown) is appended to
   ``seconds``, so that a study resumed from its cache still reports what
   its sweeps took.
@@ -166,9 +185,13 @@ def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
   if os.path.exists(path):
     with open(path) as fh:
       doc = json.load(fh)
-    if seconds is not None:
-      seconds.append(doc.get("wall_s"))
-    return doc["runs"]
+    runs = _retimed(doc["runs"], retimes)
+    if runs is not None:
+      if seconds is not None:
+        seconds.append(doc.get("wall_s"))
+      return runs
+    log(f"  {key}: cached without the clocks for the ratios asked; "
+        f"running it again")
   overrides = [{k: v for k, v in e.items() if k != "id"} for e in experiments]
   t = time.perf_counter()
   pre = driver.prepare(base, overrides, mesh=None, keep_going=True)
@@ -176,7 +199,7 @@ def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
   driver.execute(pre, outs)
   runs = [dict(id=i, failed=pre.failed.get(n)) for n, i in enumerate(ids)]
   for out, exp, n in zip(outs, pre.experiments, pre.kept):
-    runs[n].update(_run_summary(exp, out, retimes(exp) if retimes else None))
+    runs[n].update(_run_summary(exp, out, retimes))
   wall = time.perf_counter() - t
   os.makedirs(cache_dir, exist_ok=True)
   with open(path + ".tmp", "w") as fh:
@@ -186,6 +209,29 @@ def run_sweep_cached(base: Config, experiments: list, cache_dir: str,
     seconds.append(wall)
   log(f"  {key}: {len(experiments)} experiments in {wall:.0f} s")
   return runs
+
+
+def _retimed(runs: list, retimes: dict | None) -> list | None:
+  """Cached ``runs`` with a clock for every ratio ``retimes`` asks for,
+  retimed from their stored round parts where missing; None when some
+  clock is missing and cannot be rebuilt (an older cache: run again)."""
+  if retimes is None:
+    return runs
+  out = []
+  for run in runs:
+    if run.get("failed") or "sim_time" not in run:
+      out.append(run)
+      continue
+    missing = {str(k): bw for k, bw in retimes.items()
+               if str(k) not in run["sim_time"]}
+    if missing:
+      if "round_parts" not in run:
+        return None
+      run = dict(run, sim_time=dict(run["sim_time"], **{
+          k: retime_parts(run["round_parts"], run["rounds"], bw)
+          for k, bw in missing.items()}))
+    out.append(run)
+  return out
 
 
 class Study:
@@ -254,8 +300,7 @@ class Study:
   def _retimes(self, lw):
     if lw == "deadline":
       return None
-    bws = self._bandwidths(lw)
-    return lambda exp: bws
+    return self._bandwidths(lw)
 
   def sweep(self, phase: str, lw: str, agg: str, name: str, kw: dict,
             experiments: list) -> list:
