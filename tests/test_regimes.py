@@ -68,8 +68,11 @@ def test_tuning_and_speedups_by_hand():
               _run(1, [0, 12, 24], [0.1, 0.8, 0.8])],
           ("deadline", "fednova", "goodput"): [
               _run(0, [0, 5, 10], [0.1, 0.8, 0.8], None),
-              _run(1, [0, 6, 12], [0.1, 0.5, 0.8], None)]}
+              dict(_run(1, [0, 6, 12], [0.1, 0.5, 0.8], None),
+                   diverged=True)]}
   (c,) = report.cell_results(tuning, runs, ["goodput"], ["fednova"])
+  assert c["methods"]["goodput+fednova"]["diverged"] == 1
+  assert c["methods"]["fixed+fednova"]["diverged"] == 0
   sp = c["methods"]["goodput+fednova"]["speedup"]
   # seed 0: 10 / 5 = 2; seed 1: 12 / 12 = 1
   assert sorted(sp["per_seed"]) == [1.0, 2.0] and sp["median"] == 1.5

@@ -57,12 +57,13 @@ def markdown(rep: dict) -> str:
               f"{_minutes(d.get('wall_s'))} on this machine.", ""]
     head = ["alpha", "devices", "local work", "comp/comm", "headroom",
             "target", "tuned b (avg/nova)", "ref s"] + list(_COLUMNS) + [
-                "acc gap (pts)"]
+                f"{HEADLINE} acc gap (pts)", f"{HEADLINE} diverged"]
     lines += ["| " + " | ".join(head) + " |",
               "|" + "---|" * len(head)]
     for c in sorted(d["cells"], key=_order):
       m = c["methods"]
       gap = m.get(HEADLINE, {}).get("accuracy_gap_points")
+      div = m.get(HEADLINE, {}).get("diverged")    # absent before it was kept
       row = [str(c.get("alpha") if c.get("alpha") is not None
                  else "natural"), c["devices"], c["local_work"],
              f"{c['comm_ratio']:g}",
@@ -71,7 +72,8 @@ def markdown(rep: dict) -> str:
              "/".join(str(c["tuned"][a]["batch"]) for a in
                       ("fedavg", "fednova") if a in c["tuned"]),
              _ref_time(c)] + [_sp(m.get(k)) for k in _COLUMNS] + [
-                 "-" if gap is None else f"{gap:+.1f}"]
+                 "-" if gap is None else f"{gap:+.1f}",
+                 "-" if div is None else str(div)]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for part in d.get("parts", [d]):

@@ -16,7 +16,10 @@ them):
   the seeds);
 * **headroom**: :func:`fedjax_bsa.goodput.headroom` for the cell's clients,
   devices and links, at the median noise scale the cell's tuning runs
-  measured.
+  measured;
+* **diverged**: a method's runs in a cell whose training loss became
+  non-finite (they stop there; a run that had not reached the target by
+  then counts as never reaching it).
 """
 
 from __future__ import annotations
@@ -157,7 +160,8 @@ def _summary(pairs: dict, target: float) -> dict:
       if pairs else None,
       bytes=float(np.median([r["bytes"] for r, _ in pairs.values()]))
       if pairs else None,
-      reached=f"{sum(math.isfinite(v[0]) for v in tt.values())}/{len(tt)}")
+      reached=f"{sum(math.isfinite(v[0]) for v in tt.values())}/{len(tt)}",
+      diverged=sum(bool(r.get("diverged")) for r, _ in pairs.values()))
 
 
 def cell_results(tuning: dict, runs: dict, methods: list,
