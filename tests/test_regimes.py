@@ -137,6 +137,13 @@ def test_parts_of_a_dataset_merge_cell_by_cell():
   assert sorted((c_["alpha"], c_["tag"]) for c_ in c["cells"]) == [
       (0.1, "c"), (0.1, "c"), (1.0, "b")]
   assert len(c["parts"]) == 2 and c["wall_s"] == 40.0
+  # c's cells replaced by two later parts, one cell each: c is dropped
+  d = regimes_main._merge_dataset(c, part([cell(0.1, "epochs", "d")], 5))
+  assert len(d["parts"]) == 3 and d["wall_s"] == 45.0
+  e = regimes_main._merge_dataset(d, part([cell(0.1, "deadline", "e")], 7))
+  assert [p["wall_s"] for p in e["parts"]] == [30.0, 5, 7]
+  assert sorted((c_["alpha"], c_["tag"]) for c_ in e["cells"]) == [
+      (0.1, "d"), (0.1, "e"), (1.0, "b")]
 
 
 def test_mcmahan_trend_by_hand_and_not_measurable_when_no_batch_reaches():

@@ -120,15 +120,21 @@ def _cell_key(c: dict) -> tuple:
 
 def _merge_dataset(old: dict | None, new: dict) -> dict:
   """One dataset's entry after a new part: the new cells replace the old
-  ones with the same key; parts whose cells are all replaced are dropped."""
+  ones with the same key; a part whose cells have all been replaced by
+  later parts (one or several) is dropped, so times are not counted
+  twice."""
   part = lambda d: dict(settings=d["settings"], trends=d["trends"],
                         wall_s=d["wall_s"],
                         cells=[list(_cell_key(c)) for c in d["cells"]])
   if old is None:
     return dict(new, parts=[part(new)])
   keys = {_cell_key(c) for c in new["cells"]}
-  parts = [p for p in old.get("parts", [part(old)])
-           if not {tuple(k) for k in p["cells"]} <= keys] + [part(new)]
+  parts, later = [], set()
+  for p in reversed(old.get("parts", [part(old)]) + [part(new)]):
+    own = {tuple(k) for k in p["cells"]}
+    if not own <= later:
+      parts.insert(0, p)
+    later |= own
   cells = [c for c in old["cells"] if _cell_key(c) not in keys]
   return dict(cells=cells + new["cells"], parts=parts,
               wall_s=_total(p["wall_s"] for p in parts),
