@@ -98,11 +98,12 @@ def test_retiming_reproduces_the_clock_and_scales_communication():
   out = Outputs(cfg, None)
   driver.execute(pre, [out])
   exp = pre.experiments[0]
-  again = regimes.retime(exp, out.clients(), out.records, cfg.bandwidth)
+  parts = regimes.round_parts(exp, out.clients())
+  rounds = [r["round"] for r in out.records]
+  again = regimes.retime_parts(parts, rounds, cfg.bandwidth)
   np.testing.assert_allclose(again, [r["sim_time_s"] for r in out.records],
                              rtol=1e-5)
-  faster = regimes.retime(exp, out.clients(), out.records,
-                          10 * cfg.bandwidth)
+  faster = regimes.retime_parts(parts, rounds, 10 * cfg.bandwidth)
   assert all(f < a for f, a in zip(faster[1:], again[1:]))
 
 

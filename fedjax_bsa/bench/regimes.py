@@ -15,8 +15,9 @@ aggregation, controller), its experiments spanning alpha, devices, seeds,
 batches and (for deadline rounds) bandwidths. Under ``wait_all`` rounds (one
 epoch, 20 steps) the bandwidth changes only the clock, never the training
 (no controller reads it), so those runs are simulated once and *retimed*
-exactly for each ratio from their per-round plans (:func:`retime`; with the
-run's own bandwidth it reproduces the recorded clock, which is checked).
+exactly for each ratio from their per-round plans (:func:`retime_parts`;
+with the run's own bandwidth it reproduces the recorded clock, which is
+checked).
 Every finished sweep is cached under ``<out>/regimes_cache/`` so a study
 that stops resumes where it was.
 
@@ -48,8 +49,8 @@ from fedjax_bsa.config import Config
 from fedjax_bsa.outputs import Outputs
 
 __all__ = ["DATASETS", "BATCHES", "METHODS", "AGGREGATIONS", "LOCAL_WORK",
-           "DEVICES", "COMM_RATIOS", "Study", "retime", "bandwidth_for",
-           "run_sweep_cached"]
+           "DEVICES", "COMM_RATIOS", "Study", "round_parts", "retime_parts",
+           "bandwidth_for", "run_sweep_cached"]
 
 #: Per dataset: base settings, the Dirichlet alphas (None: natural
 #: clients), reported and tuning seeds.
@@ -124,14 +125,6 @@ def retime_parts(parts: dict, rounds: list, bandwidth: float) -> list:
   round_time = np.where(np.asarray(parts["took"]), t, 0.0).max(axis=1)
   cum = np.concatenate([[0.0], np.cumsum(round_time)])
   return [float(cum[r]) for r in rounds]
-
-
-def retime(exp, clients: dict, records: list, bandwidth: float) -> list:
-  """Simulated time at each evaluated round had the bandwidth been
-  ``bandwidth``. Exact: under wait_all rounds training does not depend on
-  it."""
-  return retime_parts(round_parts(exp, clients),
-                      [r["round"] for r in records], bandwidth)
 
 
 def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
