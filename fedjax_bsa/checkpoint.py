@@ -174,7 +174,13 @@ class Checkpointer:
         kept += 1
         continue
       shutil.rmtree(self._path(step), ignore_errors=True)
-    for name in os.listdir(self.directory):  # orbax temporaries left behind
+    self._remove_temporaries()
+
+  def _remove_temporaries(self) -> None:
+    """Deletes orbax's temporary folders (a save cut short) (process 0)."""
+    if not (distributed.is_main() and os.path.isdir(self.directory)):
+      return
+    for name in os.listdir(self.directory):
       if ".orbax-checkpoint-tmp" in name:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
@@ -182,7 +188,8 @@ class Checkpointer:
     """The newest valid checkpoint, or None if there is none.
 
     Invalid (partial or corrupt) newer steps are reported with a warning,
-    skipped, and deleted (by process 0) so that the run can write them again.
+    skipped, and deleted (by process 0) so that the run can write them
+    again; orbax's temporary folders of a save cut short are deleted first.
 
     Args:
       template: a pytree shaped, typed and sharded like the saved state
@@ -195,6 +202,8 @@ class Checkpointer:
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
         keys_to_data(template))
+    self._remove_temporaries()
+    distributed.sync("fedjax_bsa_ckpt_tmp_removed")
     found = None
     bad = []
     for step in self.steps():
@@ -216,6 +225,4 @@ class Checkpointer:
     if distributed.is_main():
       for step in bad:
         shutil.rmtree(self._path(step), ignore_errors=True)
-    if found is not None and bad:
-      _warn(f"resuming from step {found.step} in {self.directory}")
     return found

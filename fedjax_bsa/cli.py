@@ -1,12 +1,15 @@
 """The ``fedjax-bsa`` command.
 
   fedjax-bsa run [--set key=value ...] [--config FILE] [--out DIR]
-  fedjax-bsa run --resume DIR           continue a killed run
+  fedjax-bsa run --resume DIR           continue a stopped run
+  fedjax-bsa run --out DIR --overwrite  replace the run in DIR
   fedjax-bsa sweep --grid seed=0,1,2 --grid client_lr=0.05,0.1 --out DIR
                                         experiments as one compiled program
   fedjax-bsa partition [--set ...]      summary of a partition
   fedjax-bsa settings                   every setting, its default and range
-  fedjax-bsa bench kernel [...]         the round-kernel benchmark
+  fedjax-bsa bench kernel|sweep [...]   the round-kernel or sweep benchmark
+  fedjax-bsa study [...]                the regime study
+  fedjax-bsa plot DIR [DIR ...]         PNG figures of runs or a sweep
 
 ``run`` and ``sweep`` join a multi-process JAX job with ``--coordinator
 HOST:PORT --num-processes N --process-id I`` (or ``FEDJAX_BSA_COORDINATOR``,
@@ -14,21 +17,29 @@ HOST:PORT --num-processes N --process-id I`` (or ``FEDJAX_BSA_COORDINATOR``,
 writes.
 
 Exit codes: 0 success; 2 a user error (a wrong setting or file: one line
-naming it, nothing written); 3 a run whose training loss became non-finite
-(the records so far are kept); 1 anything else (a bug: with its traceback).
+naming it, nothing written); 3 a run that diverged (its training or test
+loss became non-finite, or its test loss rose above 10x its first
+evaluation; the records so far are kept); 130 a run stopped by SIGINT or
+SIGTERM (checkpointed, its summary written, resumable); 1 anything else (a
+bug: with its traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
+import signal
 import sys
+import threading
 
 from fedjax_bsa.config import Config, ConfigError, load_config_file
 from fedjax_bsa.config import parse_assignments
 
-__all__ = ["main", "config_from_args"]
+__all__ = ["main", "config_from_args", "format_settings",
+           "INTERRUPTED_EXIT_CODE"]
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
@@ -38,15 +49,26 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
                  help="settings from a JSON or YAML file (--set wins)")
 
 
+#: Exit code of a run stopped by SIGINT or SIGTERM (128 + SIGINT).
+INTERRUPTED_EXIT_CODE = 130
+
+
 def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
   p.add_argument("--out", metavar="DIR", help=f"write the {what}'s files "
-                 "here")
+                 "here (created if missing; default: write nothing). A "
+                 "folder that already holds a run is refused unless "
+                 "--resume or --overwrite is given")
+  p.add_argument("--overwrite", action="store_true",
+                 help="--out DIR may hold a run: its files (plots "
+                 "included) are removed first")
   p.add_argument("--resume", metavar="DIR", help=f"continue the {what} "
                  "whose outputs are in DIR from its newest valid checkpoint")
   p.add_argument("--checkpoint-every", type=int, metavar="ROUNDS",
-                 help="rounds between checkpoints (default: every "
-                 "eval_every rounds; -1: none)")
-  p.add_argument("--no-progress", action="store_true")
+                 help="rounds between checkpoints, rounded up to chunks of "
+                 "eval_every rounds (default: every chunk; -1: none)")
+  p.add_argument("--no-progress", action="store_true",
+                 help="no progress bar (default: a bar on stderr, unless "
+                 "the progress setting is false)")
   g = p.add_argument_group("several processes (one per host)")
   g.add_argument("--coordinator", metavar="HOST:PORT",
                  help="process 0's address (or $FEDJAX_BSA_COORDINATOR)")
@@ -102,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="fedjax-bsa",
       description="Vectorized federated-learning simulator with adaptive "
-      "per-client batch sizes.")
+      "per-client batch sizes.",
+      epilog="Exit codes: 0 done; 2 a wrong setting or file; 3 a run that "
+      "diverged; 130 stopped by SIGINT/SIGTERM (resumable); 1 a bug.")
   sub = p.add_subparsers(dest="command", required=True)
   r = sub.add_parser("run", help="run one simulation")
   _add_settings(r)
@@ -116,31 +140,99 @@ def _parser() -> argparse.ArgumentParser:
   _add_scale_out(s, "sweep")
   part = sub.add_parser("partition", help="print a partition's summary")
   _add_settings(part)
-  sub.add_parser("settings", help="list every setting")
+  sub.add_parser("settings", help="list every setting: default, allowed "
+                 "values, whether a sweep may vary it, meaning",
+                 description="Lists every setting of `--set key=value`.")
   b = sub.add_parser("bench", help="benchmarks: kernel (the round kernel "
                      "vs its baselines) or sweep (a packed sweep vs "
-                     "separate runs); add --help after the name")
-  b.add_argument("what", choices=["kernel", "sweep"])
-  b.add_argument("rest", nargs=argparse.REMAINDER)
+                     "separate runs); add --help after the name",
+                     description="Benchmarks. `fedjax-bsa bench kernel "
+                     "--help` and `fedjax-bsa bench sweep --help` list each "
+                     "one's options (sizes, repetitions, --quick, --out).")
+  b.add_argument("what", choices=["kernel", "sweep"],
+                 help="kernel: the round kernel against the padded layout, "
+                 "a naive per-client loop and FedJAX; sweep: experiments "
+                 "packed into one sweep against separate runs")
+  b.add_argument("rest", nargs=argparse.REMAINDER, metavar="OPTIONS",
+                 help="the benchmark's options (see its --help)")
   # no options of its own: every argument, --help included, goes to the
   # study (a REMAINDER alone does not take arguments starting with "-")
   st = sub.add_parser("study", prefix_chars="+", add_help=False,
                       help="the regime study (fedjax_bsa.bench.regimes; "
                       "--quick for a small one, --help for its options)")
   st.add_argument("rest", nargs=argparse.REMAINDER)
-  pl = sub.add_parser("plot", help="PNG plots of run folders: plot DIR "
-                      "[DIR ...] [--out OUTDIR]")
+  # like study: every argument, --help included, goes to the plot command
+  pl = sub.add_parser("plot", prefix_chars="+", add_help=False,
+                      help="PNG plots of run folders or a sweep folder: "
+                      "plot DIR [DIR ...] [--out OUTDIR] [--target ACC] "
+                      "(--help for its options)")
   pl.add_argument("rest", nargs=argparse.REMAINDER)
   return p
 
 
 def _out_dir(args) -> str | None:
+  """The output folder; checks ``--out`` against a run already there."""
   if args.resume and args.out and (os.path.abspath(args.resume) !=
                                    os.path.abspath(args.out)):
     raise ConfigError(f"--out {args.out} is not allowed with --resume "
                       f"{args.resume}: a resumed run writes into its own "
                       "folder")
+  if args.resume and args.overwrite:
+    raise ConfigError(f"--overwrite is not allowed with --resume "
+                      f"{args.resume}: a resumed run keeps its records")
+  if args.resume and os.path.exists(args.resume) and not os.path.isdir(
+      args.resume):
+    raise ConfigError(f"--resume {args.resume} is a file, not a run folder")
+  if args.checkpoint_every is not None and (args.checkpoint_every == 0 or
+                                            args.checkpoint_every < -1):
+    raise ConfigError(f"--checkpoint-every {args.checkpoint_every} is not "
+                      "allowed: give rounds >= 1, or -1 for no checkpoints")
+  if args.out and not args.resume:
+    from fedjax_bsa import outputs  # pylint: disable=g-import-not-at-top
+    outputs.check_out_dir(args.out, args.overwrite)
   return args.resume or args.out
+
+
+class _StopRequest:
+  """SIGINT and SIGTERM ask a run to stop at the end of its chunk of rounds
+  (``stop()`` is then true); a second signal stops it at once
+  (``KeyboardInterrupt``). Installed only in the main thread."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __call__(self) -> bool:
+    return self.signum is not None
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _resume_hint(args, out: str | None) -> str:
+  """Where an interrupted run can be continued from (one clause)."""
+  if not out:
+    return "nothing was saved to resume from (no --out)"
+  if args.checkpoint_every == -1:
+    return (f"its records are in {out}, but it cannot be resumed "
+            "(--checkpoint-every -1: no checkpoints)")
+  cmd = f"fedjax-bsa run --resume {shlex.quote(out)}"
+  if args.checkpoint_every is not None:
+    cmd += f" --checkpoint-every {args.checkpoint_every}"
+  return f"resume with: {cmd}"
 
 
 def _run(args) -> int:
@@ -151,13 +243,39 @@ def _run(args) -> int:
   _initialize(args)
   from fedjax_bsa import distributed  # pylint: disable=g-import-not-at-top
   from fedjax_bsa import runner  # pylint: disable=g-import-not-at-top
-  result = runner.run(cfg, out, resume=bool(args.resume),
-                      checkpoint_every=args.checkpoint_every)
+  with _StopRequest() as stop:
+    try:
+      result = runner.run(cfg, out, resume=bool(args.resume),
+                          checkpoint_every=args.checkpoint_every, stop=stop)
+    except KeyboardInterrupt:  # a second signal: stopped at once
+      _remove_checkpoint_temporaries(out)
+      print("fedjax-bsa: stopped at once by a second signal; the newest "
+            "complete checkpoint is kept: "
+            + _resume_hint(args, out), file=sys.stderr)
+      return INTERRUPTED_EXIT_CODE
+  stopped = result.summary["interrupted_round"]
+  if stopped is not None:
+    name = signal.Signals(stop.signum).name
+    print(f"fedjax-bsa: stopped by {name} after round {stopped} of "
+          f"{cfg.rounds}; " + _resume_hint(args, out),
+          file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
   if out and distributed.is_main():
     print(f"wrote {os.path.join(out, 'metrics.jsonl')} and summary.json")
   if result.summary["diverged_round"] is not None:
     return runner.DIVERGED_EXIT_CODE
   return 0
+
+
+def _remove_checkpoint_temporaries(out: str | None) -> None:
+  """Deletes orbax's temporary folders of a save cut short."""
+  folder = os.path.join(out, "checkpoints") if out else None
+  if not folder or not os.path.isdir(folder):
+    return
+  import shutil  # pylint: disable=g-import-not-at-top
+  for name in os.listdir(folder):
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _sweep(args) -> int:
@@ -213,9 +331,72 @@ def main(argv=None) -> int:
     return 2
 
 
+_SETTINGS_HEAD = """\
+Every setting of `--set key=value` (or of a --config file), by part.
+Columns: the setting; its default; `sweep`: what a sweep (`--grid`) may
+vary -- `traced`: a value inside the compiled program (varied with no
+recompile), `host`: a value the host builds inputs from (data, partition,
+devices), `-`: neither (it changes shapes or the program: one value per
+sweep); the allowed values (a|b: one of; [lo, hi]: a range, `(` leaving
+lo out; blank: any); the meaning."""
+_ALLOWED_WIDTH = 34
+
+
+def _allowed(f: dataclasses.Field) -> list[str]:
+  """A setting's allowed values, wrapped at ``|`` into lines of at most
+  about ``_ALLOWED_WIDTH`` characters."""
+  m = f.metadata
+  c = m.get("choices")
+  if c is not None:
+    names = list(c.names()) if hasattr(c, "names") else list(c)
+    if f.name == "model":  # Config.from_dict also takes "auto" here
+      names = ["auto"] + names
+    lines = [""]
+    for i, name in enumerate(names):
+      piece = name + ("|" if i < len(names) - 1 else "")
+      if lines[-1] and len(lines[-1]) + len(piece) > _ALLOWED_WIDTH:
+        lines.append("")
+      lines[-1] += piece
+    return lines
+  lo, hi = m.get("lo"), m.get("hi")
+  if lo is None and hi is None:
+    return [""]
+  return [f"{'(' if m.get('lo_open') else '['}"
+          f"{lo if lo is not None else '-inf'}, "
+          f"{hi if hi is not None else 'inf'}]"]
+
+
+def format_settings() -> str:
+  """The ``fedjax-bsa settings`` listing: a header explaining the columns,
+  then one aligned row per setting (long choice lists wrap in their
+  column), grouped by part."""
+  rows, parts = [], []
+  for f in dataclasses.fields(Config):
+    m = f.metadata
+    sweep = "traced" if m["traced"] else ("host" if m["host"] else "-")
+    rows.append((f.name, f"{f.default!s}" if f.default != "" else "''",
+                 sweep, _allowed(f), m["help"]))
+    parts.append(m["part"])
+  w_name = max(len(r[0]) for r in rows)
+  w_def = max(len(r[1]) for r in rows)
+  w_allow = max(len(a) for r in rows for a in r[3])
+  fmt = f"{{:<{w_name}}}  {{:<{w_def}}}  {{:<6}}  {{:<{w_allow}}}  {{}}"
+  lines = [_SETTINGS_HEAD, "",
+           fmt.format("setting", "default", "sweep", "allowed", "meaning")]
+  part = None
+  for p, (name, default, sweep, allowed, meaning) in zip(parts, rows):
+    if p != part:
+      part = p
+      lines.append(f"# {part}")
+    lines.append(fmt.format(name, default, sweep, allowed[0],
+                            meaning).rstrip())
+    lines += [fmt.format("", "", "", a, "").rstrip() for a in allowed[1:]]
+  return "\n".join(lines)
+
+
 def _settings(args) -> int:
   del args
-  print(Config.describe())
+  print(format_settings())
   return 0
 
 

@@ -247,7 +247,9 @@ def _replicated_inputs(exps, first, mesh):
 def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
           outputs: list, *, ckpt: checkpoint_lib.Checkpointer | None = None,
           checkpoint_every: int = 0, progress: bool = False, start=None,
-          stream=None):
+          stream=None, resume: bool = False,
+          stop: Callable[[], bool] | None = None,
+          diverged_factor: float | None = None):
   """The host loop over chunks of rounds, for ``E >= 1`` experiments.
 
   Args:
@@ -265,6 +267,15 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
     progress: show a progress bar (process 0).
     start: ``time.perf_counter()`` at the start of the run.
     stream: where to print messages.
+    resume: say from which round the run continues (or that it starts
+      again from round 0 when no checkpoint is valid).
+    stop: polled before and after every chunk; when it returns True the
+      loop checkpoints the rounds done (if ``ckpt``), marks every active
+      output ``interrupted`` and returns.
+    diverged_factor: also stop an experiment whose test loss rises above
+      this multiple of its first evaluation or becomes non-finite
+      (:meth:`~fedjax_bsa.outputs.Outputs.check_diverged`; None: only a
+      non-finite training loss).
 
   Returns:
     The final state.
@@ -278,14 +289,23 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
     wall0 = restored.meta["wall_time_s"]
     for e, out in enumerate(outputs):
       out.load(restored.meta["experiments"][e], restored.host, e, wall0)
+  if resume and distributed.is_main():
+    print(f"fedjax-bsa: resuming from step {done} (round {done} of "
+          f"{rounds})" if restored is not None else "fedjax-bsa: no valid "
+          f"checkpoint to resume from: restarting from round 0 of {rounds}",
+          file=stream)
   wall = lambda: wall0 + time.perf_counter() - start
   for out in outputs:
     out.open()
   if restored is None:
     _evaluated(evaluate(state), outputs, done, wall(), None, 0)
   bar = _progress_bar(rounds, done) if progress else None
+  say = _sayer(bar, stream)
   last_saved = done
+  stop = stop or (lambda: False)
   while done < rounds and any(o.active for o in outputs):
+    if stop():
+      break
     left = rounds - done
     state, m = step(state, np.int32(left))
     n = min(chunk, left)
@@ -299,15 +319,32 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
       finite = losses[np.isfinite(losses)]
       bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
     _evaluated(evaluate(state), outputs, done, wall(), m, n)
-    _mark_diverged(outputs, m, n, done, stream)
+    for e, out in enumerate(outputs):
+      msg = out.check_diverged(m["train_loss"][e, :n], done,
+                               diverged_factor)
+      if msg and distributed.is_main():
+        say(msg)
     finished = done >= rounds or not any(o.active for o in outputs)
     if ckpt is not None and (finished or
                              done - last_saved >= checkpoint_every):
       _save(ckpt, state, outputs, done, wall())
       last_saved = done
+  if done < rounds and stop():
+    if ckpt is not None and last_saved < done:
+      _save(ckpt, state, outputs, done, wall())
+    for out in outputs:
+      if out.active:
+        out.interrupted = done
   if bar is not None:
     bar.close()
   return state
+
+
+def _sayer(bar, stream) -> Callable[[str], None]:
+  """Prints a message on its own line (above the progress bar, if any)."""
+  if bar is None:
+    return lambda msg: print(msg, file=stream, flush=True)
+  return lambda msg: bar.write(msg, file=stream)
 
 
 def _progress_bar(rounds: int, done: int):
@@ -329,19 +366,6 @@ def _evaluated(evaluation, outputs: list, done: int, wall: float, chunk_m,
       out.record(done, float(sim_time[e]), wall, acc[e], loss[e], extra)
 
 
-def _mark_diverged(outputs: list, m, n: int, done: int, stream) -> None:
-  """Stops the experiments whose training loss became non-finite."""
-  for e, out in enumerate(outputs):
-    bad = ~np.isfinite(m["train_loss"][e, :n])
-    if out.active and bad.any():
-      out.diverged = done - n + int(np.argmax(bad)) + 1
-      if distributed.is_main():
-        print(f"diverged{out.label}: the training loss became non-finite "
-              f"at round {out.diverged}; stopped after round {done}, "
-              f"keeping the {len(out.records)} records written",
-              file=stream)
-
-
 def _save(ckpt, state, outputs: list, done: int, wall: float) -> None:
   meta = dict(wall_time_s=wall, rounds=done,
               experiments=[o.meta() for o in outputs])
@@ -352,8 +376,10 @@ def _save(ckpt, state, outputs: list, done: int, wall: float) -> None:
 
 
 def execute(pre: Prepared, outputs: list, *, ckpt=None,
-            checkpoint_every: int = 0, progress: bool = False, start=None):
-  """Runs prepared experiments to the end (see :func:`drive`).
+            checkpoint_every: int = 0, progress: bool = False, start=None,
+            **drive_kw):
+  """Runs prepared experiments to the end (see :func:`drive`, which takes
+  ``drive_kw``: ``resume``, ``stop``, ``diverged_factor``).
 
   Returns:
     ``(state, compiles)``: the final state (leaves ``[E', ...]``) and the
@@ -376,7 +402,7 @@ def execute(pre: Prepared, outputs: list, *, ckpt=None,
   state = drive(pre.configs[0].rounds, pre.sim.chunk, state, step,
                 evaluate_state, outputs, ckpt=ckpt,
                 checkpoint_every=checkpoint_every, progress=progress,
-                start=start, stream=sys.stderr)
+                start=start, stream=sys.stderr, **drive_kw)
   return state, len(pre.sim.traces)
 
 

@@ -6,6 +6,10 @@ its folder (process 0 only): ``config.json``, ``metrics.jsonl`` (flushed as
 it goes; rewritten from the checkpoint on resume, so each evaluated round
 appears once), ``clients.npz`` and ``summary.json``. A run has one, a sweep
 one per experiment.
+
+:func:`check_out_dir` and :func:`clear_run` are the rules for an output
+folder that already holds a run (the command line refuses it unless asked
+to replace it); :meth:`Outputs.check_diverged` is the divergence rule.
 """
 
 from __future__ import annotations
@@ -13,17 +17,75 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 
 from fedjax_bsa import distributed
-from fedjax_bsa.config import Config
+from fedjax_bsa.config import Config, ConfigError
 
-__all__ = ["Outputs", "chunk_records", "format_table", "PER_CLIENT"]
+__all__ = ["Outputs", "chunk_records", "format_table", "PER_CLIENT",
+           "RUN_FILES", "DIVERGED_FACTOR", "holds_run", "check_out_dir",
+           "clear_run"]
 
 PER_CLIENT = ("cohort", "batch", "steps", "lr", "b_simple")
 _EMPTY = dict(train_loss=None, mean_batch_size=None, min_batch_size=None,
               max_batch_size=None, noise_scale=None, cohort_noise_scale=None)
+
+
+#: What a run or sweep writes into its folder (``plots`` and the PNGs by
+#: ``fedjax-bsa plot``, ``exp_*`` by a sweep): a folder holding one of the
+#: first four holds a run; replacing a run removes all of these.
+RUN_FILES = ("metrics.jsonl", "summary.json", "sweep.json", "checkpoints",
+             "config.json", "clients.npz", "sweep.jsonl", "table.txt",
+             "plots", "compare_accuracy.png", "sweep_accuracy.png")
+_MARKS = RUN_FILES[:4]
+
+#: A run whose test loss rises above this multiple of its first evaluation
+#: (round 0) is reported as diverged, as is one whose loss is non-finite.
+DIVERGED_FACTOR = 10.0
+
+
+def holds_run(folder: str) -> bool:
+  """Whether ``folder`` holds a run's or a sweep's files."""
+  return os.path.isdir(folder) and any(
+      os.path.exists(os.path.join(folder, m)) for m in _MARKS)
+
+
+def check_out_dir(out_dir: str, overwrite: bool = False) -> None:
+  """Checks that ``out_dir`` can take a new run's files.
+
+  Raises:
+    ConfigError: ``out_dir`` (or a folder above it) is a file, or
+      ``out_dir`` already holds a run and ``overwrite`` is false (the
+      message names the folder and the two ways on).
+  """
+  path = os.path.abspath(out_dir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise ConfigError(f"--out {out_dir}: {path} is a file, not a folder; "
+                      "give a folder (it is created if missing)")
+  if holds_run(out_dir) and not overwrite:
+    raise ConfigError(
+        f"--out {out_dir} already holds a run: continue it with --resume "
+        f"{out_dir}, or replace it (its files and plots) with --overwrite")
+
+
+def clear_run(out_dir: str) -> None:
+  """Removes a previous run's or sweep's files (:data:`RUN_FILES` and the
+  experiment folders ``exp_*``) from ``out_dir`` if it holds a run
+  (:func:`holds_run`); other files stay."""
+  if not holds_run(out_dir):
+    return
+  for name in os.listdir(out_dir):
+    path = os.path.join(out_dir, name)
+    if name in RUN_FILES or (name.startswith("exp_") and
+                             os.path.isdir(path)):
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
 
 
 def _f(x) -> float | None:
@@ -112,6 +174,7 @@ class Outputs:
     self.cfg, self.out_dir, self.label = cfg, out_dir, label
     self.records: list = []
     self.diverged: int | None = None
+    self.interrupted: int | None = None  # the round a stop request ended at
     self.wall_offset = 0.0
     self._clients = {k: [] for k in PER_CLIENT}
     self._file = None
@@ -121,6 +184,42 @@ class Outputs:
   def active(self) -> bool:
     """Still running (not diverged)."""
     return self.diverged is None
+
+  def check_diverged(self, train_loss, done: int,
+                     factor: float | None = DIVERGED_FACTOR) -> str | None:
+    """Marks the experiment diverged if it is; returns the one-line report.
+
+    Diverged: the training loss of a round of the chunk just run is
+    non-finite, or (``factor`` given) the test loss just recorded is
+    non-finite or above ``factor`` times the first evaluation's.
+
+    Args:
+      train_loss: the chunk's training losses, ``[n]`` (numpy).
+      done: rounds done after the chunk.
+      factor: the test-loss multiple (None: the training loss only).
+    """
+    if not self.active:
+      return None
+    n = len(train_loss)
+    bad = ~np.isfinite(train_loss)
+    first, last = (self.records[0]["test_loss"],
+                   self.records[-1]["test_loss"])
+    if bad.any():
+      self.diverged = done - n + int(np.argmax(bad)) + 1
+      why = (f"the training loss became non-finite at round "
+             f"{self.diverged}")
+    elif factor is not None and first is not None and (
+        last is None or last > factor * first):
+      self.diverged = done
+      why = ("the test loss became non-finite" if last is None else
+             f"the test loss {last:.4g} is over {factor:g}x its first "
+             f"evaluation ({first:.4g})") + f" at round {done}"
+    else:
+      return None
+    return (f"diverged{self.label}: {why}; stopped after round {done}, "
+            f"keeping the {len(self.records)} records written; likely "
+            f"cause: too large a learning rate (client_lr="
+            f"{self.cfg.client_lr:g})")
 
   # --------------------------------------------------------- checkpoints
   def meta(self) -> dict:
@@ -185,6 +284,7 @@ class Outputs:
                if r["mean_batch_size"] is not None]
     summary = dict(
         rounds=records[-1]["round"], diverged_round=self.diverged,
+        interrupted_round=self.interrupted,
         final_test_accuracy=records[-1]["test_accuracy"] or 0.0,
         best_test_accuracy=max(accs) if accs else 0.0,
         final_test_loss=records[-1]["test_loss"],

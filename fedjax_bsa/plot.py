@@ -141,8 +141,10 @@ def _parser() -> argparse.ArgumentParser:
                  "DIR/plots for each run, and the runs' common parent for "
                  "the comparison); with several runs, each gets "
                  "OUTDIR/<its label>/")
-  p.add_argument("--target", type=float, default=None,
-                 help="accuracy drawn as a dashed line in the comparison")
+  p.add_argument("--target", type=float, default=None, metavar="ACC",
+                 help="a target test accuracy (e.g. 0.9) drawn as a dashed "
+                 "horizontal line in the comparison figure, to read off "
+                 "when each run reaches it (default: none)")
   return p
 
 

@@ -4,8 +4,10 @@ Writes, under ``out_dir``: ``config.json`` (first), ``metrics.jsonl`` (one
 object per evaluated round, flushed as it goes), ``clients.npz`` (per-client
 plans per round), ``summary.json`` (last) and, between chunks,
 ``checkpoints/<round>/`` (the last two), from which ``run(...,
-resume=True)`` continues. Only process 0 writes. See
-:mod:`fedjax_bsa.driver` for devices and processes.
+resume=True)`` continues. A fresh run first removes a previous run's files
+from ``out_dir`` (plots included: :func:`fedjax_bsa.outputs.clear_run`);
+the command line refuses such a folder unless given ``--overwrite``. Only
+process 0 writes. See :mod:`fedjax_bsa.driver` for devices and processes.
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ import jax
 from fedjax_bsa import distributed
 from fedjax_bsa import driver
 from fedjax_bsa.config import Config, ConfigError
-from fedjax_bsa.outputs import Outputs, format_table
+from fedjax_bsa.outputs import DIVERGED_FACTOR, Outputs, clear_run
+from fedjax_bsa.outputs import format_table
 from fedjax_bsa import regime
 
 __all__ = ["RunResult", "run", "Diverged", "DIVERGED_EXIT_CODE"]
 
-#: Exit code of ``fedjax-bsa run`` when the training loss became
-#: non-finite (the records written so far are kept).
+#: Exit code of ``fedjax-bsa run`` when the run diverged (the records
+#: written so far are kept).
 DIVERGED_EXIT_CODE = 3
 
 
 class Diverged(RuntimeError):
-  """A run's training loss became non-finite (raised by the CLI only)."""
+  """A run diverged (raised by the CLI only)."""
 
 
 class RunResult(NamedTuple):
@@ -44,8 +47,8 @@ class RunResult(NamedTuple):
 
 def run(cfg: Config, out_dir: str | None = None, *,
         print_table: bool = True, stream=None, mesh: Any = "auto",
-        resume: bool = False, checkpoint_every: int | None = None
-        ) -> RunResult:
+        resume: bool = False, checkpoint_every: int | None = None,
+        stop=None) -> RunResult:
   """Runs one simulation end to end.
 
   Args:
@@ -60,10 +63,16 @@ def run(cfg: Config, out_dir: str | None = None, *,
       ``out_dir/checkpoints`` (start afresh if there is none).
     checkpoint_every: rounds between checkpoints when ``out_dir`` is given
       (None or 0: after every chunk of ``eval_every`` rounds; -1: never).
+    stop: ``stop() -> bool``, polled between chunks of rounds: when true,
+      the run checkpoints the rounds done and ends early (e.g. on SIGINT).
 
   Returns:
     A :class:`RunResult`; ``summary["diverged_round"]`` is the round at
-    which the training loss became non-finite (None if it did not).
+    which the training loss became non-finite, or at which the test loss
+    became non-finite or rose above
+    :data:`~fedjax_bsa.outputs.DIVERGED_FACTOR` times its first evaluation
+    (None if neither); ``summary["interrupted_round"]`` is the round at
+    which ``stop`` ended the run (None if it did not).
   """
   stream = stream or sys.stdout
   start = time.perf_counter()
@@ -73,11 +82,15 @@ def run(cfg: Config, out_dir: str | None = None, *,
   if out_dir:
     distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
   pre = driver.prepare(cfg, [{}], mesh)
+  if out_dir and not resume and distributed.is_main():
+    clear_run(out_dir)
   out = Outputs(cfg, out_dir)
   ckpt = driver.checkpointer(out_dir, checkpoint_every, resume)
   state, compiles = driver.execute(pre, [out], ckpt=ckpt,
                                    checkpoint_every=checkpoint_every or 0,
-                                   progress=cfg.progress, start=start)
+                                   progress=cfg.progress, start=start,
+                                   resume=resume, stop=stop,
+                                   diverged_factor=DIVERGED_FACTOR)
   exp = pre.experiments[0]
   summary = out.finish(
       compiles=compiles, lanes=pre.sim.lanes, num_clients=exp.num_clients,

@@ -13,7 +13,8 @@ Outputs under ``out_dir``: ``sweep.json`` (the base settings and each
 experiment's overrides, for ``--resume``), one folder per experiment
 (``exp_000``, ...: the files of a run), ``sweep.jsonl`` (one line per
 experiment: its overrides and summary), ``table.txt``, and
-``checkpoints/``.
+``checkpoints/``. A fresh sweep first removes a previous run's or sweep's
+files from ``out_dir`` (:func:`fedjax_bsa.outputs.clear_run`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fedjax_bsa import regime
 from fedjax_bsa.config import SWEEPABLE, Config, ConfigError
 from fedjax_bsa.config import check_sweepable
 from fedjax_bsa.config import parse_assignments
-from fedjax_bsa.outputs import Outputs
+from fedjax_bsa.outputs import Outputs, clear_run
 
 __all__ = ["SWEEPABLE", "SweepResult", "parse_grid", "expand_grid",
            "check_sweepable", "run_sweep", "resume_sweep", "format_sweep"]
@@ -119,6 +120,8 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
   if out_dir:
     distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
   pre = driver.prepare(base, overrides, mesh, keep_going=True)
+  if out_dir and not resume and distributed.is_main():
+    clear_run(out_dir)  # a previous run's or sweep's files, plots included
   E = len(pre.configs)
   names = [f"exp_{e:03d}" for e in range(len(overrides))]
   outs = [Outputs(c, os.path.join(out_dir, names[i]) if out_dir else None,
@@ -132,7 +135,8 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
   ckpt = driver.checkpointer(out_dir, checkpoint_every, resume)
   state, compiles = driver.execute(pre, outs, ckpt=ckpt,
                                    checkpoint_every=checkpoint_every or 0,
-                                   progress=base.progress, start=start)
+                                   progress=base.progress, start=start,
+                                   resume=resume)
   wall = time.perf_counter() - start + (outs[0].wall_offset if outs else 0)
   summaries = [dict(failed=pre.failed.get(i)) for i in range(len(overrides))]
   for o, x, i in zip(outs, pre.experiments, pre.kept):

@@ -87,7 +87,9 @@ def _parser():
                  "repetitions, no FedJAX, noise stats on the standard mix "
                  "only (a smoke test)")
   p.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                 metavar="DIR", help="where the JSON and markdown go")
+                 metavar="DIR", help="where round_kernel_<machine>.json and .md "
+                 "go (default %(default)s; --quick: "
+                 "round_kernel_<machine>_quick.*)")
   p.add_argument("--mixes", default=None, help="comma list of "
                  f"{','.join(MIXES)} (default: standard,large,uniform; "
                  "quick: standard,uniform)")
@@ -107,7 +109,9 @@ def _parser():
   p.add_argument("--fedjax-python", default=None, metavar="PATH",
                  help="python of a FedJAX 0.0.17 venv (default "
                  "$FEDJAX_PYTHON or /tmp/fjvenv/bin/python)")
-  p.add_argument("--no-fedjax", action="store_true")
+  p.add_argument("--no-fedjax", action="store_true",
+                 help="do not time FedJAX 0.0.17 (never timed with "
+                 "--quick)")
   p.add_argument("--check", action="store_true", help="first check the "
                  "kernel against the reference loop (exit 1 if different)")
   p.add_argument("--reference", action=argparse.BooleanOptionalAction,

@@ -52,7 +52,9 @@ def _parser():
                               description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true",
                  help="CI smoke run: one tiny cell of digits")
-  p.add_argument("--datasets", default="digits,synthetic,mnist1d")
+  p.add_argument("--datasets", default="digits,synthetic,mnist1d",
+                 help="comma list of datasets to study (default "
+                 "%(default)s; --quick: digits)")
   p.add_argument("--alpha", help="Dirichlet alphas, e.g. 0.1,1.0")
   p.add_argument("--devices", help="homogeneous,heterogeneous")
   p.add_argument("--local-work", help="epochs,steps,deadline")
@@ -61,7 +63,10 @@ def _parser():
   p.add_argument("--tuning-seeds", type=int, help="tuning seeds (100..)")
   p.add_argument("--rounds", type=int, help="rounds (default per dataset)")
   p.add_argument("--methods", help=",".join(regimes.METHODS))
-  p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--out", default="benchmarks/results", metavar="DIR",
+                 help="where regimes.json, .md and _heatmap.png go, and the "
+                 "resumable cache regimes_cache/ (default %(default)s; "
+                 "--quick writes regimes_quick.*)")
   p.add_argument("--report-only", action="store_true",
                  help="rebuild the table and heatmap from regimes.json")
   return p

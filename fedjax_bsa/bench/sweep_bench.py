@@ -168,8 +168,12 @@ def _parser():
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true",
                  help="5 rounds, 2 repetitions, end to end once")
-  p.add_argument("--experiments", type=int, default=TARGET_EXPERIMENTS)
-  p.add_argument("--controllers", default="noise_scale,constant")
+  p.add_argument("--experiments", type=int, default=TARGET_EXPERIMENTS,
+                 help="experiments in the sweep, run packed and one after "
+                 "another (default %(default)s)")
+  p.add_argument("--controllers", default="noise_scale,constant",
+                 help="comma list of controllers, each timed separately "
+                 "(default %(default)s)")
   p.add_argument("--rounds", type=int, default=None,
                  help="rounds of the timed chunk (default 10, quick 5)")
   p.add_argument("--reps", type=int, default=None,
@@ -185,8 +189,11 @@ def _parser():
                  help="repetitions of the whole runs (default 3, quick 1)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a setting of the base config (repeatable)")
-  p.add_argument("--out", default="benchmarks/results", metavar="DIR")
-  p.add_argument("--machine", default=None)
+  p.add_argument("--out", default="benchmarks/results", metavar="DIR",
+                 help="where sweep_<machine>.json and .md go (default "
+                 "%(default)s; with --quick, sweep_<machine>_quick.*)")
+  p.add_argument("--machine", default=None, help="the machine's name in "
+                 "the file name (default: from the device, e.g. cpu-2core)")
   return p
 
 

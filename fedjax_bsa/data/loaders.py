@@ -313,6 +313,17 @@ def _int_labels(path: str, key: str, y: np.ndarray) -> np.ndarray:
   return y.astype(np.int32)
 
 
+def _check_finite(path: str, key: str, x: np.ndarray) -> None:
+  """Features must be finite (a NaN or inf would pass as a divergence)."""
+  if not np.issubdtype(x.dtype, np.inexact):
+    return
+  bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  if bad.any():
+    raise DataFileError(path, f"{key!r} holds NaN or infinite values in "
+                        f"{int(bad.sum())} example(s), the first at index "
+                        f"{int(np.argmax(bad))}; features must be finite")
+
+
 def load_npz(path, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
   """Reads a dataset from a numpy ``.npz`` archive.
 
@@ -330,8 +341,8 @@ def load_npz(path, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     A :class:`Dataset` named ``"npz"``; ``num_classes = max label + 1``.
 
   Raises:
-    DataFileError: If the file is missing or invalid, a key is missing, or
-      lengths/shapes disagree.
+    DataFileError: If the file is missing or invalid, a key is missing,
+      lengths/shapes disagree, or features are NaN or infinite.
   """
   _check_fraction(test_fraction)
   shown = os.fspath(path)
@@ -353,6 +364,7 @@ def load_npz(path, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     raise DataFileError(shown, "contains no examples")
   if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
     raise DataFileError(shown, f"'x' must be numeric, got {x.dtype}")
+  _check_finite(shown, "x", x)
   ids = None
   if "client_id" in arrays:
     raw = arrays["client_id"]
@@ -372,6 +384,10 @@ def load_npz(path, *, seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     if x_te.shape[1:] != x.shape[1:]:
       raise DataFileError(shown, f"x_test examples have shape "
                           f"{list(x_te.shape[1:])}, x {list(x.shape[1:])}")
+    if not (np.issubdtype(x_te.dtype, np.number) or x_te.dtype == np.bool_):
+      raise DataFileError(shown, f"'x_test' must be numeric, got "
+                          f"{x_te.dtype}")
+    _check_finite(shown, "x_test", x_te)
     x_tr, y_tr = x, y
   else:
     groups = ids if ids is not None else np.zeros(len(y), np.int32)
