@@ -74,8 +74,8 @@ resources, ``from_partition``, ``merge`` and the whole
 (``tracemalloc``, in a second, untimed run) of each stage.
 
 ``--quick``: 10,000 clients, cohorts 10 and 100, 3 rounds, ``library``.
-Writes ``scale_<machine>.json`` into ``--out`` (default
-``benchmarks/results``).
+Writes ``scale_<machine>.json`` (``--quick``: ``scale_<machine>_quick.json``)
+into ``--out`` (default ``benchmarks/results``), at the end only.
 """
 
 from __future__ import annotations
@@ -837,13 +837,15 @@ def _parse(argv):
   p.add_argument("--quick", action="store_true",
                  help="10,000 clients, cohorts 10,100, 3 rounds, "
                  "variant library")
-  p.add_argument("--out", default=os.path.join("benchmarks", "results"))
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="scale_<machine>[_quick].json: " + harness.OUT_HELP)
   p.add_argument("--machine", default=None, help="override the machine name")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
   args = _parse(argv)
+  args.out = harness.results_dir(args.out, args.quick)
   if args.quick:
     if args.clients == 100_000:
       args.clients = 10_000
@@ -946,7 +948,8 @@ def main(argv=None) -> dict:
   report["device_peak_bytes"] = _device_peak()
   report["loadavg_end"] = _loadavg()
   os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, f"scale_{report['machine']['name']}.json")
+  path = os.path.join(args.out, f"scale_{report['machine']['name']}"
+                      + ("_quick.json" if args.quick else ".json"))
   with open(path, "w") as f:
     json.dump(report, f, indent=1)
   log(f"wrote {path}; peak RSS {report['peak_rss_bytes'] / 2**20:.0f} MiB")

@@ -125,10 +125,10 @@ def test_help_of_plot_bench_and_study_lists_their_options(capsys):
   text = _help(capsys, ["bench", "sweep", "--help"])
   assert "--experiments EXPERIMENTS experiments in the sweep" in text
   assert re.search(r"--experiments EXPERIMENTS [^-]*\(default 8\)", text)
-  assert "sweep_<machine>_quick" in text
+  assert "sweep_<machine>[_quick].json" in text and "runs/benchmarks" in text
   text = _help(capsys, ["study", "--help"])
   assert "default digits,synthetic,mnist1d" in text
-  assert "default benchmarks/results" in text
+  assert "default: benchmarks/results" in text
   text = _help(capsys, ["run", "--help"])
   assert "--overwrite" in text and "no progress bar" in text
 
@@ -285,3 +285,40 @@ def test_resume_with_every_checkpoint_corrupt_says_round_0(tmp_path, capsys):
   assert "restarting from round 0 of 2" in err
   assert [json.loads(l)["round"] for l in
           (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+# ------------------------------------------------------------- benchmarks ---
+
+def test_quick_benchmark_writes_quick_name_outside_committed_results(
+    tmp_path, monkeypatch):
+  """A quick run with no --out writes *_quick.* under runs/benchmarks (not
+  committed), never into benchmarks/results or the package."""
+  from fedjax_bsa.bench import headroom_bound  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(headroom_bound, "search",
+                      lambda box, batches, samples: (1.0, {}))
+  assert headroom_bound.main(["--quick"]) == 0
+  written = sorted(str(p.relative_to(tmp_path))
+                   for p in tmp_path.rglob("*") if p.is_file())
+  assert written == [os.path.join("runs", "benchmarks",
+                                  "headroom_bound_quick.json")]
+  assert headroom_bound.main([]) == 0  # a full run: the committed name
+  assert (tmp_path / "benchmarks" / "results" /
+          "headroom_bound.json").exists()
+
+
+def test_benchmark_cut_short_writes_nothing(tmp_path, monkeypatch):
+  from fedjax_bsa.bench import sweep_bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sweep_bench, "compiled_loop",
+                      lambda *a, **k: dict(speedup=1.5, experiments=2))
+
+  def cut_short(*a, **k):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(sweep_bench, "end_to_end", cut_short)
+  with pytest.raises(KeyboardInterrupt):
+    sweep_bench.main(["--quick", "--experiments", "2", "--controllers",
+                      "constant", "--out", str(tmp_path / "out"),
+                      "--machine", "test"])
+  assert not (tmp_path / "out").exists() or not list(
+      (tmp_path / "out").iterdir())

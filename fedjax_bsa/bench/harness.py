@@ -241,6 +241,22 @@ def _json_default(o):
   raise TypeError(f"not JSON serializable: {type(o)}")
 
 
+#: Where a full benchmark run writes by default (its results are committed).
+RESULTS_DIR = os.path.join("benchmarks", "results")
+#: Where a ``--quick`` run writes by default (ignored by git): a quick run
+#: never touches committed results unless ``--out`` says so.
+QUICK_DIR = os.path.join("runs", "benchmarks")
+OUT_HELP = ("where the results go (default: benchmarks/results; with "
+            "--quick: runs/benchmarks, not committed, and every name ends "
+            "in _quick)")
+
+
+def results_dir(out: str | None, quick: bool) -> str:
+  """``--out`` if given, else :data:`QUICK_DIR` for a quick run and
+  :data:`RESULTS_DIR` for a full one (the rule of benchmarks/README.md)."""
+  return out or (QUICK_DIR if quick else RESULTS_DIR)
+
+
 def write_report(report: dict, out_dir: str, stem: str,
                  markdown: str | None = None) -> str:
   """Writes ``out_dir/<stem>.json`` (and ``.md`` when given); returns the

@@ -90,8 +90,10 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true",
                  help="a smoke test: 200 samples, written as "
                       "headroom_bound_quick.json")
-  p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="headroom_bound[_quick].json: " + harness.OUT_HELP)
   a = p.parse_args(argv)
+  a.out = harness.results_dir(a.out, a.quick)
   if a.quick:
     a.samples = 200
   report = harness.new_report("headroom_bound", dict(samples=a.samples))

@@ -17,8 +17,8 @@ with ``--check``, the kernel against the reference first.
 Figures: :mod:`fedjax_bsa.bench.figures`; the matmul peak is measured at
 the start and at the end, the faster kept (other processes only lower it).
 Writes ``round_kernel_<machine>[_quick].json`` and ``.md`` into ``--out``
-(default ``benchmarks/results``) after every mix, so an interrupted run
-keeps what it measured.
+(default ``benchmarks/results``) when it has finished; a run cut short
+writes nothing (the rule of ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -86,10 +86,9 @@ def _parser():
   p.add_argument("--quick", action="store_true", help="tiny sizes, 2 "
                  "repetitions, no FedJAX, noise stats on the standard mix "
                  "only (a smoke test)")
-  p.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                 metavar="DIR", help="where round_kernel_<machine>.json and .md "
-                 "go (default %(default)s; --quick: "
-                 "round_kernel_<machine>_quick.*)")
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="round_kernel_<machine>[_quick].json and .md: "
+                 + harness.OUT_HELP)
   p.add_argument("--mixes", default=None, help="comma list of "
                  f"{','.join(MIXES)} (default: standard,large,uniform; "
                  "quick: standard,uniform)")
@@ -220,6 +219,7 @@ def _large_vs_standard(report: dict) -> None:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  args.out = harness.results_dir(args.out, args.quick)
   if args.cpu_devices > 1:
     _force_cpu_devices(args.cpu_devices)
   gpu = jax.devices()[0].platform != "cpu"
@@ -256,7 +256,6 @@ def main(argv=None) -> int:
                                     lanes=res["lanes"], mix=name)
     _large_vs_standard(report)
     report["headline"] = kernel_report.headline(report)
-    harness.write_report(report, args.out, stem)
   end = harness.matmul_peak(*size)
   report["matmul_peak_start"] = report["matmul_peak"]
   report["matmul_peak_end"] = end

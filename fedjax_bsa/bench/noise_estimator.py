@@ -33,7 +33,8 @@ Run::
 
     python -m benchmarks.noise_estimator [--quick] [--out DIR]
 
-which writes ``noise_estimator.json`` into ``--out`` (default
+which writes ``noise_estimator.json`` (``--quick``:
+``noise_estimator_quick.json``) into ``--out`` (default
 ``benchmarks/results``). Nothing is timed.
 
 This module holds the command and its report (:func:`main`,
@@ -147,9 +148,10 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--epochs", type=int, default=3,
                  help="epochs of plain SGD before the parameters freeze")
-  p.add_argument("--out", default=os.path.join(
-      os.path.dirname(os.path.abspath(__file__)), "results"))
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="noise_estimator[_quick].json: " + harness.OUT_HELP)
   a = p.parse_args(argv)
+  a.out = harness.results_dir(a.out, a.quick)
   rounds = a.rounds or (200 if a.quick else 10000)
   start = time.time()
   setup, cases, g_k, tr_k, recs, mismatch = run(rounds=rounds, seed=a.seed,
@@ -187,7 +189,8 @@ def main(argv=None) -> int:
       timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
       wall_s=round(time.time() - start, 1))
   os.makedirs(a.out, exist_ok=True)
-  path = os.path.join(a.out, "noise_estimator.json")
+  path = os.path.join(a.out, "noise_estimator_quick.json" if a.quick
+                      else "noise_estimator.json")
   with open(path, "w") as f:
     json.dump(report, f, indent=1)
   print(format_table(rows))

@@ -27,6 +27,7 @@ import numpy as np
 
 from fedjax_bsa import experiment as experiment_lib
 from fedjax_bsa import regime
+from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import regimes
 from fedjax_bsa.bench import regimes_report as report
 from fedjax_bsa.bench import regimes_figures as figures
@@ -63,10 +64,9 @@ def _parser():
   p.add_argument("--tuning-seeds", type=int, help="tuning seeds (100..)")
   p.add_argument("--rounds", type=int, help="rounds (default per dataset)")
   p.add_argument("--methods", help=",".join(regimes.METHODS))
-  p.add_argument("--out", default="benchmarks/results", metavar="DIR",
-                 help="where regimes.json, .md and _heatmap.png go, and the "
-                 "resumable cache regimes_cache/ (default %(default)s; "
-                 "--quick writes regimes_quick.*)")
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="regimes[_quick].json, .md, _heatmap.png and the "
+                 "resumable cache regimes_cache/: " + harness.OUT_HELP)
   p.add_argument("--report-only", action="store_true",
                  help="rebuild the table and heatmap from regimes.json")
   return p
@@ -170,6 +170,7 @@ def _merge(path: str, results: dict) -> dict:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  args.out = harness.results_dir(args.out, args.quick)
   log = regimes.log_to_stderr
   name = "regimes_quick" if args.quick else "regimes"
   path = os.path.join(args.out, f"{name}.json")

@@ -22,7 +22,8 @@ a ``constant`` batch) two measures, each interleaved over repetitions:
 
 Speedup = sequential time / packed time. Every controller's compiled loop
 is measured first, then the whole runs; ``sweep_<machine>[_quick].json``
-(and at the end ``.md``) is written into ``--out`` after every measure.
+and ``.md`` are written into ``--out`` when it has finished (a run cut
+short writes nothing: the rule of ``benchmarks/README.md``).
 
 The full run (8 experiments, both controllers) is
 ``fedjax-bsa bench sweep``; ``--quick`` is the same at a few rounds and
@@ -189,9 +190,9 @@ def _parser():
                  help="repetitions of the whole runs (default 3, quick 1)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a setting of the base config (repeatable)")
-  p.add_argument("--out", default="benchmarks/results", metavar="DIR",
-                 help="where sweep_<machine>.json and .md go (default "
-                 "%(default)s; with --quick, sweep_<machine>_quick.*)")
+  p.add_argument("--out", default=None, metavar="DIR",
+                 help="sweep_<machine>[_quick].json and .md: "
+                 + harness.OUT_HELP)
   p.add_argument("--machine", default=None, help="the machine's name in "
                  "the file name (default: from the device, e.g. cpu-2core)")
   return p
@@ -257,6 +258,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  args.out = harness.results_dir(args.out, args.quick)
   st = _settings(args)
   log = functools.partial(print, flush=True)
   report = harness.new_report("sweep", st)
@@ -284,7 +286,6 @@ def main(argv=None) -> int:
                          eval_every=min(10, st["e2e_rounds"])), ovs,
             st["e2e_reps"], log)
       report["headline"] = headline(report)
-      harness.write_report(report, args.out, stem)
   md = markdown(harness.finish_report(report))
   path = harness.write_report(report, args.out, stem, md)
   log(md)
