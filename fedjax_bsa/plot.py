@@ -14,7 +14,9 @@ holds ``config.json``, ``metrics.jsonl``, ``clients.npz`` and
   evaluated round.
 
 :func:`plot_compare` draws several runs' accuracy against simulated time in
-one figure. :func:`main` is the ``fedjax-bsa plot DIR [DIR ...] [--out OUT]``
+one figure; :func:`plot_sweep` does so for the experiments of a sweep folder
+(``fedjax-bsa sweep --out DIR``), each line labelled by the settings that
+differ. :func:`main` is the ``fedjax-bsa plot DIR [DIR ...] [--out OUT]``
 command. Figures are built with :class:`matplotlib.figure.Figure` and written
 by the Agg renderer: no pyplot state, no window, safe in notebooks and CI.
 
@@ -43,11 +45,14 @@ from fedjax_bsa.run_figures import noise_figure
 from fedjax_bsa.run_figures import padding_figure
 from fedjax_bsa.run_files import Run
 from fedjax_bsa.run_files import client_groups
+from fedjax_bsa.run_files import is_sweep
 from fedjax_bsa.run_files import load_run
+from fedjax_bsa.run_files import load_sweep
 
 __all__ = ["Run", "load_run", "client_groups", "accuracy_figure",
            "batch_figure", "noise_figure", "padding_figure",
-           "compare_figure", "plot_run", "plot_compare", "main"]
+           "compare_figure", "plot_run", "plot_compare", "plot_sweep",
+           "main"]
 
 
 def _save(fig: Figure, path: str) -> str:
@@ -108,6 +113,30 @@ def plot_compare(run_dirs: Mapping[str, str] | Sequence[str], out_path: str,
   return _save(compare_figure(runs, target=target, x=x), os.fspath(out_path))
 
 
+def plot_sweep(sweep_dir: str, out_dir: str | None = None, *,
+               target: float | None = None) -> str:
+  """One figure comparing a sweep's experiments: test accuracy against
+  simulated time, each line labelled by its experiment and the settings
+  that differ between the experiments.
+
+  Args:
+    sweep_dir: a sweep's output folder (``sweep.json``, ``exp_NNN/``).
+    out_dir: where to write (default ``sweep_dir/plots``).
+    target: draw this accuracy as a dashed line (optional).
+
+  Returns:
+    The path written, ``sweep_accuracy.png``.
+
+  Raises:
+    ValueError: no experiment of the sweep has records.
+  """
+  runs = load_sweep(sweep_dir)
+  out_dir = os.fspath(out_dir) if out_dir else os.path.join(
+      os.fspath(sweep_dir), "plots")
+  return _save(compare_figure(runs, target=target),
+               os.path.join(out_dir, "sweep_accuracy.png"))
+
+
 def _labels(dirs: list) -> dict:
   """Short unique labels: paths relative to the directories' common
   parent."""
@@ -135,12 +164,15 @@ def _parser() -> argparse.ArgumentParser:
       description="PNG figures of run directories (written by `fedjax-bsa "
       "run --out DIR`). One directory: accuracy, batch sizes, noise scale "
       "and padding efficiency. Several: each one's figures and a comparison "
-      "of accuracy against simulated time.")
-  p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories")
+      "of accuracy against simulated time. A sweep folder (`fedjax-bsa "
+      "sweep --out DIR`): one figure comparing its experiments, each line "
+      "labelled by the settings that differ (sweep_accuracy.png).")
+  p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories "
+                 "or sweep folders")
   p.add_argument("--out", metavar="OUTDIR", help="where to write (default: "
-                 "DIR/plots for each run, and the runs' common parent for "
-                 "the comparison); with several runs, each gets "
-                 "OUTDIR/<its label>/")
+                 "DIR/plots for each run or sweep, and the runs' common "
+                 "parent for the comparison); with several folders, each "
+                 "gets OUTDIR/<its label>/")
   p.add_argument("--target", type=float, default=None, metavar="ACC",
                  help="a target test accuracy (e.g. 0.9) drawn as a dashed "
                  "horizontal line in the comparison figure, to read off "
@@ -160,15 +192,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = argv[1:]
   args = _parser().parse_args(argv)
   try:
-    for d in args.dirs:  # check every directory before writing anything
+    sweeps = [d for d in args.dirs if is_sweep(d)]
+    dirs = [d for d in args.dirs if d not in sweeps]
+    for d in sweeps:  # check every directory before writing anything
+      load_sweep(d)
+    for d in dirs:
       load_run(d)
     labels = _labels(args.dirs)
+    several = len(labels) > 1
     written = []
     for label, d in labels.items():
       out = None
       if args.out:
-        out = args.out if len(labels) == 1 else os.path.join(args.out, label)
-      written += plot_run(d, out)
+        out = os.path.join(args.out, label) if several else args.out
+      if is_sweep(d):
+        written.append(plot_sweep(d, out, target=args.target))
+      else:
+        written += plot_run(d, out)
+    labels = {k: d for k, d in labels.items() if not is_sweep(d)}
     if len(labels) > 1:
       if args.out:
         where = args.out

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from fedjax_bsa.run_files import Run
 from fedjax_bsa.run_files import _series
@@ -24,6 +25,10 @@ __all__ = ["DPI", "accuracy_figure", "batch_figure", "noise_figure",
            "padding_figure", "compare_figure"]
 
 DPI = 110
+# line i of a comparison: colour C(i mod 10), style and marker by i // 10,
+# so 40 lines stay distinct
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D")
 
 
 # ---------------------------------------------------------------- figures ---
@@ -58,7 +63,9 @@ def accuracy_figure(run: Run) -> Figure:
     if x.size:
       ax.plot(x, y, marker="o", ms=3)
       best = int(np.argmax(y))
-      ax.axhline(y[best], color="0.7", lw=0.8, ls="--")
+      ax.axhline(y[best], color="0.7", lw=0.8, ls="--",
+                 label=f"best {y[best]:.4f}")
+      ax.legend(fontsize=8, loc="lower right")
     else:
       _note(ax, "no finite test accuracy")
     ax.set_xlabel(xlabel)
@@ -123,10 +130,14 @@ def batch_figure(run: Run) -> Figure:
   if np.nanmax(batch[mask], initial=1) / max(np.nanmin(batch[mask],
                                                        initial=1), 1) > 8:
     ax.set_yscale("log", base=2)
+    # a tick at every power of two, written as plain numbers
+    ax.yaxis.set_major_locator(LogLocator(base=2, numticks=20))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="best")
-  ax.set_title("per-client batch size (dots), by device group; dotted: "
-               "memory cap", fontsize=9)
+  ax.set_title("per-client batch size (dots), by device group"
+               + ("; dotted: memory cap" if shown else ""), fontsize=9)
   return fig
 
 
@@ -195,19 +206,26 @@ def padding_figure(run: Run) -> Figure:
 def compare_figure(runs: Mapping[str, Run], *, target: float | None = None,
                    x: str = "sim_time_s") -> Figure:
   """Test accuracy of several runs against ``x`` (``sim_time_s``,
-  ``round`` or ``wall_time_s``), one line each."""
+  ``round`` or ``wall_time_s``), one line each (colours cycle every 10
+  lines; line style and marker change with each cycle)."""
   xlabel = {"sim_time_s": "simulated time (s)", "round": "round",
             "wall_time_s": "host wall-clock time (s)"}.get(x, x)
-  fig = _figure(6.4, 4.2)
+  many = len(runs) > 10
+  fig = _figure(8.4 if many else 6.4, 4.2)
   ax = fig.subplots()
   for i, (label, run) in enumerate(runs.items()):
     xs, ys = _series(run.records, x, "test_accuracy")
-    ax.plot(xs, ys, marker="o", ms=2.5, color=f"C{i % 10}", label=label)
+    ax.plot(xs, ys, marker=_MARKERS[i // 10 % len(_MARKERS)], ms=2.5,
+            color=f"C{i % 10}", ls=_STYLES[i // 10 % len(_STYLES)],
+            label=label)
   if target is not None:
     ax.axhline(target, color="0.4", ls="--", lw=0.8,
                label=f"target {target:g}")
   ax.set_xlabel(xlabel)
   ax.set_ylabel("test accuracy")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
+  if many:  # beside the axes, so that it hides no line
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  else:
+    ax.legend(fontsize=8, loc="lower right")
   return fig

@@ -20,7 +20,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-__all__ = ["Run", "load_run", "client_groups"]
+__all__ = ["Run", "load_run", "client_groups", "is_sweep", "load_sweep"]
 
 
 class Run(NamedTuple):
@@ -83,6 +83,43 @@ def load_run(run_dir: str) -> Run:
   return Run(run_dir, _read_json(os.path.join(run_dir, "config.json")),
              records, clients, _read_json(os.path.join(run_dir,
                                                        "summary.json")))
+
+
+def is_sweep(folder: str) -> bool:
+  """Whether ``folder`` is a sweep's output folder (``sweep.json``, no
+  ``metrics.jsonl`` of its own)."""
+  folder = os.fspath(folder)
+  return (os.path.isfile(os.path.join(folder, "sweep.json")) and
+          not os.path.exists(os.path.join(folder, "metrics.jsonl")))
+
+
+def load_sweep(sweep_dir: str) -> dict:
+  """The experiments of a sweep folder that have records, as
+  ``{label: Run}`` in experiment order; each label is ``exp_NNN:`` and the
+  settings that differ between the experiments (``key=value, ...``).
+
+  Raises:
+    ValueError: no experiment folder holds records.
+  """
+  sweep_dir = os.fspath(sweep_dir)
+  runs = {}
+  for name in sorted(os.listdir(sweep_dir)):
+    path = os.path.join(sweep_dir, name)
+    if name.startswith("exp_") and os.path.isfile(
+        os.path.join(path, "metrics.jsonl")):
+      try:
+        runs[name] = load_run(path)
+      except ValueError:
+        continue  # an experiment that wrote nothing yet
+  if not runs:
+    raise ValueError(f"{sweep_dir}: a sweep folder, but no experiment "
+                     "folder (exp_NNN) holds records yet")
+  configs = {n: r.config or {} for n, r in runs.items()}
+  keys = sorted({k for c in configs.values() for k in c})
+  differ = [k for k in keys
+            if len({json.dumps(c.get(k)) for c in configs.values()}) > 1]
+  return {f"{n}: " + (", ".join(f"{k}={configs[n].get(k)}" for k in differ)
+                      or "-"): r for n, r in runs.items()}
 
 
 def _series(records: list, x: str, y: str):

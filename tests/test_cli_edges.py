@@ -322,3 +322,63 @@ def test_benchmark_cut_short_writes_nothing(tmp_path, monkeypatch):
                       "--machine", "test"])
   assert not (tmp_path / "out").exists() or not list(
       (tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------ plots ---
+
+def _fake_sweep(folder, n=12):
+  """A sweep folder by hand: sweep.json and n experiments over seed and
+  client_lr (the settings that differ), each with two records."""
+  folder.mkdir()
+  (folder / "sweep.json").write_text("{}")
+  for e in range(n):
+    d = folder / f"exp_{e:03d}"
+    d.mkdir()
+    cfg = dict(dataset="digits", rounds=2, seed=e // 2,
+               client_lr=(0.05, 0.1)[e % 2])
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "metrics.jsonl").write_text("".join(
+        json.dumps(dict(round=r, sim_time_s=float(r), wall_time_s=0.0,
+                        test_accuracy=0.1 + 0.01 * e * r, test_loss=2.0))
+        + "\n" for r in (0, 1, 2)))
+
+
+def test_plot_of_a_sweep_folder_compares_its_experiments(tmp_path, capsys):
+  from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+  sw = tmp_path / "sweep"
+  _fake_sweep(sw)
+  assert cli.main(["plot", str(sw)]) == 0
+  assert capsys.readouterr().out.split() == [
+      str(sw / "plots" / "sweep_accuracy.png")]
+  assert (sw / "plots" / "sweep_accuracy.png").stat().st_size > 0
+  runs = plot.load_sweep(str(sw))
+  assert list(runs)[3] == "exp_003: client_lr=0.1, seed=1"  # only these
+  fig = plot.compare_figure(runs)
+  lines = fig.axes[0].get_lines()
+  assert len(lines) == 12
+  looks = {(l.get_color(), l.get_linestyle()) for l in lines}
+  assert len(looks) == 12  # colours repeat after 10, styles then differ
+  labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  assert labels == list(runs)
+
+
+def test_run_figures_say_what_they_draw():
+  from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+  rounds, k = 6, 4
+  batch = np.array([[1, 4, 16, 64]] * rounds)
+  clients = dict(round=np.arange(1, rounds + 1),
+                 cohort=np.tile(np.arange(k), (rounds, 1)), batch=batch,
+                 steps=np.ones((rounds, k), int))
+  records = [dict(round=r, sim_time_s=float(r), test_accuracy=0.1 * r)
+             for r in range(3)]
+  run = plot.Run("x", None, records, clients, None)
+  ax = plot.batch_figure(run).axes[0]
+  assert "memory cap" not in ax.get_title()  # no cap line is drawn
+  lo, hi = ax.get_ylim()
+  ticks = [t for t in ax.get_yticks() if lo <= t <= hi]
+  assert {1, 4, 16, 64} <= set(ticks)  # every power of two, not two ticks
+  acc = plot.accuracy_figure(run).axes[0]
+  dashed = [l for l in acc.get_lines() if l.get_linestyle() == "--"]
+  assert dashed and dashed[0].get_label() == "best 0.2000"
+  assert "best 0.2000" in [t.get_text()
+                           for t in acc.get_legend().get_texts()]
