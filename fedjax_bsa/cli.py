@@ -67,8 +67,9 @@ def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
                  help="rounds between checkpoints, rounded up to chunks of "
                  "eval_every rounds (default: every chunk; -1: none)")
   p.add_argument("--no-progress", action="store_true",
-                 help="no progress bar (default: a bar on stderr, unless "
-                 "the progress setting is false)")
+                 help="no progress bar; one line per evaluated round on "
+                 "stdout instead (default: a bar on stderr, unless the "
+                 "progress setting is false)")
   g = p.add_argument_group("several processes (one per host)")
   g.add_argument("--coordinator", metavar="HOST:PORT",
                  help="process 0's address (or $FEDJAX_BSA_COORDINATOR)")
@@ -246,7 +247,8 @@ def _run(args) -> int:
   with _StopRequest() as stop:
     try:
       result = runner.run(cfg, out, resume=bool(args.resume),
-                          checkpoint_every=args.checkpoint_every, stop=stop)
+                          checkpoint_every=args.checkpoint_every, stop=stop,
+                          round_lines=not cfg.progress)
     except KeyboardInterrupt:  # a second signal: stopped at once
       _remove_checkpoint_temporaries(out)
       print("fedjax-bsa: stopped at once by a second signal; the newest "
@@ -288,7 +290,8 @@ def _sweep(args) -> int:
                         f"{os.path.join(args.resume, 'sweep.json')}")
     _initialize(args)
     kw = dict(progress=False) if args.no_progress else {}
-    sweep.resume_sweep(out, checkpoint_every=args.checkpoint_every, **kw)
+    sweep.resume_sweep(out, checkpoint_every=args.checkpoint_every,
+                       round_lines=bool(args.no_progress), **kw)
     return 0
   cfg = config_from_args(args)
   if args.no_progress:
@@ -296,7 +299,8 @@ def _sweep(args) -> int:
   grid = sweep.parse_grid(args.grid)
   overrides = sweep.expand_grid(grid)
   _initialize(args)
-  sweep.run_sweep(cfg, overrides, out, checkpoint_every=args.checkpoint_every)
+  sweep.run_sweep(cfg, overrides, out, checkpoint_every=args.checkpoint_every,
+                  round_lines=not cfg.progress)
   return 0
 
 

@@ -249,7 +249,7 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
           checkpoint_every: int = 0, progress: bool = False, start=None,
           stream=None, resume: bool = False,
           stop: Callable[[], bool] | None = None,
-          diverged_factor: float | None = None):
+          diverged_factor: float | None = None, round_lines: bool = False):
   """The host loop over chunks of rounds, for ``E >= 1`` experiments.
 
   Args:
@@ -276,6 +276,8 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
       this multiple of its first evaluation or becomes non-finite
       (:meth:`~fedjax_bsa.outputs.Outputs.check_diverged`; None: only a
       non-finite training loss).
+    round_lines: print a line to stdout after every evaluation (process
+      0; for runs without a progress bar, so that piped output streams).
 
   Returns:
     The final state.
@@ -319,6 +321,8 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
       finite = losses[np.isfinite(losses)]
       bar.set_postfix(loss=f"{finite.mean():.3f}" if finite.size else "nan")
     _evaluated(evaluate(state), outputs, done, wall(), m, n)
+    if round_lines and distributed.is_main():
+      print(_round_line(outputs, done, rounds), flush=True)
     for e, out in enumerate(outputs):
       msg = out.check_diverged(m["train_loss"][e, :n], done,
                                diverged_factor)
@@ -338,6 +342,24 @@ def drive(rounds: int, chunk: int, state, step: Callable, evaluate: Callable,
   if bar is not None:
     bar.close()
   return state
+
+
+def _round_line(outputs: list, done: int, rounds: int) -> str:
+  """``round 10/50: test accuracy ...`` of the experiments still active
+  (their mean, min and max when there are several)."""
+  recs = [o.records[-1] for o in outputs if o.active and o.records]
+  acc = [r["test_accuracy"] for r in recs if r["test_accuracy"] is not None]
+  line = f"round {done}/{rounds}: "
+  if len(recs) == 1 and acc:
+    loss = recs[0]["test_loss"]
+    line += f"test accuracy {acc[0]:.4f}, test loss " + (
+        f"{loss:.4f}" if loss is not None else "nan")
+  elif acc:
+    line += (f"test accuracy mean {np.mean(acc):.4f} (min {min(acc):.4f}, "
+             f"max {max(acc):.4f}) over {len(recs)} experiments")
+  else:
+    line += "no finite test accuracy"
+  return line + f", wall {recs[0]['wall_time_s']:.1f} s" if recs else line
 
 
 def _sayer(bar, stream) -> Callable[[str], None]:

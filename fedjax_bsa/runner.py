@@ -48,7 +48,7 @@ class RunResult(NamedTuple):
 def run(cfg: Config, out_dir: str | None = None, *,
         print_table: bool = True, stream=None, mesh: Any = "auto",
         resume: bool = False, checkpoint_every: int | None = None,
-        stop=None) -> RunResult:
+        stop=None, round_lines: bool = False) -> RunResult:
   """Runs one simulation end to end.
 
   Args:
@@ -65,6 +65,8 @@ def run(cfg: Config, out_dir: str | None = None, *,
       (None or 0: after every chunk of ``eval_every`` rounds; -1: never).
     stop: ``stop() -> bool``, polled between chunks of rounds: when true,
       the run checkpoints the rounds done and ends early (e.g. on SIGINT).
+    round_lines: print one line per evaluated round as it comes (the
+      command line's ``--no-progress``).
 
   Returns:
     A :class:`RunResult`; ``summary["diverged_round"]`` is the round at
@@ -90,7 +92,8 @@ def run(cfg: Config, out_dir: str | None = None, *,
                                    checkpoint_every=checkpoint_every or 0,
                                    progress=cfg.progress, start=start,
                                    resume=resume, stop=stop,
-                                   diverged_factor=DIVERGED_FACTOR)
+                                   diverged_factor=DIVERGED_FACTOR,
+                                   round_lines=round_lines)
   exp = pre.experiments[0]
   summary = out.finish(
       compiles=compiles, lanes=pre.sim.lanes, num_clients=exp.num_clients,

@@ -98,7 +98,8 @@ def format_sweep(names: list, overrides: list, summaries: list) -> str:
 def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
               *, print_table: bool = True, stream=None, mesh: Any = "auto",
               resume: bool = False,
-              checkpoint_every: int | None = None) -> SweepResult:
+              checkpoint_every: int | None = None,
+              round_lines: bool = False) -> SweepResult:
   """Runs ``len(overrides)`` experiments as one vmapped program.
 
   Args:
@@ -110,6 +111,7 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
     mesh: as :func:`fedjax_bsa.driver.prepare`.
     resume: continue from ``out_dir/checkpoints``.
     checkpoint_every: as :func:`fedjax_bsa.runner.run`.
+    round_lines: print one line per evaluated round as it comes.
 
   Returns:
     A :class:`SweepResult`; each experiment's records equal a separate
@@ -136,7 +138,7 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
   state, compiles = driver.execute(pre, outs, ckpt=ckpt,
                                    checkpoint_every=checkpoint_every or 0,
                                    progress=base.progress, start=start,
-                                   resume=resume)
+                                   resume=resume, round_lines=round_lines)
   wall = time.perf_counter() - start + (outs[0].wall_offset if outs else 0)
   summaries = [dict(failed=pre.failed.get(i)) for i in range(len(overrides))]
   for o, x, i in zip(outs, pre.experiments, pre.kept):

@@ -236,6 +236,10 @@ def test_sigterm_and_sigint_stop_cleanly_and_resume(tmp_path, capsys):
   term = tmp_path / "term"
   proc = _start(term)  # runs beside the in-process run below
   _wait_for_checkpoint(proc, term)
+  # --no-progress streams a line per evaluated round through the pipe
+  first = proc.stdout.readline()
+  assert first.startswith("round 2/100000: test accuracy "), first
+  assert proc.poll() is None  # printed while the run goes on
   proc.send_signal(signal.SIGTERM)
 
   out = tmp_path / "int"
