@@ -214,8 +214,9 @@ class Checkpointer:
         with np.load(os.path.join(self._path(step), HOST)) as z:
           host = {k: z[k] for k in z.files}
       except Exception as e:  # pylint: disable=broad-except
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _warn(f"checkpoint {self._path(step)} is incomplete or corrupt "
-              f"({e}); trying the previous one")
+              f"({why}); trying the previous one")
         bad.append(step)
         continue
       found = Restored(step, data_to_keys(state, template), commit["meta"],

@@ -321,9 +321,9 @@ def main(argv=None) -> int:
   """Runs the command; returns its exit code.
 
   Exit codes: 0 success; 2 a user error (a bad setting or file: one line
-  on stderr, nothing written); 3 a run whose training loss became
-  non-finite (its records so far are kept); 1 anything else (a bug: the
-  traceback is printed).
+  on stderr, nothing written); 3 a run that diverged (its records so far
+  are kept); 130 a run stopped by SIGINT or SIGTERM (checkpointed and
+  resumable); 1 anything else (a bug: the traceback is printed).
   """
   args = _parser().parse_args(argv)
   commands = dict(run=_run, sweep=_sweep, partition=_partition,

@@ -386,3 +386,15 @@ def test_run_figures_say_what_they_draw():
   assert dashed and dashed[0].get_label() == "best 0.2000"
   assert "best 0.2000" in [t.get_text()
                            for t in acc.get_legend().get_texts()]
+
+
+def test_checkpoint_of_another_shape_is_one_warning_line(tmp_path, capsys):
+  """orbax's multi-line mismatch message is cut to its first line."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa import checkpoint  # pylint: disable=g-import-not-at-top
+  ck = checkpoint.Checkpointer(str(tmp_path))
+  ck.save(2, dict(a=jnp.ones(3)), dict(x=1))
+  assert ck.restore(dict(a=jnp.ones(3), b=jnp.zeros(2))) is None
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1, err
+  assert "2 is incomplete or corrupt" in err
