@@ -108,11 +108,11 @@ class Config:
   server_momentum: float = _fed(0.9, "server momentum (momentum)", lo=0.0,
                                 hi=0.999)
   # --- plans: batch-size controller and local work
-  controller: str = _plan("noise_scale", "batch-size controller",
+  controller: str = _plan("displacement", "batch-size controller",
                           choices=reg.CONTROLLERS)
   batch_size: int = _plan(8, "constant batch / reference batch b_0", lo=1,
                           traced=True)
-  batch_min: int = _plan(8, "smallest batch a controller may pick", lo=1)
+  batch_min: int = _plan(1, "smallest batch a controller may pick", lo=1)
   batch_max: int = _plan(128, "largest batch a controller may pick", lo=1)
   local_work: str = _plan("steps", "local work per round: fixed steps, "
                           "epochs, or what fits the deadline",
@@ -132,6 +132,14 @@ class Config:
                            hi=0.999, traced=True)
   max_gain: float = _plan(4.0, "cap on the AdaScale learning-rate gain",
                           lo=1.0, traced=True)
+  budget: float = _plan(0.0, "displacement: first round's budget Lambda = "
+                        "lr * steps (0: client_lr * local_steps)", lo=0.0,
+                        traced=True)
+  budget_band: float = _plan(4.0, "displacement: Lambda stays within "
+                             "[Lambda_0 / band, Lambda_0 * band]", lo=1.0,
+                             traced=True)
+  guard: str = _plan("backoff", "displacement: back off on a bad round "
+                     "(backoff) or not (off)", choices=("backoff", "off"))
   time_budget: float = _plan(0.0, "per-client local-time budget in s (0: "
                              "none)", lo=0.0, traced=True)
   # --- kernel

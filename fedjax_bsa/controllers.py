@@ -53,12 +53,17 @@ class Context(NamedTuple):
   memory_cap: jax.Array  # int32 [K], largest batch each client can hold
   key: jax.Array         # PRNG key for this round's plan
   num_examples: jax.Array | None = None  # int32 [K], examples each holds
+  comm: jax.Array | None = None  # float32 [K], seconds to send the model
+                                 # down and back up
 
 
 class Feedback(NamedTuple):
   """The last round's cohort and what its clients reported."""
   cohort: jax.Array                # int32 [K]
   stats: kernel_lib.ClientStats    # per cohort client
+  update_sum_sq: jax.Array | float = 0.0  # |sum_k h_k|^2 over the clients
+                                          # that ran (h_k: mean applied
+                                          # gradient)
 
 
 class Controller(NamedTuple):
@@ -74,7 +79,8 @@ def empty_feedback(cohort_size: int) -> Feedback:
   """Feedback before the first round: nobody ran."""
   z = jnp.zeros((cohort_size,), jnp.float32)
   zi = jnp.zeros((cohort_size,), jnp.int32)
-  return Feedback(zi, kernel_lib.ClientStats(z, zi, zi, z, z, zi, z))
+  return Feedback(zi, kernel_lib.ClientStats(z, zi, zi, z, z, zi, z),
+                  jnp.float32(0.0))
 
 
 def _full(ctx: Context, value, dtype):

@@ -30,7 +30,9 @@ __all__ = ["Outputs", "chunk_records", "format_table", "PER_CLIENT",
 
 PER_CLIENT = ("cohort", "batch", "steps", "lr", "b_simple")
 _EMPTY = dict(train_loss=None, mean_batch_size=None, min_batch_size=None,
-              max_batch_size=None, noise_scale=None, cohort_noise_scale=None)
+              max_batch_size=None, mean_lr=None, min_lr=None, max_lr=None,
+              mean_steps=None, min_steps=None, max_steps=None,
+              noise_scale=None, cohort_noise_scale=None)
 
 
 #: What a run or sweep writes into its folder (``plots`` and the PNGs by
@@ -110,6 +112,7 @@ def chunk_records(m: dict, n: int) -> dict:
       batch_over_memory_cap=int(m["over_cap"][:n].sum()),
       noise_scale=_f(np.median(b_simple)) if b_simple.size else None,
       cohort_noise_scale=_f(np.median(cohort_b)) if cohort_b.size else None,
+      **_spread(m, n, took, "lr"), **_spread(m, n, took, "steps"),
       mean_adascale_gain=_f(np.mean(m["mean_gain"][:n][took]))
       if took.any() else None,
       heterogeneity=_f(np.mean(m["heterogeneity"][:n])),
@@ -125,15 +128,38 @@ def chunk_records(m: dict, n: int) -> dict:
       if took.any() else None)
 
 
+def _spread(m: dict, n: int, took, name: str) -> dict:
+  """Mean, min and max of a per-client plan value over a chunk's rounds."""
+  if not took.any():
+    return {f"{k}_{name}": None for k in ("mean", "min", "max")}
+  return {f"mean_{name}": _f(np.mean(m[f"mean_{name}"][:n][took])),
+          f"min_{name}": _f(np.min(m[f"min_{name}"][:n][took])),
+          f"max_{name}": _f(np.max(m[f"max_{name}"][:n][took]))}
+
+
+def _range_cell(r: dict, name: str, fmt: str) -> str | None:
+  """``mean (min-max)`` of a record's plan value, None if absent."""
+  mean, lo, hi = (r.get(f"{k}_{name}") for k in ("mean", "min", "max"))
+  if mean is None or lo is None or hi is None:
+    return None
+  return (f"{mean:{fmt}} ({lo:{fmt}}-{hi:{fmt}})")
+
+
 def format_table(records: list, summary: dict) -> str:
-  """A short text table of the evaluated rounds (at most ~12 rows)."""
+  """A short text table of the evaluated rounds (at most ~12 rows): the
+  plan columns give each value's mean over the cohorts since the last row,
+  with its min-max across clients and rounds."""
+  records = [dict(r, _batch=_range_cell(r, "batch_size", ".0f"),
+                  _lr=_range_cell(r, "lr", ".2g"),
+                  _steps=_range_cell(r, "steps", ".0f")) for r in records]
   cols = [("round", "{:>6}"), ("sim_time_s", "{:>10.1f}"),
           ("wall_time_s", "{:>8.1f}"), ("test_accuracy", "{:>8.4f}"),
-          ("test_loss", "{:>8.4f}"), ("mean_batch_size", "{:>7.1f}"),
+          ("test_loss", "{:>8.4f}"), ("_batch", "{:>12}"),
+          ("_lr", "{:>18}"), ("_steps", "{:>11}"),
           ("noise_scale", "{:>9.2f}")]
   head = ["round", "sim_s", "wall_s", "test_acc", "test_loss", "batch",
-          "B_simple"]
-  widths = [6, 10, 8, 8, 8, 7, 9]
+          "lr", "steps", "B_simple"]
+  widths = [6, 10, 8, 8, 8, 12, 18, 11, 9]
   lines = [" ".join(h.rjust(w) for h, w in zip(head, widths))]
   step = max(1, math.ceil(len(records) / 12))
   rows = records[::step]

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from fedjax_bsa import clock
 from fedjax_bsa import controllers
 from fedjax_bsa import deadline as deadline_lib
+from fedjax_bsa import displacement as displacement_lib
 from fedjax_bsa import goodput as goodput_lib
 from fedjax_bsa import registry as reg
 from fedjax_bsa.kernel import Plan
@@ -87,6 +88,17 @@ def _goodput(cfg, hp):
       hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["local_steps"],
       hp["client_lr"], hp["ema_decay"], cfg.microbatch,
       max_gain=hp["max_gain"])
+
+
+@reg.CONTROLLERS.register("displacement")
+def _displacement(cfg, hp):
+  """Ours, v3: a shared displacement budget ``Lambda = eta_k S_k`` set
+  against the measured drift and the round's communication; each client at
+  the batch that moves it fastest (see ``docs/method.md`` (f))."""
+  return displacement_lib.displacement(
+      hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["local_steps"],
+      hp["client_lr"], hp["ema_decay"], max_gain=hp["max_gain"],
+      budget=hp["budget"], band=hp["budget_band"], guard=cfg.guard)
 
 
 #: Controllers whose batches are quantized to the microbatch (their own
@@ -151,14 +163,16 @@ def _epochs(cfg, hp):
 
 @reg.LOCAL_WORK.register("deadline")
 def _deadline(cfg, hp):
-  """The steps that fit the round's deadline (at most ``local_steps``);
+  """The steps that fit the round's deadline (at most the plan's);
   0 where none fits (the client is dropped and counted)."""
   del cfg
 
   def steps(plan, ctx, res, deadline, model_bytes):
     del ctx
+    # the plan's steps are local_steps for every controller but the
+    # displacement one, whose budget sets them
     return deadline_lib.deadline_steps(res, plan.batch_size, deadline,
-                                       model_bytes, hp["local_steps"])
+                                       model_bytes, plan.steps)
   return steps
 
 

@@ -72,6 +72,12 @@ class RoundMetrics(NamedTuple):
   noise_scale: jax.Array      # median within-client B_simple of reporters
   cohort_noise_scale: jax.Array  # B_simple across clients (mean updates)
   mean_gain: jax.Array        # mean lr_k / client_lr over participants
+  mean_lr: jax.Array          # client learning rates over participants
+  min_lr: jax.Array
+  max_lr: jax.Array
+  mean_steps: jax.Array       # local steps over participants
+  min_steps: jax.Array
+  max_steps: jax.Array
   heterogeneity: jax.Array
   participants: jax.Array
   dropped: jax.Array
@@ -208,7 +214,8 @@ def _plan_one(sv: _Static, st: SimState, res, hp, n_all):
   rc = tmap(lambda a: a[cohort], res)
   n = n_all[cohort]
   ctx = controllers.Context(st.round, cohort, rc.speed, rc.step_overhead,
-                            rc.memory_cap, k_plan, n)
+                            rc.memory_cap, k_plan, n,
+                            clock.comm_time(rc, sv.model_bytes))
   available = clock.sample_available(k_avail, rc.availability)
   rp, ctrl_state = plans.plan_round(
       sv.cfg, hp, plans.make_controller(sv.cfg, hp), st.feedback,
@@ -235,7 +242,7 @@ def _finish_one(sv: _Static, st: SimState, hp, cohort, rc, n,
   sim_time = st.sim_time + rp.outcome.round_time
   metrics = _metrics(hp, cohort, rc, rp, stats, usum, sim_time, sv.N)
   new = SimState(params, opt_state, alg_state, ctrl_state,
-                 controllers.Feedback(cohort, stats), sim_time,
+                 controllers.Feedback(cohort, stats, usum), sim_time,
                  st.round + 1, key)
   return new, metrics
 
@@ -339,6 +346,12 @@ def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
       cohort_noise_scale=jnp.where(took.sum() >= 2,
                                    noise.noise_scale(c_g, c_t), jnp.nan),
       mean_gain=jnp.sum(run.lr / hp["client_lr"] * ftook) / nt,
+      mean_lr=jnp.sum(run.lr * ftook) / nt,
+      min_lr=jnp.min(jnp.where(took, run.lr, jnp.inf)),
+      max_lr=jnp.max(jnp.where(took, run.lr, 0.0)),
+      mean_steps=jnp.sum(run.steps * ftook) / nt,
+      min_steps=jnp.min(jnp.where(took, run.steps, 2**30)),
+      max_steps=jnp.max(jnp.where(took, run.steps, 0)),
       heterogeneity=jnp.maximum(mean_sq - usum / nt ** 2, 0.0),
       participants=took.sum(), dropped=outcome.dropped.sum(),
       no_fit=rp.no_fit.sum(),

@@ -88,6 +88,8 @@ METHODS = {
     "resource_proportional": dict(controller="resource_proportional"),
     "noise_scale": dict(controller="noise_scale"),
     "goodput": dict(controller="goodput"),
+    # v3 picks its own batch from 1 up (the other methods keep batch_min 8)
+    "displacement": dict(controller="displacement", batch_min=1),
 }
 
 

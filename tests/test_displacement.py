@@ -1,0 +1,216 @@
+"""The displacement controller (v3): its pieces against hand-computed values,
+its guard, its settings, and a known-answer problem."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_bsa import controllers as C
+from fedjax_bsa import displacement as D
+from fedjax_bsa import noise
+from fedjax_bsa.config import Config, ConfigError
+from fedjax_bsa.kernel import ClientStats
+from fedjax_bsa.runner import run
+
+K = 4
+
+
+def _ctx(rnd=1, comm=0.3):
+  return C.Context(
+      round=jnp.int32(rnd), cohort=jnp.arange(K, dtype=jnp.int32),
+      speed=jnp.array([200.0, 1000.0, 5000.0, 20000.0]),
+      step_overhead=jnp.array([0.01, 0.01, 0.02, 0.05]),
+      memory_cap=jnp.array([128, 128, 16, 128], jnp.int32), key=None,
+      num_examples=jnp.array([40, 300, 300, 3], jnp.int32),
+      comm=jnp.full((K,), comm, jnp.float32))
+
+
+def _feedback(loss=1.0, usum=1.0):
+  ones = jnp.ones((K,), jnp.float32)
+  st = ClientStats(loss=loss * ones, examples=jnp.full((K,), 80, jnp.int32),
+                   steps=jnp.full((K,), 10, jnp.int32),
+                   grad_sq=jnp.array([1.0, 2.0, 1.5, 0.5]),
+                   trace=jnp.full((K,), 8.0),
+                   noise_steps=jnp.full((K,), 10, jnp.int32),
+                   update_sq=0.5 * ones)
+  return C.Feedback(jnp.arange(K, dtype=jnp.int32), st, jnp.float32(usum))
+
+
+def _ctrl(guard="backoff", **kw):
+  args = dict(batch_size=8, batch_min=1, batch_max=64, local_steps=10,
+              client_lr=0.1, ema_decay=0.9)
+  args.update(kw)
+  return D.displacement(guard=guard, **args)
+
+
+def _rounds(ctrl, losses):
+  """Runs the controller over rounds whose cohort loss is ``losses``."""
+  state = ctrl.init(K)
+  fb = C.empty_feedback(K)
+  out = []
+  for r, loss in enumerate(losses):
+    plan, state = ctrl.update(fb, state, _ctx(r))
+    out.append((plan, state))
+    fb = _feedback(loss)
+  plan, state = ctrl.update(fb, state, _ctx(len(losses)))
+  out.append((plan, state))
+  return out
+
+
+def test_batch_for_budget_is_the_argmin_over_integers():
+  rng = np.random.default_rng(0)
+  bs = rng.uniform(0.5, 60, 6)
+  n = np.array([5, 17, 40, 1000, np.inf, 64])
+  o = rng.uniform(0.001, 0.1, 6)
+  v = rng.uniform(100, 5000, 6)
+  cap = np.array([64, 17, 30, 64, 8, 64])
+  b, g = D.batch_for_budget(jnp.asarray(bs), jnp.asarray(n), jnp.asarray(o),
+                            jnp.asarray(v), 8, 3.0, 2, jnp.asarray(cap), 64)
+  for k in range(6):
+    best, best_cost = None, np.inf
+    for cand in range(2, cap[k] + 1):
+      gain = min((1 + bs[k] * float(noise.fpc_coefficient(8, n[k])))
+                 / (1 + bs[k] * float(noise.fpc_coefficient(cand, n[k]))),
+                 3.0)
+      cost = (o[k] + cand / v[k]) / gain
+      if cost < best_cost - 1e-9:
+        best, best_cost = cand, cost
+    assert int(b[k]) == best
+    assert 0 < float(g[k]) <= 3.0 + 1e-6
+
+
+def test_budget_moves_with_communication():
+  # same drift scale: a communication-bound round moves further
+  lo = D.budget_step(1.0, 1.0, 0.01, 1.0, 0.1, 10.0)
+  hi = D.budget_step(1.0, 1.0, 100.0, 1.0, 0.1, 10.0)
+  assert float(lo) == pytest.approx(0.5) and float(hi) == pytest.approx(2.0)
+  # sqrt(C Lambda_d / kappa) inside the 2x window
+  mid = D.budget_step(1.0, 2.0, 0.5, 0.8, 0.1, 10.0)
+  assert float(mid) == pytest.approx(np.sqrt(0.5 * 2.0 / 0.8), rel=1e-5)
+  # no drift seen: the top of the 2x window; held down while cooling
+  assert float(D.budget_step(1.0, jnp.inf, 0.5, 1.0, 0.1, 10.0)) == 2.0
+  assert float(D.budget_step(1.0, jnp.inf, 0.5, 1.0, 0.1, 10.0,
+                             grow=False)) == 1.0
+
+
+def test_survival_hand_computed():
+  st = _feedback(usum=3.0).stats
+  n = jnp.full((K,), 100.0)
+  tr = jnp.full((K,), 8.0)
+  s, ok = D.survival(st, 3.0, tr, n)
+  nu = 8.0 * float(noise.fpc_coefficient(80, 100))
+  want = (3.0 / 16 - 4 * nu / 16) / np.mean([1.0, 2.0, 1.5, 0.5])
+  assert bool(ok) and float(s) == pytest.approx(max(want, 0.0), rel=1e-5)
+
+
+def test_first_round_is_the_users_setting_and_plans_stay_in_bounds():
+  ctrl = _ctrl()
+  out = _rounds(ctrl, [1.0, 0.9, 0.8, 0.7, 0.6])
+  plan0 = out[0][0]
+  assert plan0.batch_size[:2].tolist() == [8, 8]
+  assert plan0.steps.tolist() == [10] * K
+  np.testing.assert_allclose(plan0.lr, 0.1)
+  cap = np.minimum(_ctx().memory_cap, _ctx().num_examples)
+  for plan, st in out:
+    b, s, lr = (np.asarray(a) for a in plan)
+    assert (b >= 1).all() and (b <= np.asarray(cap)).all()
+    assert (s >= 1).all() and (s <= D.STEPS_FACTOR * 40).all()
+    assert (lr <= 0.1 * 4.0 + 1e-6).all()
+    lam0 = 0.1 * 10
+    assert lam0 / 4 - 1e-6 <= float(st.budget) <= lam0 * 4 + 1e-6
+    # every client moves the budget (up to one step's rounding)
+    moved = lr * s
+    assert (moved >= float(st.budget) - 1e-5).all()
+    assert (moved <= float(st.budget) + lr + 1e-5).all()
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, 50.0])
+def test_guard_backs_off_on_a_bad_round(bad):
+  # a non-finite loss, or one far above its running average
+  good = _rounds(_ctrl(), [1.0, 1.0, 1.0])
+  hit = _rounds(_ctrl(), [1.0, 1.0, bad])
+  off = _rounds(_ctrl(guard="off"), [1.0, 1.0, bad])
+  st_good, st_hit, st_off = good[-1][1], hit[-1][1], off[-1][1]
+  before = hit[-2][1]
+  assert int(st_hit.backoffs) == 1 and int(st_good.backoffs) == 0
+  assert int(st_hit.cool) == D.COOLDOWN
+  assert float(st_hit.rate) == pytest.approx(0.5 * float(before.rate))
+  assert float(st_hit.budget) == pytest.approx(
+      max(0.5 * float(before.budget), 0.25))
+  # the gain is held at 1 (times the backed-off rate) while cooling
+  assert (np.asarray(hit[-1][0].lr) <= 0.1 * 0.5 + 1e-6).all()
+  assert int(st_off.backoffs) == 0 and float(st_off.rate) == 1.0
+
+
+@pytest.mark.parametrize("key,value", [("budget", "-1"),
+                                       ("budget_band", "0.5"),
+                                       ("max_gain", "0.9"),
+                                       ("guard", "sometimes")])
+def test_bad_setting_is_one_line_exit_2_nothing_written(tmp_path, key,
+                                                        value):
+  with pytest.raises(ConfigError, match=key):
+    Config().replace(**{key: value})
+  out = tmp_path / "run"
+  p = subprocess.run([sys.executable, "-m", "fedjax_bsa.cli", "run", "--set",
+                      f"{key}={value}", "--out", str(out)],
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 2
+  assert key in p.stderr and len(p.stderr.strip().splitlines()) == 1
+  assert not out.exists()
+
+
+def test_default_is_v3_and_adapts_batch_rate_and_steps():
+  cfg = Config(num_clients=30, clients_per_round=6, hidden=32, rounds=20,
+               eval_every=10, progress=False)
+  assert cfg.controller == "displacement" and cfg.batch_min == 1
+  res = run(cfg, print_table=False)
+  cl = res.clients
+  for key in ("batch", "steps", "lr"):
+    later = np.asarray(cl[key])[2:]
+    assert len(np.unique(later)) > 2, key            # differs and changes
+    assert (np.ptp(later, axis=1) > 0).any(), key    # across clients
+    assert len({tuple(r) for r in later}) > 3, key   # over rounds
+
+
+def test_guard_keeps_a_run_that_fails_without_it():
+  """The same run at client_lr 1.0 (5x the default): without the guard its
+  test loss rises again after round 10 and it ends far from converged; with
+  it, it converges."""
+  base = dict(num_clients=20, clients_per_round=5, rounds=40, eval_every=10,
+              progress=False, client_lr=1.0)
+  off = run(Config(guard="off", **base), print_table=False)
+  on = run(Config(guard="backoff", **base), print_table=False)
+  loss_off = [r["test_loss"] for r in off.records]
+  assert max(loss_off[2:]) > loss_off[1]          # it got worse again
+  assert off.records[-1]["test_accuracy"] < 0.7
+  assert on.records[-1]["test_accuracy"] > 0.85
+  assert on.records[-1]["test_loss"] < 0.5 * min(loss_off)
+
+
+def test_known_answer_two_clients():
+  """Least squares with heterogeneity set by construction
+  (:mod:`fedjax_bsa.bench.known_answer`): v3, untuned, reaches the target
+  no later than the fixed reference setting it starts from (which misses
+  it under large ``zeta``), moves less per round under large ``zeta`` as
+  the best fixed setting does, and stays within 2.5x of the best of the 72
+  fixed settings (measured: 0.65x and 0.50x of their speed; the 1.25x the
+  method aims for is not met)."""
+  from fedjax_bsa.bench import known_answer as ka
+  got = {}
+  for zeta in (0.0, 3.0):
+    p = ka.make_problem(zeta)
+    grid = ka.grid_times(p)
+    best = min(grid, key=grid.get)
+    v3 = ka.controller_time(p)
+    assert np.isfinite(v3["seconds"])
+    assert v3["seconds"] <= 1.05 * grid[tuple(ka.REFERENCE.values())]
+    assert grid[best] / v3["seconds"] > 0.4
+    got[zeta] = (v3["mean_budget"], best[1] * best[2])
+  assert got[3.0][0] < got[0.0][0]       # v3 moves less with drift
+  assert got[3.0][1] < got[0.0][1]       # as the best fixed setting does
