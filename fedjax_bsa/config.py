@@ -185,6 +185,11 @@ class Config:
                            part="run")
   progress: bool = _field(True, "show a progress bar", part="run")
 
+  def __post_init__(self):
+    # a Config is valid from birth: Config(rounds=-1) fails here, as the
+    # command line does, not later inside a run
+    self.validate()
+
   def validate(self) -> "Config":
     """Checks every field and the relations between them.
 
