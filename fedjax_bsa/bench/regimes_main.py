@@ -63,7 +63,11 @@ def _parser():
   p.add_argument("--seeds", type=int, help="reported seeds (0..N-1)")
   p.add_argument("--tuning-seeds", type=int, help="tuning seeds (100..)")
   p.add_argument("--rounds", type=int, help="rounds (default per dataset)")
-  p.add_argument("--methods", help=",".join(regimes.METHODS))
+  p.add_argument("--methods", help="comma list of methods besides the "
+                 "tuned fixed batch (default: all of "
+                 f"{','.join(regimes.METHODS)})")
+  p.add_argument("--aggregations", help="comma list of aggregations "
+                 f"(default: {','.join(regimes.AGGREGATIONS)})")
   p.add_argument("--out", default=None, metavar="DIR",
                  help="regimes[_quick].json, .md, _heatmap.png and the "
                  "resumable cache regimes_cache/: " + harness.OUT_HELP)
@@ -186,7 +190,8 @@ def main(argv=None) -> int:
                     range(args.seeds)),
                 tuning=None if args.tuning_seeds is None else list(
                     range(100, 100 + args.tuning_seeds)),
-                methods=_strs(args.methods), rounds=args.rounds)
+                methods=_strs(args.methods), rounds=args.rounds,
+                aggregations=_strs(args.aggregations))
     kw["cache_dir"] = os.path.join(args.out, "regimes_cache")
     results = {d: run_dataset(d, kw, log) for d in datasets}
     for d, r in results.items():
