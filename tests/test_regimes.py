@@ -210,3 +210,17 @@ def test_cached_sweep_is_retimed_for_ratios_asked_later(tmp_path,
                                    both, log=lambda m: None)
   assert all(set(r["sim_time"]) == {"1.0", "10.0"} for r in rerun)
   assert "round_parts" in json.loads(path.read_text())["runs"][0]
+
+
+def test_seed_lists_counts_ranges_and_errors():
+  from fedjax_bsa.bench import regimes_main as rm
+  assert rm.parse_seeds("2", 0) == [0, 1]
+  assert rm.parse_seeds("20-24", 0) == [20, 21, 22, 23, 24]
+  assert rm.parse_seeds("30,31", 100) == [30, 31]
+  for bad in ("0", "5-3", "a", "1,1", "2-"):
+    with pytest.raises(ValueError):
+      rm.parse_seeds(bad, 0)
+  args = rm._parser().parse_args(["--seeds", "20-22", "--tuning-seeds", "2"])
+  assert args.seeds == [20, 21, 22] and args.tuning_seeds == [100, 101]
+  with pytest.raises(SystemExit):
+    rm._parser().parse_args(["--seeds", "3-1"])

@@ -48,6 +48,41 @@ def _strs(text):
   return None if text is None else text.split(",")
 
 
+def parse_seeds(text: str, start: int) -> list:
+  """``"3"`` -> ``start .. start + 2``; ``"20-24"`` -> 20..24; ``"30,31"``
+  -> [30, 31] (ranges and lists mix: ``"1,4-6"``).
+
+  >>> parse_seeds("3", 100), parse_seeds("20-22", 0), parse_seeds("1,4-5", 0)
+  ([100, 101, 102], [20, 21, 22], [1, 4, 5])
+  """
+  text = text.strip()
+  if text.isdigit():
+    if int(text) < 1:
+      raise ValueError(f"a seed count must be >= 1, got {text}")
+    return list(range(start, start + int(text)))
+  out = []
+  for part in text.split(","):
+    lo, sep, hi = part.strip().partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()):
+      raise ValueError(f"{part!r} is neither a seed nor a range a-b")
+    a, b = int(lo), int(hi) if sep else int(lo)
+    if b < a:
+      raise ValueError(f"range {part!r} is empty")
+    out.extend(range(a, b + 1))
+  if len(set(out)) != len(out):
+    raise ValueError(f"seeds {text!r} repeat a seed")
+  return out
+
+
+def _seed_list(start: int):
+  def parse(text):
+    try:
+      return parse_seeds(text, start)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+  return parse
+
+
 def _parser():
   p = argparse.ArgumentParser(prog="fedjax-bsa study",
                               description=__doc__.split("\n")[0])
@@ -60,8 +95,12 @@ def _parser():
   p.add_argument("--devices", help="homogeneous,heterogeneous")
   p.add_argument("--local-work", help="epochs,steps,deadline")
   p.add_argument("--comm", help="compute/communication ratios, e.g. 0.1,1,10")
-  p.add_argument("--seeds", type=int, help="reported seeds (0..N-1)")
-  p.add_argument("--tuning-seeds", type=int, help="tuning seeds (100..)")
+  p.add_argument("--seeds", type=_seed_list(0),
+                 help="reported seeds: a count N (0..N-1), a range (20-24) "
+                 "or a list (20,22,23) (default per dataset)")
+  p.add_argument("--tuning-seeds", type=_seed_list(100),
+                 help="tuning seeds: a count N (100..100+N-1), a range or a "
+                 "list, none of them reported (default per dataset)")
   p.add_argument("--rounds", type=int, help="rounds (default per dataset)")
   p.add_argument("--methods", help="comma list of methods besides the "
                  "tuned fixed batch (default: all of "
@@ -186,10 +225,7 @@ def main(argv=None) -> int:
       datasets = _strs(args.datasets)
       kw = dict(alphas=_floats(args.alpha), devices=_strs(args.devices),
                 local_work=_strs(args.local_work), comm=_floats(args.comm),
-                seeds=None if args.seeds is None else list(
-                    range(args.seeds)),
-                tuning=None if args.tuning_seeds is None else list(
-                    range(100, 100 + args.tuning_seeds)),
+                seeds=args.seeds, tuning=args.tuning_seeds,
                 methods=_strs(args.methods), rounds=args.rounds,
                 aggregations=_strs(args.aggregations))
     kw["cache_dir"] = os.path.join(args.out, "regimes_cache")
