@@ -394,7 +394,7 @@ def hparams(cfg: Config) -> dict[str, np.ndarray]:
   dicts over experiments and ``vmap``s them.
 
   >>> sorted(hparams(Config()))[:3]
-  ['batch_size', 'client_lr', 'deadline']
+  ['batch_size', 'budget', 'budget_band']
   """
   out = {}
   for name in TRACED:
