@@ -165,12 +165,14 @@ def grid_times(p: Problem, tol: float = TOL, seed: int = 0) -> dict:
   return {q: float(v) for q, v in zip(pts, np.asarray(t))}
 
 
-@functools.partial(jax.jit, static_argnames=("rounds",))
-def _v3(p: Problem, key, tol, rounds: int = ROUNDS):
+@functools.partial(jax.jit, static_argnames=("rounds", "lr", "guard"))
+def _v3(p: Problem, key, tol, rounds: int = ROUNDS, lr: float | None = None,
+        guard: str = "backoff"):
   d = p.x.shape[-1]
   ref = REFERENCE
   ctrl = displacement.displacement(ref["batch"], 1, B_MAX, ref["steps"],
-                                   ref["lr"], 0.9)
+                                   ref["lr"] if lr is None else lr, 0.9,
+                                   guard=guard)
   cohort = jnp.arange(2, dtype=jnp.int32)
   n = jnp.full((2,), p.x.shape[1], jnp.int32)
   ctx0 = controllers.Context(
@@ -191,18 +193,21 @@ def _v3(p: Problem, key, tol, rounds: int = ROUNDS):
           ctrl.init(2), jnp.int32(0))
   _, (gap, secs, b, lam) = jax.lax.scan(body, init,
                                         jax.random.split(key, rounds))
-  return _time_to(gap, secs, tol), secs, b, lam
+  return _time_to(gap, secs, tol), secs, b, lam, gap
 
 
-def controller_time(p: Problem, tol: float = TOL, seed: int = 0) -> dict:
-  """v3's seconds to the target and its mean batch and ``eta S`` over the
-  rounds up to it (all rounds if it never gets there)."""
-  t, secs, b, lam = (np.asarray(a) for a in
-                     _v3(p, jax.random.key(seed), tol))
+def controller_time(p: Problem, tol: float = TOL, seed: int = 0,
+                    lr: float | None = None, guard: str = "backoff") -> dict:
+  """v3's seconds to the target, its mean batch and ``eta S`` over the
+  rounds up to it (all rounds if it never gets there), and the final gap
+  (``lr``: the reference rate, default :data:`REFERENCE`'s)."""
+  t, secs, b, lam, gap = (np.asarray(a) for a in _v3(
+      p, jax.random.key(seed), tol, lr=lr, guard=guard))
   upto = int(np.searchsorted(np.cumsum(secs), float(t))) + 1
   return dict(seconds=float(t), rounds=upto,
               mean_batch=float(np.mean(b[:upto])),
-              mean_budget=float(np.mean(lam[:upto])))
+              mean_budget=float(np.mean(lam[:upto])),
+              final_gap=float(gap[-1]))
 
 
 def main() -> None:
