@@ -89,6 +89,7 @@ class DisplacementState(NamedTuple):
   cool: jax.Array            # int32 [], rounds left of a back-off
   backoffs: jax.Array        # int32 [], back-offs so far
   rows: jax.Array            # float32 [N], rows of each client seen (inf)
+  loss_peak: jax.Array       # float32 [], the largest cohort loss seen
 
 
 def survival(stats, update_sum_sq, trace, num_examples):
@@ -253,18 +254,23 @@ def batch_for_budget(b_simple, n, overhead, speed, ref_batch, max_gain,
   return batch, jnp.take_along_axis(gain, idx[:, None], axis=1)[:, 0]
 
 
-def guard_step(loss, ref_loss, have_ref, pi, pi_ok, finite):
+def guard_step(loss, ref_loss, have_ref, pi, pi_ok, finite, peak=0.0):
   """Whether the last round was bad: a non-finite value, a cohort loss
-  above :data:`LOSS_RISE` times its running average, or a coherence below
-  :data:`INCOHERENT`.
+  above :data:`LOSS_RISE` times its running average and above half the
+  largest cohort loss seen (``peak``: late in training a cohort of other
+  clients can double a small loss without anything going wrong), or a
+  coherence below :data:`INCOHERENT`.
 
-  >>> bool(guard_step(5.0, 2.0, True, 0.5, True, True))
+  >>> bool(guard_step(5.0, 2.0, True, 0.5, True, True, peak=2.3))
   True
-  >>> bool(guard_step(1.0, 2.0, True, 0.5, True, True))
+  >>> bool(guard_step(1.0, 2.0, True, 0.5, True, True, peak=2.3))
+  False
+  >>> bool(guard_step(0.07, 0.02, True, 0.5, True, True, peak=2.3))
   False
   """
   loss = jnp.asarray(loss, jnp.float32)
-  rise = jnp.asarray(have_ref, bool) & (loss > LOSS_RISE * ref_loss)
+  rise = (jnp.asarray(have_ref, bool) & (loss > LOSS_RISE * ref_loss)
+          & (loss > 0.5 * jnp.asarray(peak, jnp.float32)))
   wobble = jnp.asarray(pi_ok, bool) & (jnp.asarray(pi) < INCOHERENT)
   return ~jnp.asarray(finite, bool) | rise | wobble | ~jnp.isfinite(loss)
 
@@ -314,7 +320,8 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                              jnp.float32(0.0),
                              noise.ema_init(1), jnp.float32(1.0),
                              jnp.int32(0), jnp.int32(0),
-                             jnp.full((num_clients,), jnp.inf, jnp.float32))
+                             jnp.full((num_clients,), jnp.inf, jnp.float32),
+                             jnp.float32(0.0))
 
   def update(feedback, state, ctx):
     if ctx.num_examples is None:
@@ -348,7 +355,8 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                                & jnp.isfinite(st.update_sq), True))
     ref = noise.ema_value(state.loss)[0]
     have_ref = state.loss.weight[0] > 0
-    bad = anyran & guard_step(loss, ref, have_ref, pi_now, pi_ok, finite)
+    bad = anyran & guard_step(loss, ref, have_ref, pi_now, pi_ok, finite,
+                              state.loss_peak)
     if guard == "off":
       bad = jnp.zeros((), bool)
     surv = noise.ema_update(state.survival, one, sig[None],
@@ -399,7 +407,10 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     steps = jnp.clip(jnp.ceil(lam / lr - 1e-4), 1.0, max_steps)
     new = DisplacementState(ns, lam, surv, peak, lossema, rate, cool,
                             state.backoffs + bad.astype(jnp.int32),
-                            state.rows.at[ctx.cohort].set(n))
+                            state.rows.at[ctx.cohort].set(n),
+                            jnp.where(anyran & ~bad & jnp.isfinite(loss),
+                                      jnp.maximum(state.loss_peak, loss),
+                                      state.loss_peak))
     return Plan(b, steps.astype(jnp.int32), lr.astype(jnp.float32)), new
 
   return controllers.Controller(init, update)
