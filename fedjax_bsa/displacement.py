@@ -30,8 +30,7 @@ that deliver it in the least simulated time. Each round it:
 4. picks each client's batch minimising its compute seconds per unit of
    ``Lambda``, ``(o_k + b / v_k) / eta(b)`` with ``eta(b) = eta_0
    min(r_k(b), max_gain)`` and ``r_k`` the finite-client AdaScale gain over
-   ``b_0`` at the cohort's noise scale ``B_k / K`` (the server averages the
-   ``K`` clients' noise; :func:`batch_for_budget`);
+   ``b_0`` (:func:`batch_for_budget`);
 5. guards (``guard=backoff``): a non-finite or sharply rising cohort loss,
    or paths that no longer point anywhere (:func:`path_coherence` below
    :data:`INCOHERENT`), halves the budget and the rates and holds the gain
@@ -377,12 +376,7 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     rows_cap = jnp.maximum(ctx.num_examples.astype(jnp.int32), 1)
     cap = jnp.minimum(jnp.minimum(jnp.int32(grid_max),
                                   ctx.memory_cap.astype(jnp.int32)), rows_cap)
-    # the server's step averages the noise of the K clients' steps
-    # (FedAvg's first-order noise term sigma^2 / (K S b)): the batch is
-    # priced at the cohort's noise scale B_k / K
-    k_cohort = float(ctx.cohort.shape[0])
-    best_b, gain = batch_for_budget(b_simple / k_cohort, n,
-                                    ctx.step_overhead,
+    best_b, gain = batch_for_budget(b_simple, n, ctx.step_overhead,
                                     ctx.speed, batch_size, gain_cap,
                                     batch_min, cap, grid_max)
     b0 = jnp.minimum(jnp.asarray(batch_size, jnp.int32), cap)
