@@ -36,7 +36,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-DEST="${OUT:-benchmarks/results}"
+QUICK=0
+if [[ "${1:-}" == "--quick" ]]; then QUICK=1; shift; fi
+# a quick run never writes into the committed results unless OUT says so
+if [[ $QUICK == 1 ]]; then DEST="${OUT:-runs/benchmarks}"
+else DEST="${OUT:-benchmarks/results}"; fi
 mkdir -p "$DEST"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
@@ -44,23 +48,22 @@ export PYTHONUNBUFFERED=1
 # memory figures are the program's own.
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
 
-QUICK=0
-if [[ "${1:-}" == "--quick" ]]; then QUICK=1; shift; fi
 if [[ $QUICK == 1 ]]; then
+  # a smoke test of every step within about 90 s on a 2-core CPU
   CHECK_S=${CHECK_S:-120}; KERNEL_S=${KERNEL_S:-400}
   SWEEP_S=${SWEEP_S:-300}; SCALE_S=${SCALE_S:-120}
-  KERNEL_ARGS=(--quick --mixes standard,uniform,large,cnn1d,cnn2d)
+  KERNEL_ARGS=(--quick --mixes standard,uniform)
   # the compiled loop is covered by tests/test_bench_smoke.py
   SWEEP_ARGS=(--quick --experiments 2 --controllers noise_scale
               --measures end_to_end --e2e-rounds 2)
-  SCALE_CLIENTS=10000
+  SCALE_ARGS=(--quick)
 else
   CHECK_S=${CHECK_S:-75}; KERNEL_S=${KERNEL_S:-220}
   SWEEP_S=${SWEEP_S:-120}; SCALE_S=${SCALE_S:-110}
   KERNEL_ARGS=(--mixes standard,uniform,large,cnn1d,cnn2d)
   SWEEP_ARGS=(--experiments 8 --rounds 10 --reps 3 --e2e-rounds 20
               --e2e-reps 1)
-  SCALE_CLIENTS=1000000
+  SCALE_ARGS=(--clients 1000000)
 fi
 
 FAILED=()
@@ -99,7 +102,7 @@ step kernel "$KERNEL_S" "$PY" -m fedjax_bsa.bench.kernel_main \
 step sweep "$SWEEP_S" "$PY" -m fedjax_bsa.bench.sweep_bench \
     "${SWEEP_ARGS[@]}" --out "$DEST"
 if [ -f benchmarks/scale.py ]; then
-  step scale "$SCALE_S" "$PY" -m benchmarks.scale --clients "$SCALE_CLIENTS" \
+  step scale "$SCALE_S" "$PY" -m benchmarks.scale "${SCALE_ARGS[@]}" \
       --out "$DEST"
 fi
 

@@ -168,13 +168,15 @@ def _parser():
   p = argparse.ArgumentParser(prog="fedjax-bsa bench sweep",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true",
-                 help="5 rounds, 2 repetitions, end to end once")
-  p.add_argument("--experiments", type=int, default=TARGET_EXPERIMENTS,
+                 help="a smoke test within 90 s on 2 cores: 4 experiments, "
+                 "the constant controller, 5 rounds, 2 repetitions, end to "
+                 "end once")
+  p.add_argument("--experiments", type=int, default=None,
                  help="experiments in the sweep, run packed and one after "
-                 "another (default %(default)s)")
-  p.add_argument("--controllers", default="noise_scale,constant",
+                 f"another (default {TARGET_EXPERIMENTS}, quick 4)")
+  p.add_argument("--controllers", default=None,
                  help="comma list of controllers, each timed separately "
-                 "(default %(default)s)")
+                 "(default noise_scale,constant; quick constant)")
   p.add_argument("--rounds", type=int, default=None,
                  help="rounds of the timed chunk (default 10, quick 5)")
   p.add_argument("--reps", type=int, default=None,
@@ -204,9 +206,11 @@ def _settings(args) -> dict:
     if m and m not in TARGETS:
       raise SystemExit(f"--measures {m}: not allowed, one of "
                        f"{','.join(TARGETS)}")
+  ctrls = args.controllers or ("constant" if q else "noise_scale,constant")
   return dict(
-      quick=q, experiments=args.experiments,
-      controllers=[c for c in args.controllers.split(",") if c],
+      quick=q, experiments=args.experiments or (4 if q else
+                                                TARGET_EXPERIMENTS),
+      controllers=[c for c in ctrls.split(",") if c],
       rounds=args.rounds or (5 if q else 10), reps=args.reps or (2 if q else 7),
       skip_chunks=(args.skip_chunks if args.skip_chunks is not None
                    else 0 if q else 2),
