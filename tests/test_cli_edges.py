@@ -124,7 +124,8 @@ def test_help_of_plot_bench_and_study_lists_their_options(capsys):
   assert "kernel:" in text and "sweep:" in text and "--help" in text
   text = _help(capsys, ["bench", "sweep", "--help"])
   assert "--experiments EXPERIMENTS experiments in the sweep" in text
-  assert re.search(r"--experiments EXPERIMENTS [^-]*\(default 8\)", text)
+  assert re.search(r"--experiments EXPERIMENTS [^-]*\(default 8, quick 4\)",
+                   text)
   assert "sweep_<machine>[_quick].json" in text and "runs/benchmarks" in text
   text = _help(capsys, ["study", "--help"])
   assert "default digits,synthetic,mnist1d" in text
