@@ -91,6 +91,13 @@ class DisplacementState(NamedTuple):
   loss_peak: jax.Array       # float32 [], the largest cohort loss seen
 
 
+def _round_noise(stats, trace, num_examples):
+  """``nu_k = tr_k c_eff(b_k S_k, n_k)``: the sampling noise in ``|h_k|^2``
+  of a round that drew ``b_k S_k`` rows (``ClientStats.examples``)."""
+  return jnp.maximum(trace, 0.0) * noise.fpc_coefficient(
+      jnp.maximum(stats.examples, 1), num_examples.astype(jnp.float32))
+
+
 def survival(stats, update_sum_sq, trace, num_examples):
   """How much of the cohort's local work survived into the average:
   ``(sigma, valid)``.
@@ -128,9 +135,7 @@ def survival(stats, update_sum_sq, trace, num_examples):
   ran = stats.steps > 0
   rep = ran & (stats.noise_steps > 0) & (stats.grad_sq > 0)
   k = jnp.maximum(ran.sum(), 1).astype(jnp.float32)
-  nu = jnp.where(ran, jnp.maximum(trace, 0.0) * noise.fpc_coefficient(
-      jnp.maximum(stats.examples, 1), num_examples.astype(jnp.float32)),
-                 0.0)
+  nu = jnp.where(ran, _round_noise(stats, trace, num_examples), 0.0)
   num = update_sum_sq / (k * k) - nu.sum() / (k * k)
   den = jnp.where(rep, stats.grad_sq, 0.0).sum() / jnp.maximum(rep.sum(), 1)
   ok = (ran.sum() >= 2) & rep.any() & (den > 0) & jnp.isfinite(num)
@@ -156,8 +161,7 @@ def path_coherence(stats, trace, num_examples):
   (0.5, True)
   """
   rep = (stats.steps > 0) & (stats.noise_steps > 0) & (stats.grad_sq > 0)
-  nu = jnp.maximum(trace, 0.0) * noise.fpc_coefficient(
-      jnp.maximum(stats.examples, 1), num_examples.astype(jnp.float32))
+  nu = _round_noise(stats, trace, num_examples)
   signal = jnp.where(rep, stats.update_sq - nu, 0.0).sum()
   den = jnp.where(rep, stats.grad_sq, 0.0).sum()
   ok = rep.any() & (den > 0) & jnp.isfinite(signal)
@@ -240,11 +244,9 @@ def batch_for_budget(b_simple, n, overhead, speed, ref_batch, max_gain,
   32
   """
   grid = jnp.arange(1, grid_max + 1, dtype=jnp.float32)            # [J]
-  bs = jnp.maximum(jnp.asarray(b_simple, jnp.float32), 0.0)[:, None]
-  nn = jnp.asarray(n, jnp.float32)[:, None]
-  r = (1.0 + bs * noise.fpc_coefficient(ref_batch, nn)) / (
-      1.0 + bs * noise.fpc_coefficient(grid[None, :], nn))
-  gain = jnp.minimum(r, max_gain)
+  gain = jnp.minimum(controllers.adascale_gain(
+      jnp.asarray(b_simple, jnp.float32)[:, None], grid[None, :], ref_batch,
+      jnp.asarray(n, jnp.float32)[:, None]), max_gain)
   cost = (overhead[:, None] + grid[None, :] / speed[:, None]) / gain
   ok = (grid[None, :] >= low) & (grid[None, :] <= cap[:, None])
   ok = ok.at[:, 0].set(ok[:, 0] | ~ok.any(axis=1))   # nothing fits: b = 1
@@ -309,13 +311,15 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                      f"{', '.join(GUARDS)}")
   grid_max = int(batch_max)
 
+  def initial_budget():
+    """``Lambda_0``: ``budget``, or ``eta_0 S_0`` when it is 0."""
+    given = jnp.asarray(budget, jnp.float32)
+    return jnp.where(given > 0, given, jnp.asarray(client_lr, jnp.float32)
+                     * jnp.asarray(local_steps, jnp.float32))
+
   def init(num_clients):
-    lam0 = jnp.where(jnp.asarray(budget, jnp.float32) > 0,
-                     jnp.asarray(budget, jnp.float32),
-                     jnp.asarray(client_lr, jnp.float32) * jnp.asarray(
-                         local_steps, jnp.float32))
     return DisplacementState(controllers.noise_state_init(num_clients),
-                             lam0.astype(jnp.float32), noise.ema_init(1),
+                             initial_budget(), noise.ema_init(1),
                              jnp.float32(0.0),
                              noise.ema_init(1), jnp.float32(1.0),
                              jnp.int32(0), jnp.int32(0),
@@ -328,8 +332,7 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                        "client), got None")
     eta0 = jnp.asarray(client_lr, jnp.float32)
     s0 = jnp.asarray(local_steps, jnp.float32)
-    lam0 = jnp.where(jnp.asarray(budget, jnp.float32) > 0,
-                     jnp.asarray(budget, jnp.float32), eta0 * s0)
+    lam0 = initial_budget()
     low_lam, high_lam = lam0 / band, lam0 * band
     st = feedback.stats
     ran = st.steps > 0

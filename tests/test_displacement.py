@@ -1,12 +1,9 @@
 """The displacement controller (v3): its pieces against hand-computed values,
 its guard, its settings, and a known-answer problem."""
 
-import itertools
-import json
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
