@@ -576,7 +576,7 @@ class _Timed:
     self.acc.append(self.accuracy())
     times, planned = np.array(self.times), np.array(self.planned, float)
     # the kernel's trip count: slots per lane of the fullest lane
-    steps = planned / (np.array(self.eff) * self.cfg.microbatch *
+    steps = planned / (np.array(self.eff) * self.cfg.kernel_microbatch *
                        self.sim.lanes)
     return {
         "cohort": self.cfg.clients_per_round, "sampler": self.sampler,
@@ -677,7 +677,7 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
   seeds = seeds_j(key, cohort)
 
   lanes = sim.lanes
-  slots = p.steps * layout_lib.slots_per_step(p.batch_size, cfg.microbatch)
+  slots = p.steps * layout_lib.slots_per_step(p.batch_size, cfg.kernel_microbatch)
   out["pack_lanes"] = _time(jax.jit(layout_lib.pack_lanes,
                                     static_argnums=1), slots, lanes)
   out["make_layout"] = _time(jax.jit(layout_lib.make_layout,
@@ -690,7 +690,7 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
 
   loss_fn = functools.partial(models.example_losses, exp.model.apply)
   kern = kernel_lib.make_round_kernel(
-      loss_fn, alg.client_tx, alg.client_init, microbatch=cfg.microbatch,
+      loss_fn, alg.client_tx, alg.client_init, microbatch=cfg.kernel_microbatch,
       lanes=lanes, num_experiments=1, noise_stats=cfg.noise_stats,
       client_deltas=alg.client_deltas)
   jobs = kernel_lib.Jobs(cohort, jnp.zeros((k,), jnp.int32), p.batch_size,

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from fedjax_bsa import layout
 from fedjax_bsa import registry as reg
 
 __all__ = ["Config", "ConfigError", "load_config_file", "parse_assignments",
@@ -143,12 +144,14 @@ class Config:
   time_budget: float = _plan(0.0, "per-client local-time budget in s (0: "
                              "none)", lo=0.0, traced=True)
   # --- kernel
-  microbatch: int = _field(4, "kernel microbatch size mu", lo=1,
+  microbatch: int = _field(0, "kernel microbatch size mu (0: half of "
+                           "batch_size rounded up, so a step at b_0 estimates "
+                           "noise; batch_size without noise_stats)", lo=0,
                            part="kernel")
   lanes: int = _field(0, "vmapped lanes (0: from the backend's cost model)",
                       lo=0, part="kernel")
   per_slot: int = _field(0, "microbatches per lane per loop iteration (0: "
-                         "from the backend's cost model)", lo=0, hi=64,
+                         "a step at batch_size per iteration)", lo=0, hi=64,
                          part="kernel")
   noise_stats: bool = _field(True, "estimate gradient noise in the kernel",
                              part="kernel")
@@ -245,6 +248,13 @@ class Config:
   def replace(self, **changes) -> "Config":
     """Returns a validated copy with ``changes`` applied (strings parsed)."""
     return dataclasses.replace(self, **_coerce_all(changes)).validate()
+
+  @property
+  def kernel_microbatch(self) -> int:
+    """The kernel's ``mu``: ``microbatch``, or what 0 stands for
+    (:func:`fedjax_bsa.layout.resolve_microbatch`)."""
+    return layout.resolve_microbatch(self.microbatch, self.batch_size,
+                                     self.noise_stats)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -76,7 +76,7 @@ def _noise_scale(cfg, hp):
   """Ours, v1: batch from each client's critical batch (noise scale)."""
   return controllers.noise_scale(
       hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["kappa"],
-      hp["local_steps"], hp["client_lr"], hp["ema_decay"], cfg.microbatch,
+      hp["local_steps"], hp["client_lr"], hp["ema_decay"], cfg.kernel_microbatch,
       max_gain=hp["max_gain"])
 
 
@@ -86,7 +86,7 @@ def _goodput(cfg, hp):
   ``sqrt(B_eff o_k v_k)`` (see ``docs/method.md``)."""
   return goodput_lib.goodput(
       hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["local_steps"],
-      hp["client_lr"], hp["ema_decay"], cfg.microbatch,
+      hp["client_lr"], hp["ema_decay"], cfg.kernel_microbatch,
       max_gain=hp["max_gain"])
 
 
@@ -114,7 +114,7 @@ def make_controller(cfg, hp) -> controllers.Controller:
   budget (:func:`~fedjax_bsa.controllers.clamp`)."""
   inner = reg.CONTROLLERS.get(cfg.controller)(cfg, hp)
   return controllers.clamp(
-      inner, microbatch=cfg.microbatch if cfg.controller in QUANTIZED
+      inner, microbatch=cfg.kernel_microbatch if cfg.controller in QUANTIZED
       else None, time_budget=hp["time_budget"])
 
 

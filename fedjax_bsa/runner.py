@@ -96,7 +96,8 @@ def run(cfg: Config, out_dir: str | None = None, *,
                                    round_lines=round_lines)
   exp = pre.experiments[0]
   summary = out.finish(
-      compiles=compiles, lanes=pre.sim.lanes, num_clients=exp.num_clients,
+      compiles=compiles, lanes=pre.sim.lanes, microbatch=pre.sim.microbatch,
+      per_slot=pre.sim.per_slot, num_clients=exp.num_clients,
       wall=time.perf_counter() - start + out.wall_offset,
       devices=[str(d) for d in jax.devices()],
       **regime.describe(exp, out.records))

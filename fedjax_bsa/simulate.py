@@ -122,6 +122,8 @@ class Simulation:
   chunk: int
   lanes: int
   traces: list     # one entry per trace of run_chunk (compile counter)
+  microbatch: int = 0   # the kernel's layout: mu and R
+  per_slot: int = 0
 
 
 class _Static(NamedTuple):
@@ -165,14 +167,14 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
   """
   cfg = exp.cfg
   E, K = int(num_experiments), cfg.clients_per_round
-  auto = layout.choose(jax.default_backend(), E * K, cfg.microbatch,
-                       cfg.batch_size)
+  mu = cfg.kernel_microbatch
+  auto = layout.choose(jax.default_backend(), E * K, mu, cfg.batch_size)
   lanes = int(lanes or cfg.lanes or auto.lanes)
+  per_slot = int(cfg.per_slot or auto.per_slot)
   kern = kernel_lib.make_round_kernel(
       functools.partial(models.example_losses, exp.model.apply),
       exp.algorithm.client_tx, exp.algorithm.client_init,
-      microbatch=cfg.microbatch, lanes=lanes,
-      per_slot=int(cfg.per_slot or auto.per_slot), num_experiments=E,
+      microbatch=mu, lanes=lanes, per_slot=per_slot, num_experiments=E,
       noise_stats=cfg.noise_stats, client_deltas=exp.algorithm.client_deltas,
       mesh=mesh, axis_name=axis_name)
   sv = _Static(cfg, exp.model, exp.algorithm, exp.model_bytes, E, K,
@@ -190,7 +192,7 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
 
   evaluate = jax.vmap(functools.partial(evaluate_model, exp.model.apply))
   return Simulation(init, run_chunk, evaluate,
-                    int(chunk or cfg.eval_every), lanes, traces)
+                    int(chunk or cfg.eval_every), lanes, traces, mu, per_slot)
 
 
 def _server_tx(sv: _Static, hp):
@@ -270,7 +272,7 @@ def _one_round(sv: _Static, st: SimState, data, inputs: Inputs):
   new, m = jax.vmap(functools.partial(_finish_one, sv))(
       st, inputs.hparams, cohort, rc, n, rp, ctrl_state, key, out.delta,
       tmap(unflat, out.stats), out.update_sum_sq, cdeltas)
-  eff = out.useful / jnp.maximum(out.slots * sv.cfg.microbatch, 1)
+  eff = out.useful / jnp.maximum(out.slots * sv.cfg.kernel_microbatch, 1)
   return new, m._replace(padding_efficiency=jnp.broadcast_to(eff, (E,)))
 
 

@@ -143,6 +143,8 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
   summaries = [dict(failed=pre.failed.get(i)) for i in range(len(overrides))]
   for o, x, i in zip(outs, pre.experiments, pre.kept):
     summaries[i] = o.finish(compiles=compiles, lanes=pre.sim.lanes,
+                            microbatch=pre.sim.microbatch,
+                            per_slot=pre.sim.per_slot,
                             num_clients=x.num_clients, wall=wall,
                             devices=[str(d) for d in jax.devices()],
                             overrides=overrides[i], experiments=E,

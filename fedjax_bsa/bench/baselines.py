@@ -31,15 +31,16 @@ from fedjax_bsa import reference
 from fedjax_bsa.config import Config
 from fedjax_bsa.data import federated
 
-__all__ = ["loss_of", "fedavg", "kernel_fn", "padded_fn", "NaiveLoop",
+__all__ = ["loss_of", "fedavg", "kernel_fn", "padded_fn", "ceiling_fn",
+           "gather_batches", "NaiveLoop",
            "run_fedjax", "FEDJAX_INSTALL", "DEFAULT_FEDJAX_PYTHON"]
 
 tmap = jax.tree.map
 
 FEDJAX_INSTALL = (
     'python3 -m venv /tmp/fjvenv && /tmp/fjvenv/bin/pip install '
-    'fedjax==0.0.17 "jax[cpu]==0.4.13" jaxlib==0.4.13 dm-haiku==0.0.10 '
-    'optax==0.1.7 chex==0.1.82 "numpy<2" "scipy<1.12"')
+    'fedjax==0.0.17 "jax[cpu]==0.4.30" jaxlib==0.4.30 dm-haiku==0.0.12 '
+    'optax==0.2.2 chex==0.1.86 "numpy<2" "scipy<1.13"')
 DEFAULT_FEDJAX_PYTHON = "/tmp/fjvenv/bin/python"
 FEDJAX_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "fedjax_uniform.py")
@@ -58,13 +59,14 @@ def fedavg() -> algorithms.Algorithm:
 
 
 def kernel_fn(model: models.Model, *, microbatch: int, lanes: int,
-              noise_stats: bool = False, mesh=None):
+              noise_stats: bool = False, mesh=None, per_slot: int = 1):
   """``fn(params[1, ...], data, jobs) -> RoundOutput``: the round kernel
   of one experiment (FedAvg, client SGD), not jitted."""
   alg = fedavg()
   kern = kernel_lib.make_round_kernel(
       loss_of(model), alg.client_tx, alg.client_init, microbatch=microbatch,
-      lanes=lanes, num_experiments=1, noise_stats=noise_stats, mesh=mesh)
+      lanes=lanes, per_slot=per_slot, num_experiments=1,
+      noise_stats=noise_stats, mesh=mesh)
   return lambda params, data, jobs: kern(params, data, jobs, None)
 
 
@@ -74,6 +76,39 @@ def padded_fn(model: models.Model, s_max: int, b_max: int):
   padded = reference.make_padded_kernel(loss_of(model), s_max, b_max)
   return lambda params, data, jobs: padded(tmap(lambda a: a[0], params),
                                            data, jobs)
+
+
+def gather_batches(data, jobs, steps: int, batch: int):
+  """Every job's ``steps`` minibatches of ``batch`` rows, gathered once:
+  ``(x [J, steps, batch, ...], y [J, steps, batch])`` (the rows the kernel
+  reads; every job must have this batch and at least this many steps)."""
+  def one(c, seed):
+    n = jnp.maximum(data.num_examples[c], 1)
+    pos = (jnp.arange(steps)[:, None] * batch
+           + jnp.arange(batch)[None, :]) % n
+    rows = federated.example_rows(data, c, seed, pos.reshape(-1))
+    rows = rows.reshape(steps, batch)
+    return data.x[rows], data.y[rows]
+  return jax.jit(jax.vmap(one))(jobs.client, jobs.seed)
+
+
+def ceiling_fn(model: models.Model):
+  """``fn(params, xs, ys, lr, weight) -> delta``: FedAvg with client SGD as
+  a plain ``vmap`` over clients of a ``lax.scan`` over pre-gathered equal
+  minibatches (:func:`gather_batches`), no masks, no statistics: the least
+  work a round of equal clients can be on this design, not jitted."""
+  loss_fn = loss_of(model)
+
+  def fn(params, xs, ys, lr, weight):
+    def client(x, y, lr_k, w_k):
+      def step(w, xy):
+        g = jax.grad(lambda p: jnp.mean(loss_fn(p, *xy)))(w)
+        return tmap(lambda a, gi: a - lr_k * gi, w, g), None
+      w, _ = jax.lax.scan(step, params, (x, y))
+      return tmap(lambda a, p0: w_k * (a - p0), w, params)
+    d = jax.vmap(client)(xs, ys, lr, weight)
+    return tmap(lambda a: a.sum(0), d)
+  return fn
 
 
 class NaiveLoop:

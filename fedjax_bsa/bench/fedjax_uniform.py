@@ -11,12 +11,12 @@ as a script (by path, not as a module of the package)::
 
 which prints one JSON line (the last line of stdout) with the per-round times.
 
-The install line (checked on this project's CPU machine, Python 3.11 and
-3.10; the wheel is also on PyPI as ``fedjax==0.0.17``)::
+The install line (checked on this project's CPU machine, Python 3.11,
+2026-12-03; jax 0.4.30 is the newest jax FedJAX 0.0.17 runs on)::
 
     python3 -m venv /tmp/fjvenv && /tmp/fjvenv/bin/pip install \
-        fedjax==0.0.17 "jax[cpu]==0.4.13" jaxlib==0.4.13 dm-haiku==0.0.10 \
-        optax==0.1.7 chex==0.1.82 "numpy<2" "scipy<1.12"
+        fedjax==0.0.17 "jax[cpu]==0.4.30" jaxlib==0.4.30 dm-haiku==0.0.12 \
+        optax==0.2.2 chex==0.1.86 "numpy<2" "scipy<1.13"
 
 The work equals the kernel's uniform mix: the same MLP (64-256-10, ReLU,
 softmax cross-entropy; Haiku's initializer instead of Flax's, which changes

@@ -3,14 +3,23 @@
 :func:`bench_mix`: the lane sweep, then the headline kernel against the
 kernel with noise statistics, the padded layout, the naive loop and the
 extras the caller asks for. :func:`bench_uniform`: the same on the uniform
-mix (microbatch = its batch for the headline), with FedJAX timed between
+mix (microbatch = its batch for the best hand-tuned layout), plus the
+kernel at the default settings a run gets (the microbatch and layout of
+:func:`fedjax_bsa.layout.resolve_microbatch` and
+:func:`fedjax_bsa.layout.choose`, noise estimates on) and the ceiling (a
+plain vmapped scan over pre-gathered batches), with FedJAX timed between
 two halves of the repetitions. Both return the mix's report entry.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from fedjax_bsa import layout as layout_lib
 from fedjax_bsa.bench import baselines
 from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
@@ -119,6 +128,8 @@ def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
       "fraction_of_matmul_peak")}
   methods = {"kernel": km.kernel_method(w, sweep["jitted"][best].fn, ctx,
                                         **keep),
+             "kernel_default": default_method(w, ctx),
+             "ceiling": ceiling_method(w, ctx),
              "padded": km.padded_method(w, ctx),
              "naive_loop": km.naive_method(w, ctx)}
   between = None
@@ -138,4 +149,51 @@ def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
                                    if k != "times_s"})
   else:
     res["fedjax"] = fj
-  return summary_fields(res)
+  res = summary_fields(res)
+  med = lambda name: res[name]["time_per_round_s"]["median"]
+  res["default_layout"] = {k: res["kernel_default"][k] for k in (
+      "lanes", "microbatch", "per_slot", "noise_stats")}
+  res["speedup_vs_fedjax_default"] = (
+      med("fedjax") / med("kernel_default")
+      if res["speedup_vs_fedjax"] is not None else None)
+  res["fraction_of_ceiling_default"] = med("ceiling") / med("kernel_default")
+  res["fraction_of_ceiling"] = med("ceiling") / med("kernel")
+  return res
+
+
+def default_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
+  """The kernel as a run builds it with every layout setting at its
+  default: ``mu`` from :func:`fedjax_bsa.layout.resolve_microbatch`, lanes
+  and ``R`` from :func:`fedjax_bsa.layout.choose`, noise estimates on."""
+  batch = int(w.mix.batch_size[0])
+  mu = layout_lib.resolve_microbatch(0, batch, True)
+  ch = layout_lib.choose(jax.default_backend(), len(w.mix.clients), mu,
+                         batch)
+  fn = baselines.kernel_fn(w.model, microbatch=mu, lanes=ch.lanes,
+                           per_slot=ch.per_slot, noise_stats=True)
+  compiled, cs = harness.compile_timed(fn, *w.args)
+  out, _ = harness.timed_call(compiled, *w.args)
+  ctx.log(f"  kernel at the default settings: L{ch.lanes} mu{mu} "
+          f"R{ch.per_slot}, noise estimates on, compiled in {cs:.1f}s")
+  return km.kernel_method(
+      w, compiled, ctx, lanes=ch.lanes, microbatch=mu, per_slot=ch.per_slot,
+      noise_stats=True, compile_s=cs,
+      padding_efficiency=figures.kernel_efficiency(out, mu),
+      memory=harness.memory_of(compiled))
+
+
+def ceiling_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
+  """The same round as a plain vmapped ``lax.scan`` over batches gathered
+  before the clock starts (:func:`fedjax_bsa.bench.baselines.ceiling_fn`)."""
+  batch, steps = int(w.mix.batch_size[0]), int(w.mix.steps[0])
+  xs, ys = baselines.gather_batches(w.data, w.jobs, steps, batch)
+  fn = baselines.ceiling_fn(w.model)
+  args = (w.params, xs, ys, jnp.asarray(w.mix.lr), jnp.asarray(
+      w.mix.weights))
+  compiled, cs = harness.compile_timed(fn, *args)
+  ctx.log(f"  ceiling (vmapped scan, pre-gathered): compiled in {cs:.1f}s")
+
+  def finish(st):
+    return figures.entry(st, w.mix.useful_examples, ctx.flops_ex, ctx.peak,
+                         compile_s=cs)
+  return km.Method(functools.partial(compiled, *args), finish)

@@ -8,6 +8,10 @@ __all__ = ["headline", "markdown"]
 
 # (entry key, label, speedup field) in table order.
 _ROWS = (("kernel", "kernel {headline}", None),
+         ("kernel_default", "kernel at the default settings (noise "
+          "estimates on)", None),
+         ("ceiling", "ceiling: vmapped scan over pre-gathered batches",
+          "fraction_of_ceiling"),
          ("kernel_noise_stats", "kernel + noise stats", None),
          ("kernel_mesh", "kernel, lanes over the mesh", None),
          ("kernel_unquantized", "kernel, b unquantized", None),
@@ -35,8 +39,20 @@ def headline(report: dict) -> dict:
       h[f"{name}: padding efficiency, b unquantized"] = r[
           "kernel_unquantized"]["padding_efficiency"]
   if "uniform" in report["mixes"]:
-    h["uniform: speedup vs FedJAX 0.0.17"] = report["mixes"]["uniform"][
-        "speedup_vs_fedjax"]
+    u = report["mixes"]["uniform"]
+    h["uniform: speedup vs FedJAX 0.0.17"] = u["speedup_vs_fedjax"]
+    if "kernel_default" in u:
+      h["uniform: speedup vs FedJAX 0.0.17 (default settings, noise "
+        "estimates on)"] = u["speedup_vs_fedjax_default"]
+      h["uniform: fraction of the ceiling (default settings)"] = u[
+          "fraction_of_ceiling_default"]
+      h["uniform: fraction of the ceiling (best layout)"] = u[
+          "fraction_of_ceiling"]
+      h["uniform: default layout"] = u["default_layout"]
+    fj = u.get("fedjax")
+    if isinstance(fj, dict) and "jax_version" in fj:
+      h["uniform: FedJAX versions"] = (f"fedjax {fj.get('fedjax_version')}, "
+                                       f"jax {fj['jax_version']}")
   c = report.get("compile_test")
   if c:
     h[f"compiles over {c['rounds']} random plans"] = c["compiles"]
