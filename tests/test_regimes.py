@@ -30,6 +30,14 @@ def test_quick_mode_writes_the_report(tmp_path):
   assert cell["headroom"] >= 1.0
   assert (tmp_path / "regimes_quick.md").read_text().count("| 0.1 |") == 1
   assert (tmp_path / "regimes_quick_heatmap.png").stat().st_size > 1000
+  # every run records the spread of its plans
+  doc = json.loads(next((tmp_path / "regimes_cache").rglob(
+      "report-*goodput*.json")).read_text())
+  run = doc["runs"][0]
+  for k in ("batch", "lr", "steps", "eta_s"):
+    sp = run["plan"][k]
+    assert sp["p10"] <= sp["mean"] <= sp["p90"]
+  assert run["examples"] > 0 and run["bytes"] > 0 and "diverged" in run
   # a second run reuses every cached sweep (no new cache files)
   cache = sorted(p.name for p in (tmp_path / "regimes_cache").rglob("*"))
   assert regimes_main.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -224,3 +232,25 @@ def test_seed_lists_counts_ranges_and_errors():
   assert args.seeds == [20, 21, 22] and args.tuning_seeds == [100, 101]
   with pytest.raises(SystemExit):
     rm._parser().parse_args(["--seeds", "3-1"])
+
+
+def test_a_seed_that_cannot_draw_its_partition_is_replaced_and_named(
+    monkeypatch):
+  """digits at alpha 0.1: seed 21 cannot give all 50 clients 5 rows (the
+  seed the first study dropped silently). It is replaced by the next free
+  seed that can (above every asked seed, never one already asked),
+  recorded and named in the table; a hopeless alpha is one clear error."""
+  study = regimes.Study("digits", alphas=[0.1], seeds=[20, 21],
+                        tuning=[30], log=lambda m: None)
+  assert study._drawable(0.1, 20) and not study._drawable(0.1, 21)
+  reported, tuning = study.seeds_for(0.1)
+  assert reported == [20, 31] and tuning == [30]
+  assert study.replaced == {"0.1": {"reported": {"21": 31}}}
+  from fedjax_bsa.bench import regimes_figures
+  (line, _) = regimes_figures._replacements(study.replaced)
+  assert "alpha 0.1, reported seed 21 -> 31" in line
+  monkeypatch.setattr(regimes, "MAX_SEED_TRIES", 2)
+  hopeless = regimes.Study("digits", alphas=[0.03], seeds=[0], tuning=[1],
+                           log=lambda m: None)
+  with pytest.raises(regimes.ConfigError, match="alpha=0.03: seed 0"):
+    hopeless.seeds_for(0.03)

@@ -45,7 +45,7 @@ from fedjax_bsa import clock
 from fedjax_bsa import driver
 from fedjax_bsa import experiment as experiment_lib
 from fedjax_bsa import regime
-from fedjax_bsa.config import Config
+from fedjax_bsa.config import Config, ConfigError
 from fedjax_bsa.outputs import Outputs
 
 __all__ = ["DATASETS", "BATCHES", "METHODS", "AGGREGATIONS", "LOCAL_WORK",
@@ -70,6 +70,8 @@ DATASETS = {
                   rounds=200),
         alphas=[0.1, 1.0], seeds=[0, 1, 2], tuning=[100]),
 }
+#: Free seeds tried in place of one whose partition cannot be drawn.
+MAX_SEED_TRIES = 20
 COMMON = dict(resources="lognormal", memory_sigma=0.0, memory_cap=128,
               microbatch=4, batch_size=8, batch_min=8, batch_max=128,
               eval_every=5, progress=False, noise_stats=True,
@@ -129,6 +131,31 @@ def retime_parts(parts: dict, rounds: list, bandwidth: float) -> list:
   return [float(cum[r]) for r in rounds]
 
 
+def plan_spread(clients: dict) -> dict:
+  """Mean and 10th/90th percentiles over every participant of every round
+  of the batch, the learning rate, the local steps and ``eta * S`` (how
+  far each client moved), from ``Outputs.clients()`` (None where no client
+  ran).
+
+  >>> sp = plan_spread(dict(batch=np.array([[4, 8]]), steps=np.array(
+  ...     [[10, 0]]), lr=np.array([[0.1, 0.2]])))
+  >>> sp["eta_s"]["mean"], sp["batch"]["p90"]
+  (1.0, 4.0)
+  """
+  took = np.asarray(clients["steps"]) > 0
+  b = np.asarray(clients["batch"], np.float64)[took]
+  st = np.asarray(clients["steps"], np.float64)[took]
+  lr = np.asarray(clients["lr"], np.float64)[took]
+
+  def spread(v):
+    if v.size == 0:
+      return None
+    return dict(mean=float(np.mean(v)), p10=float(np.percentile(v, 10)),
+                p90=float(np.percentile(v, 90)))
+  return dict(batch=spread(b), lr=spread(lr), steps=spread(st),
+              eta_s=spread(lr * st))
+
+
 def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
   """What the report needs of one run (compact, JSON)."""
   recs, cl = out.records, out.clients()
@@ -143,7 +170,8 @@ def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
            diverged=out.diverged,
            noise_scale=b_simple,
            mean_batch=float(np.mean(np.asarray(cl["batch"])[took]))
-           if took.any() else None)
+           if took.any() else None,
+           plan=plan_spread(cl))
   recorded = [r["sim_time_s"] for r in recs]
   if bandwidths is None:
     s["sim_time"] = {"run": recorded}
@@ -255,6 +283,57 @@ class Study:
     self.base = Config(**base)
     self.cache_dir = os.path.join(cache_dir, dataset)
     self.sweep_seconds = []    # each sweep's wall time when it ran
+    #: alpha -> ``{"reported"|"tuning": {asked seed: seed used}}``: seeds
+    #: whose partition cannot be drawn, and the free seeds run instead
+    self.replaced = {}
+    self._seed_sets = {}
+
+  # ---------------------------------------------------------------- seeds
+  def _drawable(self, alpha, seed: int) -> bool:
+    """Whether ``seed``'s data and partition can be drawn at ``alpha``."""
+    cfg = self.base.replace(seed=seed)
+    if alpha is not None:
+      cfg = cfg.replace(alpha=alpha)
+    try:
+      experiment_lib.make_parts(cfg, experiment_lib.load_dataset(cfg))
+    except ConfigError:
+      return False
+    return True
+
+  def seeds_for(self, alpha) -> tuple[list, list]:
+    """``(reported, tuning)`` seeds of the cells at ``alpha``: each asked
+    seed whose partition cannot be drawn (a Dirichlet draw that cannot give
+    every client ``min_examples`` rows) is replaced by the next seed above
+    every asked one that can, recorded in :attr:`replaced`."""
+    if alpha in self._seed_sets:
+      return self._seed_sets[alpha]
+    used = set(self.seeds) | set(self.tuning)
+    nxt = max(used) + 1
+    out = []
+    for kind, asked in (("reported", self.seeds), ("tuning", self.tuning)):
+      got = []
+      for s in asked:
+        if self._drawable(alpha, s):
+          got.append(s)
+          continue
+        tried = 0
+        while nxt in used or not self._drawable(alpha, nxt):
+          nxt += 1
+          tried += 1
+          if tried >= MAX_SEED_TRIES:
+            raise ConfigError(
+                f"alpha={alpha}: seed {s} cannot draw its partition and "
+                f"neither can the next {MAX_SEED_TRIES} free seeds; raise "
+                "alpha or lower min_examples")
+        self.log(f"{self.dataset}: alpha={alpha}: seed {s} cannot draw its "
+                 f"partition; {kind} seed {nxt} runs in its place")
+        self.replaced.setdefault(str(alpha), {}).setdefault(kind, {})[
+            str(s)] = nxt
+        used.add(nxt)
+        got.append(nxt)
+      out.append(got)
+    self._seed_sets[alpha] = tuple(out)
+    return self._seed_sets[alpha]
 
   # ------------------------------------------------------------- plumbing
   def config(self, lw: str, agg: str, controller_kw: dict) -> Config:
@@ -313,7 +392,7 @@ class Study:
         exps = [dict(ov, seed=s, batch_size=b,
                      id=json.dumps([cell, b, s], sort_keys=True))
                 for cell, ov in self.cells(lw) for b in self.batches
-                for s in self.tuning]
+                for s in self.seeds_for(cell["alpha"])[1]]
         runs[(lw, agg)] = self.sweep("tune", lw, agg, "fixed",
                                      dict(controller="constant"), exps)
     return runs
@@ -330,13 +409,15 @@ class Study:
                    for c, ov in self.cells(lw)}
         exps = [dict(by_cell[cj], seed=s, batch_size=b,
                      id=json.dumps([json.loads(cj), b, s], sort_keys=True))
-                for cj, b in sorted(pairs) for s in self.seeds]
+                for cj, b in sorted(pairs)
+                for s in self.seeds_for(json.loads(cj)["alpha"])[0]]
         runs[(lw, agg, "fixed")] = self.sweep(
             "report", lw, agg, "fixed", dict(controller="constant"), exps)
         for m in self.methods:
           exps = [dict(ov, seed=s, id=json.dumps([cell, None, s],
                                                  sort_keys=True))
-                  for cell, ov in self.cells(lw) for s in self.seeds]
+                  for cell, ov in self.cells(lw)
+                  for s in self.seeds_for(cell["alpha"])[0]]
           runs[(lw, agg, m)] = self.sweep("report", lw, agg, m, METHODS[m],
                                           exps)
     return runs

@@ -39,6 +39,20 @@ def _minutes(seconds) -> str:
   return "an unknown time" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _replacements(rep: dict | None) -> list:
+  """Lines naming the seeds run in place of seeds that could not draw a
+  partition (none: no lines)."""
+  if not rep:
+    return []
+  parts = []
+  for alpha, kinds in sorted(rep.items()):
+    for kind, m in sorted(kinds.items()):
+      parts += [f"alpha {alpha}, {kind} seed {a} -> {b}"
+                for a, b in sorted(m.items(), key=lambda kv: int(kv[0]))]
+  return ["Seeds that could not draw their partition, and the seeds run in "
+          "their place: " + "; ".join(parts) + ".", ""]
+
+
 def markdown(rep: dict) -> str:
   """The study's tables, verdict and trends as markdown."""
   lines = ["# Regime study: speedup over the tuned fixed batch", "",
@@ -55,6 +69,7 @@ def markdown(rep: dict) -> str:
               f"{len(st['tuning'])} tuning seeds, {st['base']['rounds']} "
               f"rounds, batches {st['batches']}; its sweeps took "
               f"{_minutes(d.get('wall_s'))} on this machine.", ""]
+    lines += _replacements(st.get("seed_replacements"))
     head = ["alpha", "devices", "local work", "comp/comm", "headroom",
             "target", "tuned b (avg/nova)", "ref s"] + list(_COLUMNS) + [
                 f"{HEADLINE} acc gap (pts)", f"{HEADLINE} diverged"]

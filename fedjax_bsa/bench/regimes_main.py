@@ -122,7 +122,7 @@ def _headroom(study: regimes.Study, cell: dict, b_simple) -> float | None:
   lw = cell["local_work"]
   cfg = study.base.replace(**regimes.LOCAL_WORK[lw],
                            speed_sigma=regimes.DEVICES[cell["devices"]],
-                           seed=study.tuning[0])
+                           seed=study.seeds_for(cell.get("alpha"))[1][0])
   if cell.get("alpha") is not None:
     cfg = cfg.replace(alpha=cell["alpha"])
   exp = experiment_lib.build(cfg)
@@ -158,6 +158,7 @@ def run_dataset(name: str, kw: dict, log) -> dict:
                             devices=study.devices,
                             local_work=study.local_work, comm=study.comm,
                             seeds=study.seeds, tuning=study.tuning,
+                            seed_replacements=study.replaced,
                             batches=study.batches, methods=study.methods,
                             aggregations=study.aggregations))
 
