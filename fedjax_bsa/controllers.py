@@ -38,7 +38,7 @@ from fedjax_bsa.noise_state import noise_state_update
 __all__ = ["Context", "Feedback", "Controller", "EmptyState", "NoiseState",
            "constant", "random", "schedule", "resource_proportional",
            "noise_scale", "clamp", "adascale_gain", "quantize",
-           "empty_feedback", "steps_for_budget", "epochs",
+           "empty_feedback", "steps_for_budget",
            "noise_state_init", "noise_state_update", "cohort_noise_scale"]
 
 Plan = kernel_lib.Plan
@@ -257,27 +257,6 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
     return Plan(b, steps, (client_lr * gain).astype(jnp.float32)), state
 
   return Controller(noise_state_init, update)
-
-
-def epochs(inner: Controller, local_epochs) -> Controller:
-  """Local steps from the batch: ``ceil(local_epochs * n_k / b_k)``.
-
-  The usual FL convention (McMahan et al. 2017: ``E`` epochs of batch
-  ``B``): each client passes over its data ``local_epochs`` times, so a
-  larger batch means fewer, cheaper-per-example steps. Needs
-  ``Context.num_examples``.
-  """
-
-  def update(feedback, state, ctx):
-    plan, state = inner.update(feedback, state, ctx)
-    if ctx.num_examples is None:
-      raise ValueError("epochs() needs Context.num_examples")
-    n = ctx.num_examples.astype(jnp.float32)
-    b = jnp.maximum(plan.batch_size, 1).astype(jnp.float32)
-    steps = jnp.maximum(jnp.ceil(local_epochs * n / b), 1).astype(jnp.int32)
-    return plan._replace(steps=steps), state
-
-  return Controller(inner.init, update)
 
 
 def clamp(inner: Controller, *, microbatch: int | None = None,

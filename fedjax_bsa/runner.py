@@ -26,15 +26,11 @@ from fedjax_bsa.outputs import DIVERGED_FACTOR, Outputs, clear_run
 from fedjax_bsa.outputs import format_table
 from fedjax_bsa import regime
 
-__all__ = ["RunResult", "run", "Diverged", "DIVERGED_EXIT_CODE"]
+__all__ = ["RunResult", "run", "DIVERGED_EXIT_CODE"]
 
 #: Exit code of ``fedjax-bsa run`` when the run diverged (the records
 #: written so far are kept).
 DIVERGED_EXIT_CODE = 3
-
-
-class Diverged(RuntimeError):
-  """A run diverged (raised by the CLI only)."""
 
 
 class RunResult(NamedTuple):
