@@ -575,9 +575,10 @@ class _Timed:
   def result(self, warmup: int) -> dict:
     self.acc.append(self.accuracy())
     times, planned = np.array(self.times), np.array(self.planned, float)
-    # the kernel's trip count: slots per lane of the fullest lane
-    steps = planned / (np.array(self.eff) * self.cfg.kernel_microbatch *
-                       self.sim.lanes)
+    # the kernel's trip count: loop iterations of the fullest lane (each
+    # iteration computes per_slot microbatches of mu rows on every lane)
+    steps = planned / (np.array(self.eff) * self.sim.microbatch *
+                       self.sim.per_slot * self.sim.lanes)
     return {
         "cohort": self.cfg.clients_per_round, "sampler": self.sampler,
         "local_work": self.cfg.local_work, "lanes": self.sim.lanes,
@@ -677,7 +678,8 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
   seeds = seeds_j(key, cohort)
 
   lanes = sim.lanes
-  slots = p.steps * layout_lib.slots_per_step(p.batch_size, cfg.kernel_microbatch)
+  slots = p.steps * layout_lib.slots_per_step(p.batch_size, sim.microbatch,
+                                              sim.per_slot)
   out["pack_lanes"] = _time(jax.jit(layout_lib.pack_lanes,
                                     static_argnums=1), slots, lanes)
   out["make_layout"] = _time(jax.jit(layout_lib.make_layout,
@@ -690,8 +692,9 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
 
   loss_fn = functools.partial(models.example_losses, exp.model.apply)
   kern = kernel_lib.make_round_kernel(
-      loss_fn, alg.client_tx, alg.client_init, microbatch=cfg.kernel_microbatch,
-      lanes=lanes, num_experiments=1, noise_stats=cfg.noise_stats,
+      loss_fn, alg.client_tx, alg.client_init, microbatch=sim.microbatch,
+      lanes=lanes, per_slot=sim.per_slot, num_experiments=1,
+      noise_stats=cfg.noise_stats,
       client_deltas=alg.client_deltas)
   jobs = kernel_lib.Jobs(cohort, jnp.zeros((k,), jnp.int32), p.batch_size,
                          p.steps, p.lr, weights, seeds)

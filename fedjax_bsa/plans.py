@@ -76,8 +76,8 @@ def _noise_scale(cfg, hp):
   """Ours, v1: batch from each client's critical batch (noise scale)."""
   return controllers.noise_scale(
       hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["kappa"],
-      hp["local_steps"], hp["client_lr"], hp["ema_decay"], cfg.kernel_microbatch,
-      max_gain=hp["max_gain"])
+      hp["local_steps"], hp["client_lr"], hp["ema_decay"],
+      cfg.kernel_microbatch, max_gain=hp["max_gain"])
 
 
 @reg.CONTROLLERS.register("goodput")

@@ -169,17 +169,9 @@ def default_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
   mu = layout_lib.resolve_microbatch(0, batch, True)
   ch = layout_lib.choose(jax.default_backend(), len(w.mix.clients), mu,
                          batch)
-  fn = baselines.kernel_fn(w.model, microbatch=mu, lanes=ch.lanes,
-                           per_slot=ch.per_slot, noise_stats=True)
-  compiled, cs = harness.compile_timed(fn, *w.args)
-  out, _ = harness.timed_call(compiled, *w.args)
   ctx.log(f"  kernel at the default settings: L{ch.lanes} mu{mu} "
-          f"R{ch.per_slot}, noise estimates on, compiled in {cs:.1f}s")
-  return km.kernel_method(
-      w, compiled, ctx, lanes=ch.lanes, microbatch=mu, per_slot=ch.per_slot,
-      noise_stats=True, compile_s=cs,
-      padding_efficiency=figures.kernel_efficiency(out, mu),
-      memory=harness.memory_of(compiled))
+          f"R{ch.per_slot}, noise estimates on")
+  return km.noise_method(w, ch.lanes, mu, ctx, per_slot=ch.per_slot)
 
 
 def ceiling_method(w: km.Workload, ctx: km.Ctx) -> km.Method:

@@ -140,14 +140,16 @@ def kernel_method(w: Workload, compiled, ctx: Ctx, **extra) -> Method:
   return Method(functools.partial(compiled, *w.args), finish)
 
 
-def noise_method(w: Workload, lanes: int, mu: int, ctx: Ctx) -> Method:
-  """The kernel with ``noise_stats=True`` at the headline layout."""
+def noise_method(w: Workload, lanes: int, mu: int, ctx: Ctx,
+                 per_slot: int = 1) -> Method:
+  """The kernel with ``noise_stats=True`` at a layout (the headline's, or
+  another's)."""
   fn = baselines.kernel_fn(w.model, microbatch=mu, lanes=lanes,
-                           noise_stats=True)
+                           per_slot=per_slot, noise_stats=True)
   compiled, cs = harness.compile_timed(fn, *w.args)
   out, _ = harness.timed_call(compiled, *w.args)
   return kernel_method(w, compiled, ctx, lanes=lanes, microbatch=mu,
-                       noise_stats=True, compile_s=cs,
+                       per_slot=per_slot, noise_stats=True, compile_s=cs,
                        padding_efficiency=figures.kernel_efficiency(out, mu),
                        memory=harness.memory_of(compiled))
 

@@ -169,9 +169,9 @@ def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
            bytes=int(2 * exp.model_bytes * took.sum()),
            diverged=out.diverged,
            noise_scale=b_simple,
-           mean_batch=float(np.mean(np.asarray(cl["batch"])[took]))
-           if took.any() else None,
            plan=plan_spread(cl))
+  batch = s["plan"]["batch"]
+  s["mean_batch"] = None if batch is None else batch["mean"]
   recorded = [r["sim_time_s"] for r in recs]
   if bandwidths is None:
     s["sim_time"] = {"run": recorded}
