@@ -17,9 +17,10 @@ HOST:PORT --num-processes N --process-id I`` (or ``FEDJAX_BSA_COORDINATOR``,
 writes.
 
 Exit codes: 0 success; 2 a user error (a wrong setting or file: one line
-naming it, nothing written); 3 a run that diverged (its training or test
-loss became non-finite, or its test loss rose above 10x its first
-evaluation; the records so far are kept); 130 a run stopped by SIGINT or
+naming it, nothing written); 3 a run that diverged (every client of a
+round failed, so its training loss became non-finite; or its test loss
+became non-finite or rose above 10x its first evaluation; the records so
+far are kept); 130 a run stopped by SIGINT or
 SIGTERM (checkpointed, its summary written, resumable); 1 anything else (a
 bug: with its traceback).
 """

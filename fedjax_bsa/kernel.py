@@ -11,7 +11,9 @@ at the step's last slot through the algorithm's client transformation
 Jobs of all experiments share one pool of ``L`` vmapped lanes
 (:mod:`fedjax_bsa.layout`); at a job's end the lane adds ``c_j (x_j -
 x_e)`` into its experiment's aggregate, then resets to the next job's
-server parameters and client state. The lanes advance in lock step for as
+server parameters and client state. A job whose parameters went
+non-finite is left out of every aggregate, as a server rejects a failed
+client, and reports ``update_sq = NaN`` so that the controller sees it. The lanes advance in lock step for as
 many slots as the fullest lane needs, a count known only on device, so the
 loop is a ``fori_loop`` with a traced trip count: one compile serves every
 plan, and the work done is the packed work of all experiments together.
@@ -74,7 +76,9 @@ class ClientStats(NamedTuple):
   grad_sq: jax.Array      # float32 [J], mean over noise steps of |G|^2 est.
   trace: jax.Array        # float32 [J], mean over noise steps of tr(Sigma)
   noise_steps: jax.Array  # int32 [J], steps that gave an estimate
-  update_sq: jax.Array    # float32 [J], |mean applied gradient|^2
+  update_sq: jax.Array    # float32 [J], |mean applied gradient|^2 (NaN:
+                          # the job's model went non-finite and was left
+                          # out of the aggregate)
 
 
 class RoundOutput(NamedTuple):

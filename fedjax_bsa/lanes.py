@@ -17,6 +17,7 @@ experiments ``[E]``).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -91,6 +92,14 @@ class SlotOut(NamedTuple):
 def sq_norm(tree):
   """``sum |leaf|^2`` over a tree."""
   return sum(jnp.vdot(a, a).real for a in jax.tree.leaves(tree))
+
+
+def finite_lanes(tree):
+  """``[L]``: whether every value of each lane's slice of ``tree`` is
+  finite."""
+  leaves = jax.tree.leaves(tree)
+  ok = [jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1) for a in leaves]
+  return functools.reduce(jnp.logical_and, ok)
 
 
 def _select(flag, a, b):
@@ -190,7 +199,8 @@ def _next_job(rd: Round, ptr, lane_ids):
 def _by_experiment(spec: Spec, t, e, live):
   """Sums the ``live`` lanes of a ``[L, ...]`` tree into ``[E, ...]`` by
   each lane's experiment ``e [L]`` (a one-hot contraction: dense, unlike a
-  scatter on a CPU). Experiments stay isolated: a lane's non-finite values
+  scatter on a CPU). :func:`job_end` already leaves a failed job's lane out;
+  as a second line, experiments stay isolated: a lane's non-finite values
   make its own experiment's sum NaN and no other's (``0 * inf`` in the
   contraction would spread them to every experiment of the sweep). With one
   experiment the sum is plain: the lanes that did not finish carry weight
@@ -222,17 +232,26 @@ def job_end(spec: Spec, rd: Round, ln: Lanes, sh: Shared, out: SlotOut,
   finished a job)."""
   j, end = out.job, out.job_end
   e = rd.jobs.exp[j]
-  delta = tmap(jnp.subtract, ln.params,
-               tmap(lambda a: a[e], rd.server))
-  w = jnp.where(end, rd.jobs.weight[j], 0.0)
+  raw = tmap(jnp.subtract, ln.params, tmap(lambda a: a[e], rd.server))
+  # a job whose model went non-finite is left out of every sum (the server
+  # rejects a failed client); its stats keep the non-finite values
+  fin = finite_lanes(raw)
+  keep = end & fin
+  delta = tmap(lambda a: jnp.where(_lanes_like(fin, a), a, 0), raw)
+  w = jnp.where(keep, rd.jobs.weight[j], 0.0)
   agg = tmap(jnp.add, sh.agg,
-             _by_experiment(spec, _per_lane(w, delta), e, end))
+             _by_experiment(spec, _per_lane(w, delta), e, keep))
   hsum, usq, deltas = sh.hsum, sh.usq, sh.deltas
   if spec.noise_stats:
     s = jnp.maximum(rd.jobs.steps[j], 1).astype(jnp.float32)
-    h = _per_lane(jnp.where(end, -1.0 / (rd.jobs.lr[j] * s), 0.0), delta)
-    usq = usq.at[j].add(jnp.where(end, jax.vmap(sq_norm)(h), 0.0))
-    hsum = tmap(jnp.add, hsum, _by_experiment(spec, h, e, end))
+    inv = jnp.where(end, -1.0 / (rd.jobs.lr[j] * s), 0.0)
+    usq_add = jnp.where(end, jax.vmap(sq_norm)(_per_lane(inv, delta)), 0.0)
+    hsum = tmap(jnp.add, hsum, _by_experiment(
+        spec, _per_lane(jnp.where(keep, inv, 0.0), delta), e, keep))
+  else:
+    usq_add = jnp.zeros(end.shape, jnp.float32)
+  # a failed job's update_sq is NaN with or without noise statistics
+  usq = usq.at[j].add(jnp.where(end & ~fin, jnp.nan, usq_add))
   if spec.client_deltas:
     at = jnp.where(end, j, rd.jobs.client.shape[0])
     deltas = tmap(lambda buf, d: buf.at[at].set(d, mode="drop"), deltas,

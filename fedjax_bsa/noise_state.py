@@ -111,7 +111,9 @@ def noise_state_update(state: NoiseState, feedback: Feedback, ctx: Context,
   [0.0, 8.0, 0.0, 0.0]
   """
   st = feedback.stats
-  seen = st.noise_steps > 0
+  # a failed client (non-finite model, ``update_sq`` NaN) reports nothing
+  seen = ((st.noise_steps > 0) & jnp.isfinite(st.grad_sq)
+          & jnp.isfinite(st.trace) & jnp.isfinite(st.update_sq))
   gap = jnp.maximum(ctx.round - state.last[feedback.cohort], 1)
   decay = jnp.asarray(ema_decay, jnp.float32) ** gap.astype(jnp.float32)
   g_sq = noise.ema_update(state.g_sq, feedback.cohort, st.grad_sq, seen,

@@ -119,6 +119,7 @@ def chunk_records(m: dict, n: int) -> dict:
       round_time_s=_f(m["round_time"][n - 1]),
       participants=int(m["participants"][n - 1]),
       dropped=int(m["dropped"][:n].sum()),
+      failed=int(m["failed"][:n].sum()),
       no_fit=int(m["no_fit"][:n].sum()),
       empty_rounds=int((~took).sum()),
       deadline_s=_f(m["deadline"][n - 1]),

@@ -55,7 +55,10 @@ def reference_round(loss_fn: Callable, client_tx, client_init, server_params,
   Returns:
     ``(delta, stats, client_deltas, update_sum_sq)``: the aggregates ``[E,
     ...]``, a :class:`~fedjax_bsa.kernel.ClientStats` of numpy arrays, the
-    list of per-job deltas and ``|sum_j h_j|^2`` per experiment.
+    list of per-job deltas and ``|sum_j h_j|^2`` per experiment. A job
+    whose model goes non-finite is left out of the aggregates and of
+    ``|sum_j h_j|^2`` (its listed delta is zero); its stats keep their
+    non-finite values.
   """
   grad = _grad_fn(loss_fn)
   jb = jax.tree.map(np.asarray, jobs)
@@ -98,14 +101,19 @@ def reference_round(loss_fn: Callable, client_tx, client_init, server_params,
       d, opt = client_tx.update(g, opt, w)
       w = tmap(lambda wi, di: wi - lr * di, w, d)
     dk = tmap(jnp.subtract, w, start)
-    deltas.append(dk)
+    finite = all(bool(np.all(np.isfinite(a))) for a in jax.tree.leaves(dk))
+    if not finite:   # a failed client: left out of every sum
+      deltas.append(tmap(jnp.zeros_like, dk))
+    else:
+      deltas.append(dk)
     if s > 0:
+      h = tmap(lambda dd: -np.asarray(dd, np.float64) / (lr * s), dk)
+      out["update_sq"][j] = _sq(h) if finite else np.nan
+    if s > 0 and finite:
       wj = float(jb.weight[j])
       delta = tmap(lambda a, dd: _add_at(a, e, wj * np.asarray(dd)), delta,
                    dk)
-      h = tmap(lambda dd: -np.asarray(dd, np.float64) / (lr * s), dk)
       hsum = tmap(lambda a, hh: _add_at(a, e, hh), hsum, h)
-      out["update_sq"][j] = _sq(h)
     out["loss"][j] = loss_sum / max(b * s, 1)
     out["examples"][j] = b * s
     out["steps"][j] = s

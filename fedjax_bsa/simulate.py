@@ -81,6 +81,7 @@ class RoundMetrics(NamedTuple):
   heterogeneity: jax.Array
   participants: jax.Array
   dropped: jax.Array
+  failed: jax.Array           # clients whose model went non-finite (left out)
   no_fit: jax.Array           # clients with no step that fits the deadline
   partial: jax.Array          # clients whose steps were cut by a deadline
   examples: jax.Array
@@ -321,6 +322,33 @@ def evaluate_model(apply, params, x, y, batch: int = 512):
   return correct / count, loss / count
 
 
+def round_train_loss(stats):
+  """A round's training loss and its failed clients: ``(loss, failed)``.
+
+  A client whose model went non-finite (``update_sq`` or its loss not
+  finite) was left out of the round's average by the kernel
+  (:func:`fedjax_bsa.lanes.job_end`); the loss is the example-weighted mean
+  over the clients that ran and did not fail, and NaN when every client
+  that ran failed (the experiment then diverges).
+
+  >>> from fedjax_bsa.kernel import ClientStats
+  >>> z = jnp.zeros(3)
+  >>> st = ClientStats(jnp.array([1.0, 3.0, jnp.nan]), jnp.array([10, 30, 20]),
+  ...                  jnp.array([1, 1, 1]), z, z, jnp.array([1, 1, 1]),
+  ...                  jnp.array([0.1, 0.1, jnp.nan]))
+  >>> loss, failed = round_train_loss(st)
+  >>> float(loss), failed.tolist()       # (10 * 1 + 30 * 3) / 40
+  (2.5, [False, False, True])
+  """
+  ran = stats.steps > 0
+  failed = ran & ~(jnp.isfinite(stats.loss) & jnp.isfinite(stats.update_sq))
+  ok = ran & ~failed
+  ex = jnp.where(ok, stats.examples, 0)
+  loss = jnp.sum(jnp.where(ok, stats.loss, 0.0) * ex) / jnp.maximum(
+      ex.sum(), 1)
+  return jnp.where(ran.any() & ~ok.any(), jnp.nan, loss), failed
+
+
 def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
              num_clients) -> RoundMetrics:
   """One experiment's round metrics."""
@@ -336,9 +364,9 @@ def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
   mean_sq = jnp.sum(stats.update_sq * ftook) / nt
   c_g, c_t = noise.cohort_estimates(mean_sq, usum / nt ** 2, took.sum(),
                                     num_clients)
+  train_loss, failed = round_train_loss(stats)
   return RoundMetrics(
-      train_loss=jnp.sum(stats.loss * stats.examples) /
-      jnp.maximum(stats.examples.sum(), 1),
+      train_loss=train_loss, failed=failed.sum(),
       round_time=outcome.round_time, sim_time=sim_time, deadline=rp.deadline,
       mean_batch=jnp.sum(bf * ftook) / nt,
       min_batch=jnp.min(jnp.where(took, bf, jnp.inf)),

@@ -4,6 +4,7 @@ its guard, its settings, and a known-answer problem."""
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -143,6 +144,28 @@ def test_guard_backs_off_on_a_bad_round(bad):
   # the gain is held at 1 (times the backed-off rate) while cooling
   assert (np.asarray(hit[-1][0].lr) <= 0.1 * 0.5 + 1e-6).all()
   assert int(st_off.backoffs) == 0 and float(st_off.rate) == 1.0
+
+
+def test_a_failed_client_backs_off_and_poisons_nothing():
+  """A client whose model went non-finite (the kernel left it out of the
+  average; its stats are NaN): the guard backs off, the noise EMAs skip
+  it, and the next plan is finite."""
+  ctrl = _ctrl()
+  state = ctrl.init(K)
+  plan, state = ctrl.update(C.empty_feedback(K), state, _ctx(0))
+  plan, state = ctrl.update(_feedback(1.0), state, _ctx(1))
+  fb = _feedback(1.0)
+  nan = jnp.array([1.0, jnp.nan, 1.0, 1.0])
+  fb = fb._replace(stats=fb.stats._replace(
+      loss=fb.stats.loss * nan, grad_sq=fb.stats.grad_sq * nan,
+      update_sq=fb.stats.update_sq * nan))
+  plan, hit = ctrl.update(fb, state, _ctx(2))
+  assert int(hit.backoffs) == int(state.backoffs) + 1
+  for leaf in jax.tree.leaves(hit.noise):
+    assert np.isfinite(np.asarray(leaf)).all()
+  assert np.isfinite(np.asarray(plan.lr)).all()
+  assert (np.asarray(plan.batch_size) >= 1).all()
+  assert (np.asarray(plan.steps) >= 1).all()
 
 
 @pytest.mark.parametrize("key,value", [("budget", "-1"),

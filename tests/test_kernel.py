@@ -118,6 +118,38 @@ def test_wide_slots_change_nothing(small_fed, small_mlp, per_slot):
   _check(small_fed, small_mlp, jobs, 2, _alg(), per_slot=per_slot)
 
 
+@pytest.mark.parametrize("E", [1, 2])
+def test_a_failed_job_is_left_out(small_fed, small_mlp, E):
+  """A job whose model goes non-finite (learning rate 1e30) is left out of
+  the aggregate, of ``|sum h|^2`` and of the client deltas, as the
+  reference leaves it out; its stats stay non-finite so that a controller
+  sees it, and the other jobs are untouched."""
+  alg = _alg(algorithm="scaffold")
+  lr = [0.1, 1e30, 0.2, 0.05, 0.1]
+  jobs = make_jobs([0, 4, 7, 9, 13], [3, 9, 4, 1, 6], [2, 3, 1, 4, 2], lr,
+                   exp=[0, 0, E - 1, 0, E - 1])
+  params = stack(*[small_mlp.init(jax.random.key(e)) for e in range(E)])
+  state = alg.init(jax.tree.map(lambda a: a[0], params), 20)
+  inputs = alg.client_inputs(state, jobs.client, {})
+  out = _kernel(small_mlp, alg, 2, E)(params, small_fed, jobs, inputs)
+  ref, stats, deltas, usum = reference.reference_round(
+      loss_of(small_mlp), alg.client_tx, alg.client_init, params, small_fed,
+      jobs, inputs, microbatch=MU)
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves(out.delta))
+  close(out.delta, ref)
+  close(out.client_deltas, stack(*deltas))
+  assert all(float(jnp.abs(a[1]).max()) == 0.0
+             for a in jax.tree.leaves(out.client_deltas))
+  np.testing.assert_allclose(out.update_sum_sq, usum, rtol=2e-3, atol=1e-5)
+  assert not np.isfinite(float(out.stats.update_sq[1]))
+  assert not np.isfinite(float(stats.update_sq[1]))
+  keep = np.array([0, 2, 3, 4])
+  for f in ("loss", "update_sq", "grad_sq", "trace"):
+    np.testing.assert_allclose(np.asarray(getattr(out.stats, f))[keep],
+                               np.asarray(getattr(stats, f))[keep],
+                               rtol=5e-3, atol=1e-4, err_msg=f)
+
+
 def test_kernel_extreme_skew(small_fed, small_mlp):
   """One job with 100x the steps, b=1, an absent job (s=0)."""
   jobs = make_jobs([1, 2, 3, 4, 5], [1, 8, 5, 1, 4], [100, 1, 0, 1, 1],
