@@ -102,13 +102,15 @@ def finite_lanes(tree):
   return functools.reduce(jnp.logical_and, ok)
 
 
+def _kept(f, t, keep):
+  """``t[l] * f[l]`` where ``keep[l]``, else 0 (also where ``t[l]`` is not
+  finite: one fused pass, where ``0 * nan`` would be NaN)."""
+  return tmap(lambda a: jnp.where(_lanes_like(keep, a),
+                                  a * _lanes_like(f, a), 0), t)
+
+
 def _select(flag, a, b):
   return tmap(lambda x, y: jnp.where(flag, x, y), a, b)
-
-
-def _per_lane(f, t):
-  """``t[l] * f[l]`` for a tree with a leading lane axis."""
-  return tmap(lambda a: a * _lanes_like(f, a), t)
 
 
 def _gradients(spec: Spec, params, xb, yb, valid):
@@ -234,28 +236,25 @@ def job_end(spec: Spec, rd: Round, ln: Lanes, sh: Shared, out: SlotOut,
   e = rd.jobs.exp[j]
   raw = tmap(jnp.subtract, ln.params, tmap(lambda a: a[e], rd.server))
   # a job whose model went non-finite is left out of every sum (the server
-  # rejects a failed client); its stats keep the non-finite values
+  # rejects a failed client); its update_sq is NaN so the controller sees it
   fin = finite_lanes(raw)
   keep = end & fin
-  delta = tmap(lambda a: jnp.where(_lanes_like(fin, a), a, 0), raw)
   w = jnp.where(keep, rd.jobs.weight[j], 0.0)
   agg = tmap(jnp.add, sh.agg,
-             _by_experiment(spec, _per_lane(w, delta), e, keep))
+             _by_experiment(spec, _kept(w, raw, keep), e, keep))
   hsum, usq, deltas = sh.hsum, sh.usq, sh.deltas
   if spec.noise_stats:
     s = jnp.maximum(rd.jobs.steps[j], 1).astype(jnp.float32)
-    inv = jnp.where(end, -1.0 / (rd.jobs.lr[j] * s), 0.0)
-    usq_add = jnp.where(end, jax.vmap(sq_norm)(_per_lane(inv, delta)), 0.0)
-    hsum = tmap(jnp.add, hsum, _by_experiment(
-        spec, _per_lane(jnp.where(keep, inv, 0.0), delta), e, keep))
+    h = _kept(jnp.where(keep, -1.0 / (rd.jobs.lr[j] * s), 0.0), raw, keep)
+    usq_add = jnp.where(end, jax.vmap(sq_norm)(h), 0.0)
+    hsum = tmap(jnp.add, hsum, _by_experiment(spec, h, e, keep))
   else:
     usq_add = jnp.zeros(end.shape, jnp.float32)
-  # a failed job's update_sq is NaN with or without noise statistics
   usq = usq.at[j].add(jnp.where(end & ~fin, jnp.nan, usq_add))
   if spec.client_deltas:
     at = jnp.where(end, j, rd.jobs.client.shape[0])
     deltas = tmap(lambda buf, d: buf.at[at].set(d, mode="drop"), deltas,
-                  delta)
+                  _kept(jnp.ones(end.shape, jnp.float32), raw, fin))
   start, opt = _job_start(spec, rd, _next_job(rd, ln.ptr, lane_ids))
   reset = lambda x, y: jnp.where(_lanes_like(end, x), x, y)
   ln = ln._replace(params=tmap(reset, start, ln.params),
