@@ -4,7 +4,11 @@ In the regime study `goodput` and `noise_scale` diverged on MNIST-1D at
 alpha 0.1 on heterogeneous devices, with FedAvg and one local epoch and with
 FedNova under the FedBalancer deadline. This runs v3 there (3 seeds, 200
 rounds, the study's settings and its ratio-1 bandwidth) and records, per
-run, whether it diverged, its rounds and final accuracy.
+run, whether it diverged, its rounds, final accuracy and the clients whose
+model went non-finite (left out of their round's average). It also runs
+v3 with FedAvg and 20 local steps on both alphas and both device profiles,
+where two of its twelve runs diverged before failed clients were left out
+(2026-12-03).
 
   python -m benchmarks.v3_divergence           # benchmarks/results/pilot_v3
   python -m benchmarks.v3_divergence --quick   # 10 rounds, 1 seed
@@ -24,7 +28,10 @@ import sys
 from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import regimes
 
-SETTINGS = [("epochs", "fedavg"), ("deadline", "fednova")]
+#: (local work, aggregation, alphas, devices)
+SETTINGS = [("epochs", "fedavg", [0.1], ["heterogeneous"]),
+            ("deadline", "fednova", [0.1], ["heterogeneous"]),
+            ("steps", "fedavg", [0.1, 1.0], ["homogeneous", "heterogeneous"])]
 
 
 def main(argv=None) -> int:
@@ -40,11 +47,11 @@ def main(argv=None) -> int:
                          else os.path.join(harness.RESULTS_DIR, "pilot_v3"))
   seeds = [0] if args.quick else [0, 1, 2]
   out = harness.new_report("v3_divergence", dict(
-      settings=[f"{lw}+{agg}" for lw, agg in SETTINGS], seeds=seeds,
+      settings=[f"{lw}+{agg}" for lw, agg, _, _ in SETTINGS], seeds=seeds,
       quick=args.quick))
   out["runs"] = {}
-  for lw, agg in SETTINGS:
-    st = regimes.Study("mnist1d", alphas=[0.1], devices=["heterogeneous"],
+  for lw, agg, alphas, devices in SETTINGS:
+    st = regimes.Study("mnist1d", alphas=alphas, devices=devices,
                        local_work=[lw], comm=[1.0], seeds=seeds,
                        rounds=10 if args.quick else None,
                        cache_dir=os.path.join(out_dir, "regimes_cache"),
@@ -56,9 +63,11 @@ def main(argv=None) -> int:
     runs = st.sweep("report", lw, agg, "displacement",
                     regimes.METHODS["displacement"], exps)
     out["runs"][f"{lw}+{agg}"] = [
-        dict(seed=json.loads(r["id"])[2], diverged=r.get("diverged"),
+        dict(cell=json.loads(r["id"])[0], seed=json.loads(r["id"])[2],
+             diverged=r.get("diverged"),
              rounds=(r["rounds"][-1] if r.get("rounds") else None),
-             final_accuracy=r.get("final_accuracy"))
+             final_accuracy=r.get("final_accuracy"),
+             failed_clients=r.get("failed_clients"))
         for r in runs]
   out["diverged"] = sum(bool(r["diverged"]) for rs in out["runs"].values()
                         for r in rs)

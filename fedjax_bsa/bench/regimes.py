@@ -168,6 +168,7 @@ def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
                cl["steps"]))),
            bytes=int(2 * exp.model_bytes * took.sum()),
            diverged=out.diverged,
+           failed_clients=int(sum(r.get("failed") or 0 for r in recs)),
            noise_scale=b_simple,
            plan=plan_spread(cl))
   batch = s["plan"]["batch"]
