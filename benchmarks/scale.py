@@ -54,15 +54,16 @@ the data (the ``FederatedData`` arrays' nbytes against raw ``x + y``), test
 accuracy before and after.
 
 At the largest cohort, where a ``library`` round's time goes (each piece
-jitted alone on the same shapes, median of repeats): cohort sampling
-(``jax.random.choice`` without replacement: a permutation of all ``N``
-clients, i.e. a sort), the plan (:func:`fedjax_bsa.plans.plan_round`), the
+jitted alone on the same shapes, median of repeats): cohort sampling (the
+library's :func:`fedjax_bsa.simulate.sample_cohort`, the ``K`` largest of
+``N`` uniform keys), the plan (:func:`fedjax_bsa.plans.plan_round`), the
 shuffle seeds, the lane layout (:func:`fedjax_bsa.layout.make_layout`,
 whose :func:`~fedjax_bsa.layout.pack_lanes` is a sequential ``lax.scan``
 over the jobs), the kernel (layout plus slot loop), and the rest (metrics,
 server update) as the round minus those (noisy: the pieces are timed
-apart). Alternatives are timed beside them: the ``topk`` and ``permute``
-samplers and :func:`waterfill_pack_lanes` (no sequential loop), with its
+apart). Alternatives are timed beside them: the ``choice`` (a permutation
+of all ``N``: a sort; the library's sampler before top-k), ``topk`` and
+``permute`` samplers and :func:`waterfill_pack_lanes` (no sequential loop), with its
 makespan beside ``pack_lanes``'s and the lower bound ``max(p_max,
 ceil(sum / L))``.
 
@@ -81,7 +82,6 @@ into ``--out`` (default ``benchmarks/results``), at the end only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -468,16 +468,18 @@ def _init(sim, fed: Federation, run: Run, seed: int):
   return jax.jit(sim.init)(keys, fed.data, run.inputs)
 
 
-SAMPLERS = ("library", "topk", "permute")
+SAMPLERS = ("library", "choice", "topk", "permute")
 
 
 def sample_cohort(kind: str, key, num_clients: int, cohort: int):
   """``cohort`` distinct clients of ``range(num_clients)``.
 
-  ``library``: ``jax.random.choice(..., replace=False)`` as
-  :mod:`fedjax_bsa.simulate` draws it (a permutation of all ``N``: a sort);
-  ``topk``: the indices of the ``K`` largest of ``N`` uniform keys (exactly
-  uniform, ``O(N)``, no sort); ``permute``: the first ``K`` images of the
+  ``library``: :func:`fedjax_bsa.simulate.sample_cohort`, what the round
+  loop draws (today the ``K`` largest of ``N`` uniform keys); ``choice``:
+  ``jax.random.choice(..., replace=False)`` (a permutation of all ``N``: a
+  sort; the library's sampler before top-k); ``topk``: the indices of the
+  ``K`` largest of ``N`` uniform keys (exactly uniform, ``O(N)``, no sort);
+  ``permute``: the first ``K`` images of the
   swap-or-not bijection :func:`fedjax_bsa.data.federated.permute` (``O(K)``,
   uniform only as far as that cipher mixes).
 
@@ -486,7 +488,10 @@ def sample_cohort(kind: str, key, num_clients: int, cohort: int):
   (4, True)
   """
   if kind == "library":
-    return _CHOICE(key, num_clients, (cohort,), replace=False)
+    return simulate.sample_cohort(key, num_clients, cohort)
+  if kind == "choice":
+    return jax.random.choice(key, num_clients, (cohort,),
+                             replace=False).astype(jnp.int32)
   if kind == "topk":
     return jax.lax.top_k(jax.random.uniform(key, (num_clients,)),
                          cohort)[1].astype(jnp.int32)
@@ -496,29 +501,15 @@ def sample_cohort(kind: str, key, num_clients: int, cohort: int):
   raise ValueError(f"sampler={kind!r} is not allowed: one of {SAMPLERS}")
 
 
-_CHOICE = jax.random.choice
-
-
-@contextlib.contextmanager
-def _sampler(kind: str):
-  """While tracing, cohorts ``jax.random.choice(key, N, (K,), replace=False)``
-  are drawn by :func:`sample_cohort` ``kind`` (a what-if for the library's
-  round loop, which draws them so; nothing else is changed)."""
+def cohort_sampler(kind: str):
+  """The round loop's cohort sampler for variant ``kind``
+  (``simulate.make_simulation(sampler=...)``): the library's own function
+  for ``library``, else :func:`sample_cohort` ``kind``."""
   if kind == "library":
-    yield
-    return
-
-  def choice(key, a, shape=(), replace=True, p=None, axis=0):
-    if (not replace and p is None and isinstance(a, int) and axis == 0
-        and len(tuple(shape)) == 1):
-      return sample_cohort(kind, key, a, tuple(shape)[0])
-    return _CHOICE(key, a, shape, replace, p, axis)
-
-  jax.random.choice = choice
-  try:
-    yield
-  finally:
-    jax.random.choice = _CHOICE
+    return simulate.sample_cohort
+  if kind not in SAMPLERS:
+    raise ValueError(f"sampler={kind!r} is not allowed: one of {SAMPLERS}")
+  return lambda key, n, k: sample_cohort(kind, key, n, k)
 
 
 class _Timed:
@@ -531,13 +522,13 @@ class _Timed:
                       **cfg_kw)
     t = time.perf_counter()
     run = make_run(cfg, fed)
-    sim = simulate.make_simulation(run.exp, 1, chunk=1)
+    sim = simulate.make_simulation(run.exp, 1, chunk=1,
+                                   sampler=cohort_sampler(sampler))
     self.state = _init(sim, fed, run, seed)
     self.build_s = time.perf_counter() - t
     t = time.perf_counter()
-    with _sampler(sampler):
-      lowered = jax.jit(sim.run_chunk).lower(self.state, fed.data,
-                                             run.inputs, np.int32(1))
+    lowered = jax.jit(sim.run_chunk).lower(self.state, fed.data, run.inputs,
+                                           np.int32(1))
     self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - t
     self.cfg, self.run, self.sim, self.fed = cfg, run, sim, fed
@@ -650,9 +641,9 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
   out = {}
 
   sample = jax.jit(lambda kk: sample_cohort("library", kk, n, k))
-  out["sample_choice"] = _time(sample, key)
-  for kind in ("topk", "permute"):
-    out[f"sample_{kind}_proposed"] = _time(
+  out["sample_library"] = _time(sample, key)
+  for kind in ("choice", "topk", "permute"):
+    out[f"sample_{kind}"] = _time(
         jax.jit(functools.partial(sample_cohort, kind), static_argnums=(1, 2)),
         key, n, k)
   cohort = sample(key).astype(jnp.int32)
@@ -703,7 +694,7 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
                         repeats=5)
   out["kernel_slot_loop"] = out["kernel"] - out["make_layout"]
   out["round"] = round_s
-  out["rest"] = round_s - (out["sample_choice"] + out["plan"]
+  out["rest"] = round_s - (out["sample_library"] + out["plan"]
                            + out["shuffle_seeds"] + out["kernel"])
   return {"seconds": out, "cohort": k, "lanes": lanes,
           "slots_total": total_slots,
@@ -823,10 +814,11 @@ def _parse(argv):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--variants", default=None,
                  help="comma-separated <sampler>[-steps]; sampler library "
-                 "(cohorts as the library draws them), topk or permute "
-                 "(what-if samplers); -steps: LOCAL_STEPS steps instead of "
-                 "one epoch (default: library,topk on a CPU, library on an "
-                 "accelerator or with --quick)")
+                 "(the library's own sampler), choice, topk or permute "
+                 "(what-if samplers passed to the round loop); -steps: "
+                 "LOCAL_STEPS steps instead of one epoch (default: "
+                 "library,choice on a CPU, library on an accelerator or "
+                 "with --quick)")
   p.add_argument("--model", default="logreg", choices=("logreg", "mlp"))
   p.add_argument("--hidden", type=int, default=32)
   p.add_argument("--lanes", type=int, default=0,
@@ -857,7 +849,7 @@ def main(argv=None) -> dict:
   rounds = args.rounds or (3 if args.quick else 20)
   if args.variants is None:
     cpu = jax.default_backend() == "cpu"
-    args.variants = "library,topk" if cpu and not args.quick else "library"
+    args.variants = "library,choice" if cpu and not args.quick else "library"
   cohorts = sorted(int(c) for c in args.cohorts.split(","))
   variants = args.variants.split(",")
   for v in variants:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,13 +139,15 @@ class _Static(NamedTuple):
   kernel: Any              # the round kernel
   mesh: Any
   max_rows: int | None
+  sampler: Callable        # (key, N, K) -> int32 [K] distinct clients
 
 
 def make_simulation(exp: Experiment, num_experiments: int = 1, *,
                     chunk: int | None = None, lanes: int | None = None,
                     mesh: jax.sharding.Mesh | None = None,
                     axis_name: str = "clients",
-                    max_rows: int | None = None) -> Simulation:
+                    max_rows: int | None = None,
+                    sampler: Callable | None = None) -> Simulation:
   """Pure functions of ``E`` experiments that share static settings.
 
   Args:
@@ -162,6 +164,9 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
       cohort_rows`).
     axis_name: the mesh axis of the lanes.
     max_rows: see ``mesh``.
+    sampler: draws each round's cohort, ``sampler(key, N, K) -> int32 [K]``
+      distinct clients (default :func:`sample_cohort`; a benchmark's
+      what-if).
 
   Returns:
     A :class:`Simulation`.
@@ -179,7 +184,8 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
       noise_stats=cfg.noise_stats, client_deltas=exp.algorithm.client_deltas,
       mesh=mesh, axis_name=axis_name)
   sv = _Static(cfg, exp.model, exp.algorithm, exp.model_bytes, E, K,
-               exp.num_clients, kern, mesh, max_rows)
+               exp.num_clients, kern, mesh, max_rows,
+               sample_cohort if sampler is None else sampler)
   traces = []
 
   def init(keys, data, inputs: Inputs):
@@ -213,7 +219,7 @@ def _init_one(sv: _Static, key, hp) -> SimState:
 def _plan_one(sv: _Static, st: SimState, res, hp, n_all):
   """One experiment's cohort and plan for the coming round."""
   key, k_cohort, k_avail, k_plan, k_shuffle = jax.random.split(st.key, 5)
-  cohort = sample_cohort(k_cohort, sv.N, sv.K)
+  cohort = sv.sampler(k_cohort, sv.N, sv.K)
   rc = tmap(lambda a: a[cohort], res)
   n = n_all[cohort]
   ctx = controllers.Context(st.round, cohort, rc.speed, rc.step_overhead,

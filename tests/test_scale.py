@@ -97,15 +97,29 @@ def test_sample_cohort_draws_distinct_clients(kind):
   assert np.abs(counts - 80).max() < 40
 
 
-def test_sampler_what_if_changes_only_the_cohorts(fed):
-  with scale._sampler("topk"):  # pylint: disable=protected-access
-    got = jax.random.choice(jax.random.key(3), 100, (5,), replace=False)
-    with_p = jax.random.choice(jax.random.key(3), 4, (2,), replace=True)
-  np.testing.assert_array_equal(
-      got, scale.sample_cohort("topk", jax.random.key(3), 100, 5))
-  np.testing.assert_array_equal(
-      with_p, jax.random.choice(jax.random.key(3), 4, (2,), replace=True))
-  assert jax.random.choice is scale._CHOICE  # pylint: disable=protected-access
+def test_variants_sample_through_the_round_loop(fed):
+  """The ``library`` variant runs the library's own sampler (the round
+  loop's cohorts equal a simulation built without a sampler); another
+  variant changes the cohorts the loop draws, and only them."""
+  from fedjax_bsa import simulate
+  assert scale.cohort_sampler("library") is simulate.sample_cohort
+  cfg = scale.make_config(N, 16, rounds=1)
+  run = scale.make_run(cfg, fed)
+
+  def cohort(sampler):
+    sim = simulate.make_simulation(run.exp, 1, chunk=1, sampler=sampler)
+    st = scale._init(sim, fed, run, 0)  # pylint: disable=protected-access
+    _, m = jax.jit(sim.run_chunk)(st, fed.data, run.inputs, np.int32(1))
+    return np.asarray(m.cohort)[0, 0]
+
+  default = cohort(None)
+  np.testing.assert_array_equal(cohort(scale.cohort_sampler("library")),
+                                default)
+  other = cohort(scale.cohort_sampler("permute"))
+  assert len(set(other.tolist())) == 16
+  assert set(other.tolist()) != set(default.tolist())
+  with pytest.raises(ValueError, match="sampler='nope'"):
+    scale.cohort_sampler("nope")
 
 
 def test_linearity_splits_the_cost_ratio():
@@ -156,6 +170,7 @@ def test_ten_thousand_client_run_learns(fed, tmp_path):
   prof = saved["profile"]
   assert prof["cohort"] == 200
   assert prof["makespan_lower_bound"] <= prof["makespan_pack_lanes"]
-  assert set(prof["seconds"]) >= {"sample_choice", "pack_lanes", "kernel"}
+  assert set(prof["seconds"]) >= {"sample_library", "sample_choice", "pack_lanes",
+                                  "kernel"}
   assert "driver.prepare (total)" in saved["prepare_path"]
   assert report["variants"]["library"]["ratios"] == ratios
