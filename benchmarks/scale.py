@@ -63,9 +63,9 @@ over the jobs), the kernel (layout plus slot loop), and the rest (metrics,
 server update) as the round minus those (noisy: the pieces are timed
 apart). Alternatives are timed beside them: the ``choice`` (a permutation
 of all ``N``: a sort; the library's sampler before top-k), ``topk`` and
-``permute`` samplers and :func:`waterfill_pack_lanes` (no sequential loop), with its
-makespan beside ``pack_lanes``'s and the lower bound ``max(p_max,
-ceil(sum / L))``.
+``permute`` samplers and :func:`waterfill_pack_lanes` (no sequential
+loop), with its makespan beside ``pack_lanes``'s and the lower bound
+``max(p_max, ceil(sum / L))``.
 
 With ``--prepare-path`` (default: when ``N <= 100,000``) the library's
 config route is also timed stage by stage on the same rows

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_bsa import controllers
+from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa import noise
 from fedjax_bsa.noise_state import NoiseState
 
@@ -353,8 +354,7 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     ex = jnp.where(ran, st.examples, 0).astype(jnp.float32)
     loss = jnp.sum(jnp.where(ran, st.loss, 0.0) * ex) / jnp.maximum(
         ex.sum(), 1.0)
-    finite = jnp.all(jnp.where(ran, jnp.isfinite(st.loss)
-                               & jnp.isfinite(st.update_sq), True))
+    finite = ~kernel_lib.failed_jobs(st).any()
     ref = noise.ema_value(state.loss)[0]
     have_ref = state.loss.weight[0] > 0
     bad = anyran & guard_step(loss, ref, have_ref, pi_now, pi_ok, finite,

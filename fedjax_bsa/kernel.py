@@ -13,8 +13,8 @@ Jobs of all experiments share one pool of ``L`` vmapped lanes
 x_e)`` into its experiment's aggregate, then resets to the next job's
 server parameters and client state. A job whose parameters went
 non-finite is left out of every aggregate, as a server rejects a failed
-client, and reports ``update_sq = NaN`` so that the controller sees it. The lanes advance in lock step for as
-many slots as the fullest lane needs, a count known only on device, so the
+client, and reports ``update_sq = NaN`` so that the controller sees it.
+The lanes advance in lock step for as many slots as the fullest lane needs, a count known only on device, so the
 loop is a ``fori_loop`` with a traced trip count: one compile serves every
 plan, and the work done is the packed work of all experiments together.
 
@@ -44,8 +44,8 @@ from fedjax_bsa import lanes as lanes_lib
 from fedjax_bsa import layout as layout_lib
 from fedjax_bsa.data import federated
 
-__all__ = ["Plan", "Jobs", "ClientStats", "RoundOutput", "make_round_kernel",
-           "cohort_rows"]
+__all__ = ["Plan", "Jobs", "ClientStats", "failed_jobs", "RoundOutput",
+           "make_round_kernel", "cohort_rows"]
 
 tmap = jax.tree.map
 
@@ -79,6 +79,13 @@ class ClientStats(NamedTuple):
   update_sq: jax.Array    # float32 [J], |mean applied gradient|^2 (NaN:
                           # the job's model went non-finite and was left
                           # out of the aggregate)
+
+
+def failed_jobs(stats: ClientStats) -> jax.Array:
+  """bool ``[J]``: jobs that ran and whose model went non-finite (left out
+  of the aggregate; their ``update_sq`` or loss is not finite)."""
+  return (stats.steps > 0) & ~(jnp.isfinite(stats.loss)
+                               & jnp.isfinite(stats.update_sq))
 
 
 class RoundOutput(NamedTuple):

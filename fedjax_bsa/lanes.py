@@ -254,7 +254,7 @@ def job_end(spec: Spec, rd: Round, ln: Lanes, sh: Shared, out: SlotOut,
   if spec.client_deltas:
     at = jnp.where(end, j, rd.jobs.client.shape[0])
     deltas = tmap(lambda buf, d: buf.at[at].set(d, mode="drop"), deltas,
-                  _kept(jnp.ones(end.shape, jnp.float32), raw, fin))
+                  tmap(lambda a: jnp.where(_lanes_like(fin, a), a, 0), raw))
   start, opt = _job_start(spec, rd, _next_job(rd, ln.ptr, lane_ids))
   reset = lambda x, y: jnp.where(_lanes_like(end, x), x, y)
   ln = ln._replace(params=tmap(reset, start, ln.params),

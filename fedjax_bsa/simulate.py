@@ -347,7 +347,7 @@ def round_train_loss(stats):
   (2.5, [False, False, True])
   """
   ran = stats.steps > 0
-  failed = ran & ~(jnp.isfinite(stats.loss) & jnp.isfinite(stats.update_sq))
+  failed = kernel_lib.failed_jobs(stats)
   ok = ran & ~failed
   ex = jnp.where(ok, stats.examples, 0)
   loss = jnp.sum(jnp.where(ok, stats.loss, 0.0) * ex) / jnp.maximum(
