@@ -14,9 +14,10 @@ x_e)`` into its experiment's aggregate, then resets to the next job's
 server parameters and client state. A job whose parameters went
 non-finite is left out of every aggregate, as a server rejects a failed
 client, and reports ``update_sq = NaN`` so that the controller sees it.
-The lanes advance in lock step for as many slots as the fullest lane needs, a count known only on device, so the
-loop is a ``fori_loop`` with a traced trip count: one compile serves every
-plan, and the work done is the packed work of all experiments together.
+The lanes advance in lock step for as many slots as the fullest lane needs,
+a count known only on device, so the loop is a ``fori_loop`` with a traced
+trip count: one compile serves every plan, and the work done is the packed
+work of all experiments together.
 
 The kernel is blind to algorithms: it runs any client transformation whose
 state ``client_init(server_params, client_input)`` rebuilds per job.
