@@ -153,6 +153,11 @@ class Config:
   per_slot: int = _field(0, "microbatches per lane per loop iteration (0: "
                          "a step at batch_size per iteration)", lo=0, hi=64,
                          part="kernel")
+  layout: str = _field("measure", "how lanes, microbatch and per_slot left "
+                       "at 0 are chosen: time a few layouts on this model and "
+                       "mix once per machine (measure; cached) or the "
+                       "backend's cost model (rule)",
+                       choices=("measure", "rule"), part="kernel")
   noise_stats: bool = _field(True, "estimate gradient noise in the kernel",
                              part="kernel")
   # --- resources and clock

@@ -30,7 +30,8 @@ from fedjax_bsa.config import ConfigError
 from fedjax_bsa.data import federated
 
 __all__ = ["initialize", "make_mesh", "padded", "replicated",
-           "stacked", "to_host", "is_main", "check_same_everywhere", "sync",
+           "stacked", "to_host", "is_main", "main_printer",
+           "check_same_everywhere", "sync",
            "client_ranges", "ragged_client_data", "shard_clients"]
 
 ENV_COORDINATOR = "FEDJAX_BSA_COORDINATOR"
@@ -329,6 +330,14 @@ def to_host(tree):
 def is_main() -> bool:
   """True on the process that writes outputs (process 0)."""
   return jax.process_index() == 0
+
+
+def main_printer(stream):
+  """``log(msg)``: prints a line to ``stream`` on the main process only."""
+  def log(msg):
+    if is_main():
+      print(msg, file=stream, flush=True)
+  return log
 
 
 def check_same_everywhere(text: str, what: str) -> None:

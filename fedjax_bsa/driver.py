@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fedjax_bsa import autotune
 from fedjax_bsa import checkpoint as checkpoint_lib
 from fedjax_bsa import config as config_lib
 from fedjax_bsa import distributed
@@ -61,6 +62,7 @@ class Prepared(NamedTuple):
   mode: str          # "one", "lanes" or "experiments"
   kept: list         # index in ``overrides`` of each prepared experiment
   failed: dict       # index in ``overrides`` -> why it could not be built
+  layout: autotune.KernelLayout  # the kernel's layout and how it was chosen
 
 
 def _datasets(cfgs: list[Config], failed: dict) -> list:
@@ -123,7 +125,8 @@ def _host_inputs(exps, first_client):
 
 
 def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
-            lanes: int | None = None, keep_going: bool = False) -> Prepared:
+            lanes: int | None = None, keep_going: bool = False,
+            log: Callable | None = None) -> Prepared:
   """Builds and places every experiment's inputs; jits the round loop.
 
   Args:
@@ -138,6 +141,7 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
     keep_going: an experiment whose data, partition or resources cannot be
       built is left out and reported in ``Prepared.failed`` (default: the
       :class:`ConfigError` is raised).
+    log: where a layout measurement says what it does (default: nowhere).
   """
   if not overrides:
     raise ConfigError("a sweep needs at least one experiment")
@@ -152,12 +156,17 @@ def prepare(base: Config, overrides: list[dict], mesh: Any = "auto",
   per_device = total // (mesh.devices.size if mode == "experiments" else 1)
   data, (inputs, keys, tests), max_rows = _place(
       exps, mode, mesh, axis, total, base.clients_per_round)
+  lay = autotune.choose_layout(exps[0], per_device, base.clients_per_round,
+                               lanes=lanes or 0, mesh=mesh,
+                               log=log or (lambda _: None))
   sim = simulate.make_simulation(
-      exps[0], per_device, lanes=lanes or base.lanes or None,
+      exps[0], per_device, lanes=lay.lanes,
       mesh=mesh if mode == "lanes" else None,
-      axis_name=axis or CLIENTS_AXIS, max_rows=max_rows)
+      axis_name=axis or CLIENTS_AXIS, max_rows=max_rows,
+      microbatch=lay.microbatch, per_slot=lay.per_slot)
   return Prepared(cfgs, exps, sim, data, inputs, keys, tests,
-                  *_jitted(sim, mode, mesh, axis), mesh, mode, kept, failed)
+                  *_jitted(sim, mode, mesh, axis), mesh, mode, kept, failed,
+                  lay)
 
 
 def _build(base: Config, overrides: list[dict], keep_going: bool):

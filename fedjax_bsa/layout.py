@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Layout", "pack_lanes", "make_layout", "slots_per_step",
-           "resolve_microbatch", "Choice", "choose"]
+           "resolve_microbatch", "Choice", "choose", "candidates"]
 
 
 class Layout(NamedTuple):
@@ -151,3 +151,47 @@ def choose(backend: str, jobs: int, microbatch: int, batch: int) -> Choice:
   if consts["packed"]:
     return Choice(max(1, min(-(-jobs // 4), consts["max_lanes"])), per_slot)
   return Choice(max(1, min(jobs, consts["max_lanes"])), per_slot)
+
+
+def candidates(backend: str, jobs: int, batch: int, noise_stats: bool, *,
+               lanes: int = 0, microbatch: int = 0,
+               per_slot: int = 0) -> list[tuple[int, int, int]]:
+  """The layouts ``(L, mu, R)`` a run times before it starts
+  (:mod:`fedjax_bsa.autotune`); a setting above 0 is kept as given.
+
+  * ``mu``: with noise statistics the rule's (half the reference batch):
+    the microbatches are the estimator's samples, so another ``mu`` would
+    change the estimates a controller plans from, not only the speed;
+    without, the batch and half of it.
+  * ``R``: a step at ``b_0`` per slot (``ceil(b_0 / mu)``, at most 16).
+  * ``L``: on a CPU the rule of :func:`choose` (about four jobs a lane)
+    and four times as many lanes, up to one job a lane; on an
+    accelerator one job a lane.
+
+  >>> candidates("cpu", 64, 10, True)
+  [(16, 5, 2), (64, 5, 2)]
+  >>> candidates("cpu", 64, 10, False, lanes=8)
+  [(8, 10, 1), (8, 5, 2)]
+  >>> candidates("gpu", 100, 1, True)
+  [(100, 1, 1)]
+  """
+  b = max(int(batch), 1)
+  if microbatch:
+    mus = [int(microbatch)]
+  elif noise_stats:
+    mus = [-(-b // 2)]
+  else:
+    mus = [b] + ([-(-b // 2)] if b >= 2 else [])
+  rule = choose(backend, jobs, mus[0], b).lanes
+  if lanes:
+    pool = [int(lanes)]
+  elif _BACKENDS.get(backend, _BACKENDS["gpu"])["packed"]:
+    pool = sorted({rule, max(1, min(int(jobs), 4 * rule))})
+  else:
+    pool = [rule]
+  out = []
+  for L in pool:
+    for mu in dict.fromkeys(mus):
+      R = int(per_slot) or max(1, min(-(-b // mu), 16))
+      out.append((L, mu, R))
+  return out

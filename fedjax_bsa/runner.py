@@ -79,7 +79,8 @@ def run(cfg: Config, out_dir: str | None = None, *,
     raise ConfigError("resume needs out_dir: the run's output folder")
   if out_dir:
     distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
-  pre = driver.prepare(cfg, [{}], mesh)
+  pre = driver.prepare(cfg, [{}], mesh,
+                       log=distributed.main_printer(stream))
   if out_dir and not resume and distributed.is_main():
     clear_run(out_dir)
   out = Outputs(cfg, out_dir)
@@ -93,7 +94,8 @@ def run(cfg: Config, out_dir: str | None = None, *,
   exp = pre.experiments[0]
   summary = out.finish(
       compiles=compiles, lanes=pre.sim.lanes, microbatch=pre.sim.microbatch,
-      per_slot=pre.sim.per_slot, num_clients=exp.num_clients,
+      per_slot=pre.sim.per_slot, layout=pre.layout.summary(),
+      num_clients=exp.num_clients,
       wall=time.perf_counter() - start + out.wall_offset,
       devices=[str(d) for d in jax.devices()],
       **regime.describe(exp, out.records))

@@ -140,6 +140,7 @@ class _Static(NamedTuple):
   mesh: Any
   max_rows: int | None
   sampler: Callable        # (key, N, K) -> int32 [K] distinct clients
+  microbatch: int          # the kernel's mu
 
 
 def make_simulation(exp: Experiment, num_experiments: int = 1, *,
@@ -147,7 +148,9 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
                     mesh: jax.sharding.Mesh | None = None,
                     axis_name: str = "clients",
                     max_rows: int | None = None,
-                    sampler: Callable | None = None) -> Simulation:
+                    sampler: Callable | None = None,
+                    microbatch: int | None = None,
+                    per_slot: int | None = None) -> Simulation:
   """Pure functions of ``E`` experiments that share static settings.
 
   Args:
@@ -167,16 +170,20 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
     sampler: draws each round's cohort, ``sampler(key, N, K) -> int32 [K]``
       distinct clients (default :func:`sample_cohort`; a benchmark's
       what-if).
+    microbatch: the kernel's ``mu`` (default ``cfg.kernel_microbatch``).
+    per_slot: the kernel's ``R`` (default: the ``per_slot`` setting, else
+      :func:`fedjax_bsa.layout.choose`). :func:`fedjax_bsa.autotune.
+      choose_layout` measures ``lanes``, ``microbatch`` and ``per_slot``.
 
   Returns:
     A :class:`Simulation`.
   """
   cfg = exp.cfg
   E, K = int(num_experiments), cfg.clients_per_round
-  mu = cfg.kernel_microbatch
+  mu = int(microbatch or cfg.kernel_microbatch)
   auto = layout.choose(jax.default_backend(), E * K, mu, cfg.batch_size)
   lanes = int(lanes or cfg.lanes or auto.lanes)
-  per_slot = int(cfg.per_slot or auto.per_slot)
+  per_slot = int(per_slot or cfg.per_slot or auto.per_slot)
   kern = kernel_lib.make_round_kernel(
       functools.partial(models.example_losses, exp.model.apply),
       exp.algorithm.client_tx, exp.algorithm.client_init,
@@ -185,7 +192,7 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
       mesh=mesh, axis_name=axis_name)
   sv = _Static(cfg, exp.model, exp.algorithm, exp.model_bytes, E, K,
                exp.num_clients, kern, mesh, max_rows,
-               sample_cohort if sampler is None else sampler)
+               sample_cohort if sampler is None else sampler, mu)
   traces = []
 
   def init(keys, data, inputs: Inputs):
@@ -279,7 +286,7 @@ def _one_round(sv: _Static, st: SimState, data, inputs: Inputs):
   new, m = jax.vmap(functools.partial(_finish_one, sv))(
       st, inputs.hparams, cohort, rc, n, rp, ctrl_state, key, out.delta,
       tmap(unflat, out.stats), out.update_sum_sq, cdeltas)
-  eff = out.useful / jnp.maximum(out.slots * sv.cfg.kernel_microbatch, 1)
+  eff = out.useful / jnp.maximum(out.slots * sv.microbatch, 1)
   return new, m._replace(padding_efficiency=jnp.broadcast_to(eff, (E,)))
 
 

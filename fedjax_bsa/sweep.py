@@ -121,7 +121,8 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
   start = time.perf_counter()
   if out_dir:
     distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
-  pre = driver.prepare(base, overrides, mesh, keep_going=True)
+  pre = driver.prepare(base, overrides, mesh, keep_going=True,
+                       log=distributed.main_printer(stream))
   if out_dir and not resume and distributed.is_main():
     clear_run(out_dir)  # a previous run's or sweep's files, plots included
   E = len(pre.configs)
@@ -145,6 +146,7 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
     summaries[i] = o.finish(compiles=compiles, lanes=pre.sim.lanes,
                             microbatch=pre.sim.microbatch,
                             per_slot=pre.sim.per_slot,
+                            layout=pre.layout.summary(),
                             num_clients=x.num_clients, wall=wall,
                             devices=[str(d) for d in jax.devices()],
                             overrides=overrides[i], experiments=E,

@@ -9,6 +9,8 @@ subprocess a test starts) and removed at its exit. A program is still
 traced by each run (the tests' compile counts count traces), only XLA's
 compile of an identical program is skipped. Set
 ``JAX_COMPILATION_CACHE_DIR`` yourself to keep a cache between sessions.
+Runs choose their kernel layout by the rule, not by timing
+(``FEDJAX_BSA_LAYOUT=rule``, see :mod:`fedjax_bsa.autotune`).
 """
 
 import atexit
@@ -24,6 +26,9 @@ if "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get(
 # every program is cached, however quick its compile
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# runs use the layout rule, so that no test's numbers depend on timing (the
+# measured layout has its own tests, with their own cache folder)
+os.environ["FEDJAX_BSA_LAYOUT"] = "rule"
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax

@@ -26,8 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_bsa.autotune import cpu_model
+
 __all__ = ["summarize", "rate", "scaled", "interleaved", "timed_call",
            "compile_timed", "memory_of", "matmul_peak", "machine_name",
+           "cpu_model",
            "machine_info", "versions", "loadavg", "rss_bytes", "new_report",
            "finish_report", "write_report", "pick_fewest"]
 
@@ -186,18 +189,6 @@ def machine_info() -> dict:
   if model is not None:
     info["cpu_model"] = model
   return info
-
-
-def cpu_model() -> str | None:
-  """The host CPU's model name from ``/proc/cpuinfo`` (None where unknown)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return None
 
 
 def loadavg() -> list | None:

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fedjax_bsa import autotune
 from fedjax_bsa import layout as layout_lib
 from fedjax_bsa.bench import baselines
 from fedjax_bsa.bench import figures
@@ -163,15 +164,23 @@ def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
 
 def default_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
   """The kernel as a run builds it with every layout setting at its
-  default: ``mu`` from :func:`fedjax_bsa.layout.resolve_microbatch`, lanes
-  and ``R`` from :func:`fedjax_bsa.layout.choose`, noise estimates on."""
+  default (``layout=measure``, noise estimates on): the candidates of
+  :func:`fedjax_bsa.layout.candidates` timed on this workload by
+  :func:`fedjax_bsa.autotune.search`, the fastest kept (its entry records
+  every candidate's time)."""
   batch = int(w.mix.batch_size[0])
-  mu = layout_lib.resolve_microbatch(0, batch, True)
-  ch = layout_lib.choose(jax.default_backend(), len(w.mix.clients), mu,
-                         batch)
-  ctx.log(f"  kernel at the default settings: L{ch.lanes} mu{mu} "
-          f"R{ch.per_slot}, noise estimates on")
-  return km.noise_method(w, ch.lanes, mu, ctx, per_slot=ch.per_slot)
+  cands = layout_lib.candidates(jax.default_backend(), len(w.mix.clients),
+                                batch, True)
+  build = lambda lanes, mu, r: baselines.kernel_fn(
+      w.model, microbatch=mu, lanes=lanes, per_slot=r, noise_stats=True)
+  best, timings, _ = autotune.search(build, w.args, cands, log=ctx.log)
+  lanes, mu, r = cands[best]
+  ctx.log(f"  kernel at the default settings: L{lanes} mu{mu} R{r}, "
+          f"noise estimates on (measured: {autotune.describe(timings)})")
+  m = km.noise_method(w, lanes, mu, ctx, per_slot=r)
+  return m._replace(finish=lambda st: dict(m.finish(st), layout_candidates=[
+      dict(lanes=a, microbatch=b, per_slot=c, round_s=t)
+      for a, b, c, t in timings]))
 
 
 def ceiling_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
