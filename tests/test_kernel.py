@@ -118,6 +118,19 @@ def test_wide_slots_change_nothing(small_fed, small_mlp, per_slot):
   _check(small_fed, small_mlp, jobs, 2, _alg(), per_slot=per_slot)
 
 
+@pytest.mark.parametrize("kw", [{}, dict(client_momentum=0.9)])
+def test_rounds_of_one_slot_steps_match_the_reference(small_fed, small_mlp,
+                                                      kw):
+  """Every step fits one slot (batches <= R mu): the kernel runs without
+  its step accumulator (lanes.run_lanes' one-slot loop) and still computes
+  the reference round, noise estimates and a stateful client optimizer
+  included."""
+  jobs = make_jobs([0, 4, 7, 9, 13], [3, 9, 12, 1, 7], [2, 3, 1, 4, 0],
+                   [0.1, 0.2, 0.3, 0.05, 0.1])
+  assert int(jnp.max(layout.slots_per_step(jobs.batch, MU, 3))) == 1
+  _check(small_fed, small_mlp, jobs, 2, _alg(**kw), per_slot=3)
+
+
 @pytest.mark.parametrize("E", [1, 2])
 def test_a_failed_job_is_left_out(small_fed, small_mlp, E):
   """A job whose model goes non-finite (learning rate 1e30) is left out of
