@@ -254,3 +254,30 @@ def test_a_seed_that_cannot_draw_its_partition_is_replaced_and_named(
                            log=lambda m: None)
   with pytest.raises(regimes.ConfigError, match="alpha=0.03: seed 0"):
     hopeless.seeds_for(0.03)
+
+
+def test_study_progress_counts_runs_and_estimates_the_time_left(
+    monkeypatch):
+  lines = []
+  study = regimes.Study("digits", alphas=[1.0], devices=["homogeneous"],
+                        local_work=["steps"], comm=[1.0], seeds=[0, 1],
+                        tuning=[2], batches=[4, 8], methods=["goodput"],
+                        aggregations=["fedavg"], log=lines.append)
+  # tuning: 1 cell x 2 batches x 1 seed; report: 2 seeds x (fixed + 1)
+  assert study.total_runs() == 6
+  now = [0.0]
+  study.clock = lambda: now[0]
+  ran = []
+
+  def fake(base, exps, cache_dir, key, retimes, log, seconds):
+    ran.append(key)
+    now[0] += 0.0 if key.startswith("report-steps-fedavg-fixed") else (
+        10.0 * len(exps))   # 10 s a run; the fixed sweep comes from cache
+    return []
+  monkeypatch.setattr(regimes, "run_sweep_cached", fake)
+  study.sweep("tune", "steps", "fedavg", "fixed", {}, [{}, {}])
+  assert lines[-1] == "digits: 2/6 runs, 20 s spent, about 40 s left"
+  study.sweep("report", "steps", "fedavg", "fixed", {}, [{}, {}])
+  assert lines[-1] == "digits: 4/6 runs, 20 s spent, about 20 s left"
+  study.sweep("report", "steps", "fedavg", "goodput", {}, [{}, {}])
+  assert lines[-1] == "digits: 6/6 runs, 40 s spent"

@@ -72,10 +72,12 @@ DATASETS = {
 }
 #: Free seeds tried in place of one whose partition cannot be drawn.
 MAX_SEED_TRIES = 20
+#: layout=rule: the study's figures never depend on a timing made on the
+#: machine that runs it (a measured layout changes the order of float sums)
 COMMON = dict(resources="lognormal", memory_sigma=0.0, memory_cap=128,
               microbatch=4, batch_size=8, batch_min=8, batch_max=128,
               eval_every=5, progress=False, noise_stats=True,
-              deadline_rule="fedbalancer")
+              deadline_rule="fedbalancer", layout="rule")
 LOCAL_WORK = {
     "epochs": dict(local_work="epochs", local_epochs=1.0),
     "steps": dict(local_work="steps", local_steps=20),
@@ -288,6 +290,8 @@ class Study:
     #: whose partition cannot be drawn, and the free seeds run instead
     self.replaced = {}
     self._seed_sets = {}
+    self.clock = time.perf_counter   # progress lines' clock
+    self._progress = None
 
   # ---------------------------------------------------------------- seeds
   def _drawable(self, alpha, seed: int) -> bool:
@@ -377,12 +381,43 @@ class Study:
       return None
     return self._bandwidths(lw)
 
+  def total_runs(self) -> int:
+    """Runs the whole study takes (the tuned fixed batch counted as one
+    batch per cell)."""
+    n = 0
+    for lw in self.local_work:
+      cells = self.cells(lw)
+      tune = sum(len(self.seeds_for(c["alpha"])[1]) for c, _ in cells)
+      report = sum(len(self.seeds_for(c["alpha"])[0]) for c, _ in cells)
+      n += len(self.aggregations) * (tune * len(self.batches)
+                                     + report * (1 + len(self.methods)))
+    return n
+
   def sweep(self, phase: str, lw: str, agg: str, name: str, kw: dict,
             experiments: list) -> list:
+    """One packed sweep (or its cached results), then a progress line:
+    runs done of the study's, time spent, and the time left estimated from
+    the runs that ran (not those read from the cache)."""
     key = f"{phase}-{lw}-{agg}-{name}"
-    return run_sweep_cached(self.config(lw, agg, kw), experiments,
-                            self.cache_dir, key, self._retimes(lw), self.log,
-                            self.sweep_seconds)
+    if self._progress is None:
+      self._progress = dict(total=self.total_runs(), done=0, ran=0,
+                            ran_s=0.0, start=self.clock())
+    pr = self._progress
+    t0 = self.clock()
+    out = run_sweep_cached(self.config(lw, agg, kw), experiments,
+                           self.cache_dir, key, self._retimes(lw), self.log,
+                           self.sweep_seconds)
+    took = self.clock() - t0
+    pr["done"] += len(experiments)
+    if took > 1.0:          # ran (a cached sweep loads in milliseconds)
+      pr["ran"] += len(experiments)
+      pr["ran_s"] += took
+    left = max(pr["total"] - pr["done"], 0)
+    eta = (f", about {_minutes(pr['ran_s'] / pr['ran'] * left)} left"
+           if pr["ran"] and left else "")
+    self.log(f"{self.dataset}: {pr['done']}/{pr['total']} runs, "
+             f"{_minutes(self.clock() - pr['start'])} spent{eta}")
+    return out
 
   # ---------------------------------------------------------------- phases
   def tune(self) -> dict:
@@ -422,6 +457,11 @@ class Study:
           runs[(lw, agg, m)] = self.sweep("report", lw, agg, m, METHODS[m],
                                           exps)
     return runs
+
+
+def _minutes(seconds: float) -> str:
+  return (f"{seconds:.0f} s" if seconds < 90 else
+          f"{seconds / 60:.0f} min")
 
 
 def log_to_stderr(msg: str) -> None:
