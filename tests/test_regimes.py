@@ -276,6 +276,10 @@ def test_study_progress_counts_runs_and_estimates_the_time_left(
     return []
   monkeypatch.setattr(regimes, "run_sweep_cached", fake)
   study.sweep("tune", "steps", "fedavg", "fixed", {}, [{}, {}])
+  assert lines == []        # a sweep on its own: no study progress
+  now[0] = 0.0
+  study._begin()  # pylint: disable=protected-access
+  study.sweep("tune", "steps", "fedavg", "fixed", {}, [{}, {}])
   assert lines[-1] == "digits: 2/6 runs, 20 s spent, about 40 s left"
   study.sweep("report", "steps", "fedavg", "fixed", {}, [{}, {}])
   assert lines[-1] == "digits: 4/6 runs, 20 s spent, about 20 s left"

@@ -395,18 +395,18 @@ class Study:
 
   def sweep(self, phase: str, lw: str, agg: str, name: str, kw: dict,
             experiments: list) -> list:
-    """One packed sweep (or its cached results), then a progress line:
-    runs done of the study's, time spent, and the time left estimated from
-    the runs that ran (not those read from the cache)."""
+    """One packed sweep (or its cached results); within the study's
+    phases, then a progress line: runs done of the study's, time spent, and
+    the time left estimated from the runs that ran (not those read from the
+    cache)."""
     key = f"{phase}-{lw}-{agg}-{name}"
-    if self._progress is None:
-      self._progress = dict(total=self.total_runs(), done=0, ran=0,
-                            ran_s=0.0, start=self.clock())
-    pr = self._progress
     t0 = self.clock()
     out = run_sweep_cached(self.config(lw, agg, kw), experiments,
                            self.cache_dir, key, self._retimes(lw), self.log,
                            self.sweep_seconds)
+    if self._progress is None:     # a sweep run on its own, not a phase's
+      return out
+    pr = self._progress
     took = self.clock() - t0
     pr["done"] += len(experiments)
     if took > 1.0:          # ran (a cached sweep loads in milliseconds)
@@ -420,8 +420,15 @@ class Study:
     return out
 
   # ---------------------------------------------------------------- phases
+  def _begin(self) -> None:
+    """Starts the progress lines of the phases (once per study)."""
+    if self._progress is None:
+      self._progress = dict(total=self.total_runs(), done=0, ran=0,
+                            ran_s=0.0, start=self.clock())
+
   def tune(self) -> dict:
     """Phase A: every fixed batch on the tuning seeds."""
+    self._begin()
     runs = {}
     for lw in self.local_work:
       for agg in self.aggregations:
@@ -436,6 +443,7 @@ class Study:
   def report_runs(self, tuned: dict) -> dict:
     """Phase B: the tuned fixed batch and every method on the reported
     seeds. ``tuned[(lw, agg)]`` lists ``(cell, batch)`` pairs to run."""
+    self._begin()
     runs = {}
     for lw in self.local_work:
       for agg in self.aggregations:
