@@ -100,6 +100,14 @@ class Config:
                                choices=reg.CLIENT_OPTIMIZERS)
   client_lr: float = _fed(0.2, "client learning rate", lo=0.0, lo_open=True,
                           traced=True)
+  lr_decay: float = _fed(1.0, "every client's rate is multiplied by this "
+                         "every lr_decay_every rounds, after the controller "
+                         "(FedScale's decay_factor; 1: none)", lo=0.0,
+                         lo_open=True, hi=1.0, traced=True)
+  lr_decay_every: int = _fed(10, "rounds between learning-rate decays",
+                             lo=1, traced=True)
+  lr_min: float = _fed(0.0, "the decayed rate's floor (FedScale's "
+                       "min_learning_rate)", lo=0.0, traced=True)
   client_momentum: float = _fed(0.0, "client heavy-ball momentum (sgd, "
                                 "momentum)", lo=0.0, hi=0.999)
   server_optimizer: str = _fed("sgd", "server optimizer (optax)",

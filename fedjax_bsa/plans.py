@@ -35,7 +35,7 @@ from fedjax_bsa import goodput as goodput_lib
 from fedjax_bsa import registry as reg
 from fedjax_bsa.kernel import Plan
 
-__all__ = ["RoundPlan", "make_controller", "plan_round"]
+__all__ = ["RoundPlan", "make_controller", "plan_round", "decayed_lr"]
 
 
 # ------------------------------------------------------------- controllers
@@ -206,6 +206,22 @@ class RoundPlan(NamedTuple):
   no_fit: jax.Array          # bool [K], available, but no step fits D
 
 
+def decayed_lr(lr, round_, hp):
+  """``max(lr_min, lr * lr_decay ** floor(round / lr_decay_every))``: a
+  step decay of every client's rate (FedScale's, ``lr_decay = 1``: the rate
+  unchanged); where ``lr`` itself is below ``lr_min`` it is kept.
+
+  >>> hp = dict(lr_decay=0.5, lr_decay_every=2, lr_min=0.03)
+  >>> [round(float(decayed_lr(0.2, r, hp)), 3) for r in range(8)]
+  [0.2, 0.2, 0.1, 0.1, 0.05, 0.05, 0.03, 0.03]
+  """
+  k = (jnp.asarray(round_) // jnp.maximum(hp["lr_decay_every"], 1)).astype(
+      jnp.float32)
+  lr = jnp.asarray(lr, jnp.float32)
+  decayed = lr * jnp.asarray(hp["lr_decay"], jnp.float32) ** k
+  return jnp.where(decayed < lr, jnp.maximum(decayed, hp["lr_min"]), lr)
+
+
 def plan_round(cfg, hp, controller, feedback, ctrl_state,
                ctx: controllers.Context, res, available, model_bytes: int
                ) -> tuple[RoundPlan, Any]:
@@ -227,7 +243,7 @@ def plan_round(cfg, hp, controller, feedback, ctrl_state,
   """
   plan, ctrl_state = controller.update(feedback, ctrl_state, ctx)
   b = jnp.maximum(plan.batch_size, 1).astype(jnp.int32)
-  plan = plan._replace(batch_size=b)
+  plan = plan._replace(batch_size=b, lr=decayed_lr(plan.lr, ctx.round, hp))
   predicted = deadline_lib.one_epoch_time(res, b, ctx.num_examples,
                                           model_bytes)
   D = reg.DEADLINE_RULES.get(cfg.deadline_rule)(cfg, hp)(predicted,

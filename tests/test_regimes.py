@@ -285,3 +285,16 @@ def test_study_progress_counts_runs_and_estimates_the_time_left(
   assert lines[-1] == "digits: 4/6 runs, 20 s spent, about 20 s left"
   study.sweep("report", "steps", "fedavg", "goodput", {}, [{}, {}])
   assert lines[-1] == "digits: 6/6 runs, 40 s spent"
+
+
+def test_untuned_defaults_run_their_own_protocol_in_every_cell():
+  study = regimes.Study("digits", alphas=[1.0], log=lambda m: None)
+  for lw in regimes.LOCAL_WORK:
+    mc = study.config(lw, "fedavg", regimes.METHODS["mcmahan"]).validate()
+    assert (mc.batch_size, mc.local_work, mc.local_epochs) == (10, "epochs",
+                                                              1.0)
+    assert mc.client_lr == study.base.client_lr and mc.lr_decay == 1.0
+    fs = study.config(lw, "fednova", regimes.METHODS["fedscale"]).validate()
+    assert (fs.batch_size, fs.local_work, fs.local_steps, fs.client_lr,
+            fs.lr_decay, fs.lr_decay_every, fs.lr_min) == (
+                30, "steps", 20, 0.05, 0.98, 10, 5e-5)

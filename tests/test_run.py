@@ -66,3 +66,19 @@ def test_divergence_stops_with_round_named(tmp_path, capsys):
   assert len(lines) == len(res.records) >= 2
   assert res.summary["rounds"] == 10  # stopped at the end of the first chunk
   assert (out / "summary.json").exists()
+
+
+def test_learning_rate_decay_follows_fedscale_rule():
+  """FedScale's step decay: every client's rate times ``lr_decay`` every
+  ``lr_decay_every`` rounds, never below ``lr_min``; by hand."""
+  res = run(Config(rounds=8, controller="constant", client_lr=0.2,
+                   lr_decay=0.5, lr_decay_every=2, lr_min=0.03,
+                   **dict(SMALL, eval_every=1)), print_table=False)
+  got = [(r["round"], r["mean_lr"], r["min_lr"], r["max_lr"])
+         for r in res.records[1:]]
+  # the record of round r describes the plan of round r - 1
+  want = [0.2, 0.2, 0.1, 0.1, 0.05, 0.05, 0.03, 0.03]
+  assert [g[0] for g in got] == list(range(1, 9))
+  for (_, mean, lo, hi), w in zip(got, want):
+    assert mean == pytest.approx(w) and lo == pytest.approx(w)
+    assert hi == pytest.approx(w)

@@ -7,8 +7,11 @@ the steps that fit a FedBalancer deadline) x compute-to-communication ratio
 (0.1, 1, 10, set through the bandwidth). Methods, each with FedAvg and
 FedNova aggregation: a fixed batch from ``BATCHES`` tuned per cell on
 tuning seeds that are not reported, AdaBatch doubling, resource-proportional
-batches, ``noise_scale`` (v1) and ``goodput`` (ours). Every method of a cell
-runs under the same protocol and deadline rule.
+batches, ``noise_scale`` (v1), ``goodput`` (v2) and ``displacement`` (v3,
+ours). Every method of a cell runs under the same protocol and deadline
+rule, except the untuned defaults people run (``mcmahan``: FedAvg's B = 10,
+E = 1; ``fedscale``: FedScale's batch 30, 20 steps, rate 0.05 decaying),
+which bring their own local work.
 
 How it runs: one packed sweep (one compile) per (phase, local work,
 aggregation, controller), its experiments spanning alpha, devices, seeds,
@@ -94,6 +97,17 @@ METHODS = {
     "goodput": dict(controller="goodput"),
     # v3 picks its own batch from 1 up (the other methods keep batch_min 8)
     "displacement": dict(controller="displacement", batch_min=1),
+    # untuned defaults, as people run them, each with its own local work in
+    # every cell: FedAvg as in McMahan et al. 2017 (B = 10, E = 1) at the
+    # dataset's rate; FedScale's defaults (fedscale/cloud/config_parser.py,
+    # SymbioticLab/FedScale 0f1a07ea: batch_size 30, local_steps 20,
+    # learning_rate 0.05, decay_factor 0.98 every decay_round 10,
+    # min_learning_rate 5e-5)
+    "mcmahan": dict(controller="constant", batch_size=10,
+                    local_work="epochs", local_epochs=1.0),
+    "fedscale": dict(controller="constant", batch_size=30,
+                     local_work="steps", local_steps=20, client_lr=0.05,
+                     lr_decay=0.98, lr_decay_every=10, lr_min=5e-5),
 }
 
 
@@ -342,8 +356,9 @@ class Study:
 
   # ------------------------------------------------------------- plumbing
   def config(self, lw: str, agg: str, controller_kw: dict) -> Config:
-    return self.base.replace(algorithm=agg, **LOCAL_WORK[lw],
-                             **controller_kw)
+    # a method's own local work (the untuned defaults) replaces the cell's
+    return self.base.replace(**dict(LOCAL_WORK[lw], algorithm=agg,
+                                    **controller_kw))
 
   @functools.lru_cache(maxsize=None)
   def _bandwidths(self, lw: str) -> dict:
