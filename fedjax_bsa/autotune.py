@@ -46,6 +46,7 @@ from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa import layout as layout_lib
 from fedjax_bsa import models
 from fedjax_bsa import plans
+from fedjax_bsa import regime
 from fedjax_bsa.data import federated
 
 __all__ = ["KernelLayout", "choose_layout", "candidates_for", "search",
@@ -146,15 +147,6 @@ def _write_cache(key: str, entry: dict, log: Callable) -> None:
     log(f"note: the measured layout was not cached ({e})")
 
 
-def _probe_steps(cfg, sizes: np.ndarray) -> np.ndarray:
-  """The first plan's local steps for clients of ``sizes`` rows."""
-  b = max(int(cfg.batch_size), 1)
-  if cfg.local_work == "epochs":
-    return np.maximum(np.ceil(cfg.local_epochs * sizes / b), 1).astype(
-        np.int32)
-  return np.full(sizes.shape, int(cfg.local_steps), np.int32)
-
-
 def _probe(exp, E: int, K: int):
   """A round of the first plan: ``(server params [E, ...], data, jobs,
   client inputs [E K, ...] or None)`` on a seeded cohort of experiment
@@ -176,7 +168,8 @@ def _probe(exp, E: int, K: int):
   jobs = kernel_lib.Jobs(
       jnp.asarray(local), jnp.repeat(jnp.arange(E, dtype=jnp.int32), K),
       jnp.full((E * K,), int(cfg.batch_size), jnp.int32),
-      jnp.asarray(np.tile(_probe_steps(cfg, sizes), E)),
+      jnp.asarray(np.tile(regime.reference_steps(cfg, sizes).astype(
+          np.int32), E)),
       jnp.full((E * K,), cfg.client_lr, jnp.float32),
       jnp.full((E * K,), 1.0 / K, jnp.float32),
       federated.shuffle_seeds(jax.random.key(1), jnp.asarray(local)))
@@ -250,7 +243,7 @@ def candidates_for(cfg, jobs: int, lanes: int = 0) -> list:
   """The layouts a run of ``cfg`` with ``jobs`` client jobs a round times
   (:func:`fedjax_bsa.layout.candidates` with its settings; a controller
   that quantizes its batches keeps the rule's microbatch)."""
-  quantized = cfg.controller in plans.QUANTIZED
+  quantized = plans.quantized(cfg)
   return layout_lib.candidates(
       jax.default_backend(), jobs, cfg.batch_size, cfg.noise_stats,
       lanes=int(lanes or cfg.lanes),

@@ -239,23 +239,27 @@ class Config:
     if self.batch_min > self.batch_max:
       raise ConfigError(f"batch_min={self.batch_min} is out of range: must be "
                         f"<= batch_max={self.batch_max}")
-    if self.deadline > 0 and self.deadline_rule != "fixed":
+    # relations between settings ask the registered choices' properties
+    takes = reg.DEADLINE_RULES.prop(self.deadline_rule, "takes_deadline")
+    if self.deadline > 0 and not takes:
       raise ConfigError(f"deadline={self.deadline} is not allowed with "
                         f"deadline_rule={self.deadline_rule}: it is the "
                         "fixed rule's deadline (set deadline_rule=fixed)")
-    needs_deadline = (self.round_policy != "wait_all"
-                      or self.local_work == "deadline")
-    if needs_deadline and self.deadline_rule == "fixed" and self.deadline <= 0:
-      why = (f"round_policy={self.round_policy}"
-             if self.round_policy != "wait_all" else "local_work=deadline")
-      raise ConfigError(f"deadline={self.deadline} is out of range: {why} "
-                        "with deadline_rule=fixed needs deadline > 0")
-    if self.dataset in ("leaf", "cifar10", "npz") and not self.data_path:
+    why = [f"{k}={getattr(self, k)}" for k, r in (
+        ("round_policy", reg.ROUND_POLICIES), ("local_work", reg.LOCAL_WORK))
+           if r.prop(getattr(self, k), "needs_deadline")]
+    if why and takes and self.deadline <= 0:
+      raise ConfigError(f"deadline={self.deadline} is out of range: {why[0]} "
+                        f"with deadline_rule={self.deadline_rule} needs "
+                        "deadline > 0")
+    if reg.DATASETS.prop(self.dataset, "reads_file") and not self.data_path:
       raise ConfigError(f"data_path='' is not allowed: dataset={self.dataset} "
                         "reads a file, give its path")
-    if self.resources == "trace" and not self.trace_path:
-      raise ConfigError("trace_path='' is not allowed: resources=trace reads "
-                        "a FedScale device trace, give its path")
+    if (reg.RESOURCE_PROFILES.prop(self.resources, "reads_file")
+        and not self.trace_path):
+      raise ConfigError(f"trace_path='' is not allowed: resources="
+                        f"{self.resources} reads a FedScale device trace, "
+                        "give its path")
     return self
 
   def replace(self, **changes) -> "Config":

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa import noise
+from fedjax_bsa import registry
 from fedjax_bsa.noise_state import NoiseState
 from fedjax_bsa.noise_state import adascale_gain
 from fedjax_bsa.noise_state import cohort_noise_scale
@@ -139,15 +140,16 @@ def random(batch_min: int, batch_max: int, local_steps: int,
   return Controller(lambda num_clients: EmptyState(), update)
 
 
-def schedule(rule: str, batch_size, batch_max, every: int, total_rounds: int,
-             local_steps: int, client_lr, scale_lr: bool = False
-             ) -> Controller:
+def schedule(rule: Callable, batch_size, batch_max, every: int,
+             total_rounds: int, local_steps: int, client_lr,
+             scale_lr: bool = False) -> Controller:
   """A batch size that grows with the round, the same for every client.
 
   Args:
-    rule: ``step`` (x2 once, at round ``every``), ``linear`` (a ramp from
-      ``batch_size`` to ``batch_max`` over ``total_rounds``) or ``doubling``
-      (x2 every ``every`` rounds, AdaBatch, Devarakonda et al. 2017).
+    rule: ``rule(b_0, batch_max, every, total_rounds) -> (r -> batch)``,
+      or the name of a registered one (:data:`~fedjax_bsa.registry.
+      SCHEDULES`: ``step``, ``linear``, ``doubling``, or one a user
+      registers).
     batch_size: initial batch.
     batch_max: largest batch.
     every: rounds between changes.
@@ -157,20 +159,12 @@ def schedule(rule: str, batch_size, batch_max, every: int, total_rounds: int,
     scale_lr: scale the learning rate linearly with the batch (AdaBatch
       does; off by default, as local SGD diverges with large rates).
   """
-  if rule not in ("step", "linear", "doubling"):
-    raise ValueError(f"schedule={rule!r} is not allowed: choose one of step, "
-                     "linear, doubling")
+  if isinstance(rule, str):
+    rule = registry.SCHEDULES.get(rule)
 
   def batch_at(r):
-    r = r.astype(jnp.float32)
     b0 = jnp.asarray(batch_size, jnp.float32)
-    if rule == "step":
-      b = jnp.where(r >= every, 2.0 * b0, b0)
-    elif rule == "linear":
-      frac = jnp.clip(r / max(total_rounds - 1, 1), 0.0, 1.0)
-      b = b0 + frac * (batch_max - b0)
-    else:
-      b = b0 * 2.0 ** jnp.floor(r / every)
+    b = rule(b0, batch_max, every, total_rounds)(r.astype(jnp.float32))
     return jnp.minimum(jnp.round(b), batch_max).astype(jnp.int32)
 
   def update(feedback, state, ctx):

@@ -32,6 +32,7 @@ from fedjax_bsa import checkpoint as checkpoint_lib
 from fedjax_bsa import config as config_lib
 from fedjax_bsa import distributed
 from fedjax_bsa import experiment as experiment_lib
+from fedjax_bsa import registry as reg
 from fedjax_bsa import simulate
 from fedjax_bsa.config import Config, ConfigError
 from fedjax_bsa.data import federated
@@ -71,7 +72,7 @@ def _datasets(cfgs: list[Config], failed: dict) -> list:
   cache, out = {}, []
   for i, c in enumerate(cfgs):
     key = tuple(getattr(c, k) for k in _DATASET_KEYS) + (
-        c.seed if c.dataset in experiment_lib.SEEDED_DATASETS else None,)
+        c.seed if reg.DATASETS.prop(c.dataset, "seeded") else None,)
     if key not in cache:
       try:
         cache[key] = experiment_lib.load_dataset(c)

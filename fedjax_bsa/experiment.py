@@ -64,7 +64,7 @@ def _digits(cfg):
   return datasets.load("digits")
 
 
-@reg.DATASETS.register("mnist1d")
+@reg.DATASETS.register("mnist1d", seeded=True)
 def _mnist1d(cfg):
   """MNIST-1D from the ``mnist1d`` package's offline generator."""
   return _mnist1d_cached(cfg.num_examples, cfg.seed)
@@ -77,7 +77,7 @@ def _mnist1d_cached(num_examples: int, seed: int):
   return datasets.load("mnist1d", num_examples=num_examples, seed=seed)
 
 
-@reg.DATASETS.register("synthetic")
+@reg.DATASETS.register("synthetic", seeded=True)
 def _synthetic(cfg):
   """Synthetic(alpha, beta) of Li et al. (FedProx), natural clients."""
   return datasets.load("synthetic", alpha=cfg.synthetic_alpha,
@@ -93,11 +93,7 @@ def _file_dataset(name):
 
 
 for _name in ("leaf", "cifar10", "npz"):
-  reg.DATASETS.register(_name, _file_dataset(_name))
-
-#: Datasets that are generated from the seed (a sweep over seeds builds one
-#: per seed) or read from a file.
-SEEDED_DATASETS = ("mnist1d", "synthetic")
+  reg.DATASETS.register(_name, _file_dataset(_name), reads_file=True)
 FILE_DATASETS = ("leaf", "cifar10", "npz")
 
 
@@ -188,7 +184,8 @@ def _profile(name):
 
 
 for _name in resources_lib.PROFILES:
-  reg.RESOURCE_PROFILES.register(_name, _profile(_name))
+  reg.RESOURCE_PROFILES.register(_name, _profile(_name),
+                                 reads_file=_name == "trace")
 
 
 def make_resources(cfg: Config, num_clients: int):

@@ -58,7 +58,8 @@ def _random(cfg, hp):
 @reg.CONTROLLERS.register("schedule")
 def _schedule(cfg, hp):
   """Step, linear ramp or doubling every ``schedule_every`` rounds."""
-  return controllers.schedule(cfg.schedule, hp["batch_size"], cfg.batch_max,
+  return controllers.schedule(reg.SCHEDULES.get(cfg.schedule),
+                              hp["batch_size"], cfg.batch_max,
                               cfg.schedule_every, cfg.rounds,
                               hp["local_steps"], hp["client_lr"])
 
@@ -71,7 +72,7 @@ def _resource_proportional(cfg, hp):
       hp["client_lr"])
 
 
-@reg.CONTROLLERS.register("noise_scale")
+@reg.CONTROLLERS.register("noise_scale", quantized=True)
 def _noise_scale(cfg, hp):
   """Ours, v1: batch from each client's critical batch (noise scale)."""
   return controllers.noise_scale(
@@ -80,7 +81,7 @@ def _noise_scale(cfg, hp):
       cfg.kernel_microbatch, max_gain=hp["max_gain"])
 
 
-@reg.CONTROLLERS.register("goodput")
+@reg.CONTROLLERS.register("goodput", quantized=True)
 def _goodput(cfg, hp):
   """Ours, v2: each client at its time-optimal batch
   ``sqrt(B_eff o_k v_k)`` (see ``docs/method.md``)."""
@@ -101,12 +102,37 @@ def _displacement(cfg, hp):
       budget=hp["budget"], band=hp["budget_band"], guard=cfg.guard)
 
 
-#: Controllers whose batches are quantized to the microbatch (their own
-#: rule picks any integer; the kernel wastes the rest of a slot).
-QUANTIZED = ("noise_scale", "goodput")
+def quantized(cfg) -> bool:
+  """Whether the configured controller quantizes its batches to the
+  kernel's microbatch (a property of its registration)."""
+  return reg.CONTROLLERS.prop(cfg.controller, "quantized")
 
-for _name in ("step", "linear", "doubling"):
-  reg.SCHEDULES.register(_name, _name)
+
+# --------------------------------------------------------------- schedules
+# A schedule maps (b_0, batch_max, every, total rounds) to the batch of
+# round r (a float, rounded and capped by the schedule controller).
+
+
+@reg.SCHEDULES.register("step")
+def _step(b0, batch_max, every, total_rounds):
+  """x2 once, at round ``every``."""
+  del batch_max, total_rounds
+  return lambda r: jnp.where(r >= every, 2.0 * b0, b0)
+
+
+@reg.SCHEDULES.register("linear")
+def _linear(b0, batch_max, every, total_rounds):
+  """A ramp from ``b_0`` to ``batch_max`` over the run."""
+  del every
+  return lambda r: b0 + jnp.clip(r / max(total_rounds - 1, 1), 0.0, 1.0) * (
+      batch_max - b0)
+
+
+@reg.SCHEDULES.register("doubling")
+def _doubling(b0, batch_max, every, total_rounds):
+  """x2 every ``every`` rounds (AdaBatch, Devarakonda et al. 2017)."""
+  del batch_max, total_rounds
+  return lambda r: b0 * 2.0 ** jnp.floor(r / every)
 
 
 def make_controller(cfg, hp) -> controllers.Controller:
@@ -114,8 +140,8 @@ def make_controller(cfg, hp) -> controllers.Controller:
   budget (:func:`~fedjax_bsa.controllers.clamp`)."""
   inner = reg.CONTROLLERS.get(cfg.controller)(cfg, hp)
   return controllers.clamp(
-      inner, microbatch=cfg.kernel_microbatch if cfg.controller in QUANTIZED
-      else None, time_budget=hp["time_budget"])
+      inner, microbatch=cfg.kernel_microbatch if quantized(cfg) else None,
+      time_budget=hp["time_budget"])
 
 
 # ---------------------------------------------------------- deadline rules
@@ -134,7 +160,8 @@ def _rule(name):
 
 
 for _name in deadline_lib.RULES:
-  reg.DEADLINE_RULES.register(_name, _rule(_name))
+  reg.DEADLINE_RULES.register(_name, _rule(_name),
+                              takes_deadline=_name == "fixed")
 
 
 # -------------------------------------------------------------- local work
@@ -161,7 +188,7 @@ def _epochs(cfg, hp):
   return steps
 
 
-@reg.LOCAL_WORK.register("deadline")
+@reg.LOCAL_WORK.register("deadline", needs_deadline=True)
 def _deadline(cfg, hp):
   """The steps that fit the round's deadline (at most the plan's);
   0 where none fits (the client is dropped and counted)."""
@@ -191,7 +218,8 @@ def _policy(name):
 
 
 for _name in clock.POLICIES:
-  reg.ROUND_POLICIES.register(_name, _policy(_name))
+  reg.ROUND_POLICIES.register(_name, _policy(_name),
+                              needs_deadline=_name != "wait_all")
 
 
 # ------------------------------------------------------------- the pipeline

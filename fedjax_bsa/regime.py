@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bsa import clock
+from fedjax_bsa import config as config_lib
 from fedjax_bsa import deadline as deadline_lib
 from fedjax_bsa import goodput
+from fedjax_bsa import registry as reg
 
 __all__ = ["describe", "reference_steps", "headroom"]
 
@@ -70,10 +73,9 @@ def headroom(exp, b_simple: float) -> float:
                             comm, steps, batches)
   predicted = deadline_lib.one_epoch_time(res, cfg.batch_size, sizes,
                                           exp.model_bytes)
-  d = float(deadline_lib.round_deadline(
-      cfg.deadline_rule, predicted, np.ones(sizes.shape, bool),
-      seconds=cfg.deadline if cfg.deadline_rule == "fixed" else None,
-      quantile=cfg.deadline_quantile))
+  rule = reg.DEADLINE_RULES.get(cfg.deadline_rule)(cfg, config_lib.hparams(
+      cfg))
+  d = float(rule(jnp.asarray(predicted), jnp.ones(sizes.shape, bool)))
   return goodput.deadline_headroom(b_simple, sizes, res.step_overhead,
                                    res.speed, comm, d, cfg.local_steps,
                                    batches)

@@ -44,14 +44,20 @@ class Registry:
   (('red',), 1)
   """
 
-  def __init__(self, what: str, modules: tuple[str, ...] = ()):
+  def __init__(self, what: str, modules: tuple[str, ...] = (),
+               properties: dict | None = None):
     self.what = what
     self._modules = modules
     self._loaded = not modules
     self._items: dict[str, Callable] = {}
+    self._props: dict[str, dict] = {}
+    self.properties = dict(properties or {})
 
-  def register(self, name: str, factory: Callable | None = None):
-    """Registers ``factory`` under ``name`` (usable as a decorator).
+  def register(self, name: str, factory: Callable | None = None, **props):
+    """Registers ``factory`` under ``name`` (usable as a decorator), with
+    the choice's properties (``props``: what validation, the driver and the
+    report ask of it, e.g. ``needs_deadline=True``; each registry names the
+    properties it knows, with their defaults, in ``properties``).
 
     Re-registering a name replaces the previous factory (so a notebook can
     redefine its own choice).
@@ -59,11 +65,33 @@ class Registry:
     if not name or not isinstance(name, str):
       raise ValueError(f"a {self.what} name must be a non-empty string, got "
                        f"{name!r}")
+    unknown = sorted(set(props) - set(self.properties))
+    if unknown:
+      raise ValueError(f"{self.what} {name!r}: unknown propert"
+                       f"{'y' if len(unknown) == 1 else 'ies'} "
+                       f"{', '.join(unknown)} (known: "
+                       f"{', '.join(self.properties) or 'none'})")
 
     def add(f):
       self._items[name] = f
+      self._props[name] = dict(self.properties, **props)
       return f
     return add if factory is None else add(factory)
+
+  def prop(self, name: str, key: str):
+    """Property ``key`` of the choice ``name`` (its registry's default for a
+    choice that did not set it).
+
+    >>> r = Registry("shape", properties=dict(round=False))
+    >>> _ = r.register("disc", round=True)(lambda: 0)
+    >>> _ = r.register("box")(lambda: 0)
+    >>> r.prop("disc", "round"), r.prop("box", "round")
+    (True, False)
+    """
+    self._load()
+    if key not in self.properties:
+      raise KeyError(f"{self.what} registry has no property {key!r}")
+    return self._props.get(name, self.properties)[key]
 
   def _load(self) -> None:
     if not self._loaded:
@@ -100,15 +128,28 @@ _P = "fedjax_bsa."
 ALGORITHMS = Registry("algorithm", (_P + "algorithms",))
 CLIENT_OPTIMIZERS = Registry("client_optimizer", (_P + "algorithms",))
 SERVER_OPTIMIZERS = Registry("server_optimizer", (_P + "algorithms",))
-CONTROLLERS = Registry("controller", (_P + "plans",))
+#: quantized: the controller rounds its batches to the kernel's microbatch
+#: (so the microbatch is part of its plans, never a layout choice)
+CONTROLLERS = Registry("controller", (_P + "plans",),
+                       dict(quantized=False))
 SCHEDULES = Registry("schedule", (_P + "plans",))
-LOCAL_WORK = Registry("local_work", (_P + "plans",))
-DEADLINE_RULES = Registry("deadline_rule", (_P + "plans",))
-ROUND_POLICIES = Registry("round_policy", (_P + "plans",))
-DATASETS = Registry("dataset", (_P + "experiment",))
+#: needs_deadline: the protocol reads the round's deadline
+LOCAL_WORK = Registry("local_work", (_P + "plans",),
+                      dict(needs_deadline=False))
+#: takes_deadline: the rule's deadline is the ``deadline`` setting
+DEADLINE_RULES = Registry("deadline_rule", (_P + "plans",),
+                          dict(takes_deadline=False))
+ROUND_POLICIES = Registry("round_policy", (_P + "plans",),
+                          dict(needs_deadline=False))
+#: reads_file: the dataset reads ``data_path``; seeded: its data depend on
+#: ``seed`` (a sweep over seeds loads it per seed)
+DATASETS = Registry("dataset", (_P + "experiment",),
+                    dict(reads_file=False, seeded=False))
 PARTITIONS = Registry("partition", (_P + "experiment",))
 MODELS = Registry("model", (_P + "experiment",))
-RESOURCE_PROFILES = Registry("resources", (_P + "experiment",))
+#: reads_file: the profile reads ``trace_path``
+RESOURCE_PROFILES = Registry("resources", (_P + "experiment",),
+                             dict(reads_file=False))
 
 
 def all_registries() -> dict[str, Registry]:

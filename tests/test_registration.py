@@ -1,0 +1,92 @@
+"""Choices registered from Python run everywhere a built-in one does:
+validation (which asks their registered properties), a run, its summary
+(the regime's headroom asks the deadline rule) and a sweep (a seeded
+dataset is built per seed)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_bsa import deadline as deadline_lib
+from fedjax_bsa import registry
+from fedjax_bsa.config import Config, ConfigError
+from fedjax_bsa.data import datasets
+from fedjax_bsa.runner import run
+from fedjax_bsa.sweep import run_sweep
+
+
+LOADED = []   # the seeds noisy_digits was built for
+
+
+@pytest.fixture(scope="module")
+def registered():
+  @registry.DATASETS.register("noisy_digits", seeded=True)
+  def noisy(cfg):
+    LOADED.append(cfg.seed)
+    ds = datasets.load("digits")
+    rng = np.random.default_rng(cfg.seed)
+    return ds._replace(name="noisy_digits", x_train=(
+        ds.x_train + rng.normal(0, 0.5, ds.x_train.shape)).astype(
+            np.float32))
+
+  @registry.DEADLINE_RULES.register("twice", takes_deadline=True)
+  def twice(cfg, hp):
+    del cfg
+    return lambda predicted, active: 2.0 * hp["deadline"]
+
+  @registry.LOCAL_WORK.register("half_fit", needs_deadline=True)
+  def half_fit(cfg, hp):
+    del cfg, hp
+
+    def steps(plan, ctx, res, deadline, model_bytes):
+      del ctx
+      fit = deadline_lib.deadline_steps(res, plan.batch_size, deadline,
+                                        model_bytes, plan.steps)
+      return jnp.where(fit > 0, jnp.maximum(fit // 2, 1), 0)
+    return steps
+
+  @registry.SCHEDULES.register("tripling")
+  def tripling(b0, batch_max, every, total_rounds):
+    del batch_max, total_rounds
+    return lambda r: b0 * 3.0 ** jnp.floor(r / every)
+
+  return Config(dataset="noisy_digits", deadline_rule="twice", deadline=50.0,
+                local_work="half_fit", local_steps=8, controller="schedule",
+                schedule="tripling", schedule_every=2, batch_size=2,
+                batch_min=1, batch_max=64, rounds=6, eval_every=1,
+                num_clients=20, clients_per_round=5, hidden=16,
+                progress=False)
+
+
+def test_unknown_properties_are_refused():
+  with pytest.raises(ValueError, match="unknown property needs_dedline"):
+    registry.LOCAL_WORK.register("typo", needs_dedline=True)
+
+
+def test_validation_asks_the_registered_properties(registered):
+  with pytest.raises(ConfigError, match="local_work=half_fit with "
+                     "deadline_rule=twice needs deadline > 0"):
+    registered.replace(deadline=0.0).validate()
+  with pytest.raises(ConfigError, match="deadline=5.0 is not allowed with "
+                     "deadline_rule=quantile"):
+    registered.replace(deadline_rule="quantile", deadline=5.0).validate()
+
+
+def test_a_run_its_summary_and_a_sweep(registered):
+  res = run(registered, print_table=False)
+  got = [(r["round"], r["mean_batch_size"], r["mean_steps"])
+         for r in res.records[1:]]
+  # the record of round r describes round r - 1's plan: the tripling
+  # schedule every 2 rounds, half of the local_steps that fit 2 x 50 s
+  assert [g[0] for g in got] == list(range(1, 7))
+  assert [g[1] for g in got] == [2, 2, 6, 6, 18, 18]
+  assert all(g[2] == 4 for g in got)
+  assert res.summary["headroom"] >= 1.0      # regime.describe ran
+  del LOADED[:]
+  sw = run_sweep(registered, [dict(seed=0), dict(seed=1)],
+                 print_table=False)
+  assert [r["test_loss"] for r in sw.records[0]] == pytest.approx(
+      [r["test_loss"] for r in res.records], rel=1e-4)
+  # seeded: each experiment built its own (differently noisy) data
+  assert sorted(LOADED) == [0, 1]
+  assert sw.records[1][-1]["test_loss"] != sw.records[0][-1]["test_loss"]
