@@ -7,7 +7,7 @@ A controller is a :class:`Controller` of two pure functions,
   previous round's :class:`Feedback` (the cohort that ran and its
   :class:`~fedjax_bsa.kernel.ClientStats`), ``context`` the coming round's
   :class:`Context`; the result is the coming cohort's
-  :class:`~fedjax_bsa.kernel.Plan`.
+  :class:`Plan`.
 
 They never call ``jit``; they are jittable and vmappable over experiments
 (hyperparameters may be traced scalars). :func:`clamp` wraps any controller
@@ -36,13 +36,18 @@ from fedjax_bsa.noise_state import cohort_noise_scale
 from fedjax_bsa.noise_state import noise_state_init
 from fedjax_bsa.noise_state import noise_state_update
 
-__all__ = ["Context", "Feedback", "Controller", "EmptyState", "NoiseState",
+__all__ = ["Plan", "Context", "Feedback", "Controller", "EmptyState",
+           "NoiseState",
            "constant", "random", "schedule", "resource_proportional",
            "noise_scale", "clamp", "adascale_gain", "quantize",
            "empty_feedback", "steps_for_budget",
            "noise_state_init", "noise_state_update", "cohort_noise_scale"]
 
-Plan = kernel_lib.Plan
+class Plan(NamedTuple):
+  """What each cohort client does this round (a controller's output)."""
+  batch_size: jax.Array  # int32 [K], >= 1
+  steps: jax.Array       # int32 [K], >= 0 (0: the client does nothing)
+  lr: jax.Array          # float32 [K]
 
 
 class Context(NamedTuple):

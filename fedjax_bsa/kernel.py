@@ -45,17 +45,10 @@ from fedjax_bsa import lanes as lanes_lib
 from fedjax_bsa import layout as layout_lib
 from fedjax_bsa.data import federated
 
-__all__ = ["Plan", "Jobs", "ClientStats", "failed_jobs", "RoundOutput",
+__all__ = ["Jobs", "ClientStats", "failed_jobs", "RoundOutput",
            "make_round_kernel", "cohort_rows"]
 
 tmap = jax.tree.map
-
-
-class Plan(NamedTuple):
-  """What each cohort client does this round."""
-  batch_size: jax.Array  # int32 [K], >= 1
-  steps: jax.Array       # int32 [K], >= 0 (0: the client does nothing)
-  lr: jax.Array          # float32 [K]
 
 
 class Jobs(NamedTuple):

@@ -33,7 +33,7 @@ from fedjax_bsa import deadline as deadline_lib
 from fedjax_bsa import displacement as displacement_lib
 from fedjax_bsa import goodput as goodput_lib
 from fedjax_bsa import registry as reg
-from fedjax_bsa.kernel import Plan
+from fedjax_bsa.controllers import Plan
 
 __all__ = ["RoundPlan", "make_controller", "plan_round", "decayed_lr"]
 
