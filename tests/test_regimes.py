@@ -85,6 +85,16 @@ def test_tuning_and_speedups_by_hand():
   # seed 0: 10 / 5 = 2; seed 1: 12 / 12 = 1
   assert sorted(sp["per_seed"]) == [1.0, 2.0] and sp["median"] == 1.5
   assert sp["lo"] >= 1.0 and sp["hi"] <= 2.0
+  # the tuning curve: median time to 0.76 per grid point; batch 32
+  # reaches it only at t=20 on both seeds
+  assert t["tuning_curve"] == {"fednova_b8": 10.0, "fednova_b32": 20.0}
+  # its cost: 4 runs of 20 simulated seconds each
+  assert t["tuning_cost"] == dict(runs=4, sim_time_s=80.0)
+  assert c["tuning_cost"] == t["tuning_cost"]
+  inc = c["methods"]["goodput+fednova"]["speedup_incl_tuning"]
+  # seed 0: (10 + 80) / 5 = 18; seed 1: (12 + 80) / 12
+  assert sorted(inc["per_seed"]) == pytest.approx([92 / 12, 18.0])
+  assert "speedup_incl_tuning" not in c["methods"]["fixed+fednova"]
 
 
 def test_a_method_that_never_reaches_the_target_scores_zero():

@@ -16,12 +16,16 @@ _COLUMNS = ("goodput+fednova", "goodput+fedavg", "noise_scale+fednova",
 _LW = ("epochs", "steps", "deadline")
 
 
-def _sp(m: dict | None) -> str:
-  if not m or not m.get("speedup") or m["speedup"].get("median") is None:
+def _sp(m: dict | None, key: str = "speedup") -> str:
+  if not m or not m.get(key) or m[key].get("median") is None:
     return "-"
-  s = m["speedup"]
+  s = m[key]
   f = lambda x: "inf" if x is None else f"{x:.2f}"
   return f"{f(s['median'])}x [{f(s['lo'])}, {f(s['hi'])}]"
+
+
+def _cost(c: dict | None) -> str:
+  return "-" if not c else f"{c['runs']} ({c['sim_time_s'] / 60:.0f})"
 
 
 def _order(c):
@@ -72,7 +76,8 @@ def markdown(rep: dict) -> str:
     lines += _replacements(st.get("seed_replacements"))
     head = ["alpha", "devices", "local work", "comp/comm", "headroom",
             "target", "tuned b (avg/nova)", "ref s"] + list(_COLUMNS) + [
-                f"{HEADLINE} acc gap (pts)", f"{HEADLINE} diverged"]
+                f"{HEADLINE} acc gap (pts)", f"{HEADLINE} diverged",
+            "tuning runs (sim. min)", f"{HEADLINE} incl. tuning"]
     lines += ["| " + " | ".join(head) + " |",
               "|" + "---|" * len(head)]
     for c in sorted(d["cells"], key=_order):
@@ -88,7 +93,9 @@ def markdown(rep: dict) -> str:
                       ("fedavg", "fednova") if a in c["tuned"]),
              _ref_time(c)] + [_sp(m.get(k)) for k in _COLUMNS] + [
                  "-" if gap is None else f"{gap:+.1f}",
-                 "-" if div is None else str(div)]
+                 "-" if div is None else str(div),
+                 _cost(c.get("tuning_cost")),
+                 _sp(m.get(HEADLINE), "speedup_incl_tuning")]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for part in d.get("parts", [d]):

@@ -14,6 +14,13 @@ them):
   seeds where neither reaches it are left out); reported as the median
   over the reported seeds with a bootstrap 90% interval (2,000 resamples of
   the seeds);
+* **tuning curve** of a cell: per aggregation and grid batch, the median
+  (over tuning seeds) simulated time to the target (None: never reached);
+* **tuning cost** of a cell: the tuning runs it took (every grid point on
+  every tuning seed under either aggregation) and their simulated time
+  (each run's clock at its last evaluation, summed); a method's **speedup
+  including tuning** divides the reference's time to target plus that cost
+  by the method's (the adaptive methods are not tuned per cell);
 * **headroom**: :func:`fedjax_bsa.goodput.headroom` for the cell's clients,
   devices and links, at the median noise scale the cell's tuning runs
   measured;
@@ -78,10 +85,13 @@ def tune(tune_runs: dict, batches: list) -> dict:
   out = {}
   for k, acc in finals.items():
     target = TARGET_FRACTION * max(np.mean(v) for v in acc.values())
-    per_agg = {}
+    per_agg, curve, cost_runs, cost_s = {}, {}, 0, 0.0
     for (agg, b), pairs in sorted(by[k].items(),
                                   key=lambda kv: (kv[0][0], kv[0][1])):
       med = float(np.median([time_to(r, t, target)[0] for r, t in pairs]))
+      curve[f"{agg}_b{b}"] = med if math.isfinite(med) else None
+      cost_runs += len(pairs)
+      cost_s += float(sum(t[-1] for _, t in pairs if t))
       best = per_agg.get(agg)
       if best is None or med < best[1]:
         per_agg[agg] = (b, med)
@@ -96,7 +106,9 @@ def tune(tune_runs: dict, batches: list) -> dict:
                   tuning_noise_scale=float(np.median(noise))
                   if noise else None,
                   tuning_final={f"{a}_b{b}": float(np.mean(v))
-                                for (a, b), v in acc.items()})
+                                for (a, b), v in acc.items()},
+                  tuning_curve=curve,
+                  tuning_cost=dict(runs=cost_runs, sim_time_s=cost_s))
   return out
 
 
@@ -179,9 +191,13 @@ def cell_results(tuning: dict, runs: dict, methods: list,
     ref_tt = {s: time_to(r, tm, target)[0] for s, (r, tm) in
               ref_pairs.items()}
     ref_sum = _summary(ref_pairs, target)
+    cost = t.get("tuning_cost")
+    ref_incl = ({s: v + cost["sim_time_s"] for s, v in ref_tt.items()}
+                if cost else None)
     out = dict(cell, target=target, tuned=t["tuned"], reference=ref,
                reference_runs=ref_sum, methods={},
-               tuning_noise_scale=t["tuning_noise_scale"])
+               tuning_noise_scale=t["tuning_noise_scale"],
+               tuning_curve=t.get("tuning_curve"), tuning_cost=cost)
     for agg in aggregations:
       names = [("fixed", t["tuned"][agg]["batch"])] + [(m, None)
                                                         for m in methods]
@@ -191,6 +207,8 @@ def cell_results(tuning: dict, runs: dict, methods: list,
         got = {sd: time_to(r, tm, target)[0] for sd, (r, tm) in
                pairs.items()}
         s["speedup"] = speedup_stats(ref_tt, got, rng)
+        if ref_incl is not None and m != "fixed":
+          s["speedup_incl_tuning"] = speedup_stats(ref_incl, got, rng)
         if s["final_accuracy"] is not None and ref_sum["final_accuracy"]:
           s["accuracy_gap_points"] = 100 * (s["final_accuracy"] -
                                             ref_sum["final_accuracy"])
