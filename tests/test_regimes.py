@@ -308,3 +308,54 @@ def test_untuned_defaults_run_their_own_protocol_in_every_cell():
     assert (fs.batch_size, fs.local_work, fs.local_steps, fs.client_lr,
             fs.lr_decay, fs.lr_decay_every, fs.lr_min) == (
                 30, "steps", 20, 0.05, 0.98, 10, 5e-5)
+
+
+def test_the_oracle_tunes_batch_and_rate_pairs(monkeypatch):
+  """A (batch, rate) grid: the tuned point is a pair, the report runs it
+  with its rate, and its runs are matched by the pair."""
+  tune_runs = {("deadline", "fednova"): [
+      _run(100, [0, 10, 20], [0.1, 0.77, 0.8], [8, 0.1]),
+      _run(101, [0, 10, 20], [0.1, 0.78, 0.8], [8, 0.1]),
+      _run(100, [0, 4, 20], [0.1, 0.77, 0.8], [8, 0.4]),
+      _run(101, [0, 6, 20], [0.1, 0.78, 0.8], [8, 0.4]),
+      _run(100, [0, 5, 20], [0.1, 0.5, 0.8], [32, 0.4]),
+      _run(101, [0, 5, 20], [0.1, 0.5, 0.79], [32, 0.4])]}
+  (t,) = report.tune(tune_runs, [8, 32]).values()
+  assert t["tuned"]["fednova"] == dict(batch=8, lr=0.4, median_time_s=5.0)
+  assert t["reference"] == dict(aggregation="fednova", batch=8, lr=0.4)
+  assert t["tuning_curve"] == {"fednova_b8_lr0.1": 10.0,
+                               "fednova_b8_lr0.4": 5.0,
+                               "fednova_b32_lr0.4": 20.0}
+  ((_, pairs),) = report.tuned_pairs({"c": t}).items()
+  assert [p for _, p in pairs] == [(8, 0.4)]
+  runs = {("deadline", "fednova", "fixed"): [
+              _run(0, [0, 5, 20], [0.1, 0.8, 0.8], [8, 0.4])],
+          ("deadline", "fednova", "goodput"): [
+              _run(0, [0, 10, 20], [0.1, 0.8, 0.8], None)]}
+  (c,) = report.cell_results({"c": t}, runs, ["goodput"], ["fednova"])
+  assert c["methods"]["goodput+fednova"]["speedup"]["median"] == 0.5
+  # the study runs the pair with its rate
+  study = regimes.Study("digits", alphas=[0.1], devices=["heterogeneous"],
+                        local_work=["deadline"], comm=[1.0], seeds=[0],
+                        tuning=[100], batches=[8, 32], lr_factors=[0.5, 2],
+                        methods=[], aggregations=["fednova"],
+                        log=lambda m: None)
+  lr = study.base.client_lr
+  assert study.grid() == [[8, 0.05], [8, 0.2], [32, 0.05], [32, 0.2]]
+  assert lr == 0.1     # the dataset's rate: factors 0.5 and 2
+  assert study.total_runs() == 4 + 1
+  seen = {}
+
+  def fake(base, exps, cache_dir, key, retimes, log, seconds):
+    seen[key] = exps
+    return []
+  monkeypatch.setattr(regimes, "run_sweep_cached", fake)
+  study.tune()
+  exps = seen["tune-deadline-fednova-fixed"]
+  assert sorted((e["batch_size"], e["client_lr"]) for e in exps) == sorted(
+      (b, r) for b, r in study.grid())
+  cell = json.loads(exps[0]["id"])[0]
+  study.report_runs({("deadline", "fednova"): [(cell, (8, 0.2))]})
+  (e,) = seen["report-deadline-fednova-fixed"]
+  assert (e["batch_size"], e["client_lr"]) == (8, 0.2)
+  assert json.loads(e["id"])[1] == [8, 0.2]

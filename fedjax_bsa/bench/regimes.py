@@ -89,6 +89,9 @@ LOCAL_WORK = {
 DEVICES = {"homogeneous": 0.0, "heterogeneous": 1.0}   # speed_sigma
 COMM_RATIOS = [0.1, 1.0, 10.0]
 BATCHES = [4, 8, 16, 32, 64, 128]
+#: Rates of the tuning grid as factors of the dataset's ``client_lr`` (1:
+#: the batch alone; the oracle of study v2 uses e.g. 0.5,1,2,4, 8x).
+LR_FACTORS = (1.0,)
 AGGREGATIONS = ["fedavg", "fednova"]
 METHODS = {
     "adabatch": dict(controller="schedule", schedule="doubling"),
@@ -280,6 +283,7 @@ class Study:
   def __init__(self, dataset: str, *, alphas=None, devices=None,
                local_work=None, comm=None, seeds=None, tuning=None,
                batches=None, methods=None, aggregations=None, rounds=None,
+               lr_factors=None,
                cache_dir: str = "benchmarks/results/regimes_cache",
                log=print):
     spec = DATASETS[dataset]
@@ -291,6 +295,11 @@ class Study:
     self.seeds = spec["seeds"] if seeds is None else seeds
     self.tuning = spec["tuning"] if tuning is None else tuning
     self.batches = BATCHES if batches is None else batches
+    #: the oracle's rates, as factors of the dataset's client_lr: (1.0,)
+    #: tunes the batch alone (study v1, ids [cell, b, seed]); more tune
+    #: (batch, rate) pairs (ids [cell, [b, lr], seed])
+    self.lr_factors = tuple(LR_FACTORS if lr_factors is None
+                            else lr_factors)
     self.methods = list(METHODS) if methods is None else methods
     self.aggregations = AGGREGATIONS if aggregations is None else aggregations
     base = dict(spec["base"], **COMMON)
@@ -404,7 +413,7 @@ class Study:
       cells = self.cells(lw)
       tune = sum(len(self.seeds_for(c["alpha"])[1]) for c, _ in cells)
       report = sum(len(self.seeds_for(c["alpha"])[0]) for c, _ in cells)
-      n += len(self.aggregations) * (tune * len(self.batches)
+      n += len(self.aggregations) * (tune * len(self.grid())
                                      + report * (1 + len(self.methods)))
     return n
 
@@ -435,6 +444,20 @@ class Study:
     return out
 
   # ---------------------------------------------------------------- phases
+  def grid(self) -> list:
+    """The tuning grid's points: batches (one rate), or ``[b, lr]``."""
+    if self.lr_factors == (1.0,):
+      return list(self.batches)
+    return [[b, float(f"{self.base.client_lr * f:.6g}")]
+            for b in self.batches for f in self.lr_factors]
+
+  @staticmethod
+  def point_settings(p) -> dict:
+    """The settings of a grid point (a batch, or ``[b, lr]``)."""
+    if isinstance(p, (list, tuple)):
+      return dict(batch_size=int(p[0]), client_lr=float(p[1]))
+    return dict(batch_size=int(p))
+
   def _begin(self) -> None:
     """Starts the progress lines of the phases (once per study)."""
     if self._progress is None:
@@ -447,9 +470,9 @@ class Study:
     runs = {}
     for lw in self.local_work:
       for agg in self.aggregations:
-        exps = [dict(ov, seed=s, batch_size=b,
-                     id=json.dumps([cell, b, s], sort_keys=True))
-                for cell, ov in self.cells(lw) for b in self.batches
+        exps = [dict(ov, seed=s, **self.point_settings(p),
+                     id=json.dumps([cell, p, s], sort_keys=True))
+                for cell, ov in self.cells(lw) for p in self.grid()
                 for s in self.seeds_for(cell["alpha"])[1]]
         runs[(lw, agg)] = self.sweep("tune", lw, agg, "fixed",
                                      dict(controller="constant"), exps)
@@ -462,13 +485,15 @@ class Study:
     runs = {}
     for lw in self.local_work:
       for agg in self.aggregations:
-        pairs = {(json.dumps(c, sort_keys=True), b)
-                 for c, b in tuned[(lw, agg)]}
+        pairs = {(json.dumps(c, sort_keys=True),
+                  tuple(p) if isinstance(p, (list, tuple)) else p)
+                 for c, p in tuned[(lw, agg)]}
         by_cell = {json.dumps(c, sort_keys=True): ov
                    for c, ov in self.cells(lw)}
-        exps = [dict(by_cell[cj], seed=s, batch_size=b,
-                     id=json.dumps([json.loads(cj), b, s], sort_keys=True))
-                for cj, b in sorted(pairs)
+        exps = [dict(by_cell[cj], seed=s, **self.point_settings(p),
+                     id=json.dumps([json.loads(cj), _listed(p), s],
+                                   sort_keys=True))
+                for cj, p in sorted(pairs)
                 for s in self.seeds_for(json.loads(cj)["alpha"])[0]]
         runs[(lw, agg, "fixed")] = self.sweep(
             "report", lw, agg, "fixed", dict(controller="constant"), exps)
@@ -480,6 +505,11 @@ class Study:
           runs[(lw, agg, m)] = self.sweep("report", lw, agg, m, METHODS[m],
                                           exps)
     return runs
+
+
+def _listed(p):
+  """A grid point as it is written in a run id (``[b, lr]`` or ``b``)."""
+  return list(p) if isinstance(p, tuple) else p
 
 
 def _minutes(seconds: float) -> str:

@@ -24,6 +24,12 @@ def _sp(m: dict | None, key: str = "speedup") -> str:
   return f"{f(s['median'])}x [{f(s['lo'])}, {f(s['hi'])}]"
 
 
+def _tuned(t: dict) -> str:
+  """A tuned point: ``8``, or ``8@0.2`` for a (batch, rate) oracle."""
+  return str(t["batch"]) + (f"@{t['lr']:g}" if t.get("lr") is not None
+                            else "")
+
+
 def _cost(c: dict | None) -> str:
   return "-" if not c else f"{c['runs']} ({c['sim_time_s'] / 60:.0f})"
 
@@ -89,7 +95,7 @@ def markdown(rep: dict) -> str:
              f"{c['comm_ratio']:g}",
              "-" if c.get("headroom") is None else f"{c['headroom']:.2f}",
              f"{c['target']:.3f}",
-             "/".join(str(c["tuned"][a]["batch"]) for a in
+             "/".join(_tuned(c["tuned"][a]) for a in
                       ("fedavg", "fednova") if a in c["tuned"]),
              _ref_time(c)] + [_sp(m.get(k)) for k in _COLUMNS] + [
                  "-" if gap is None else f"{gap:+.1f}",

@@ -102,6 +102,9 @@ def _parser():
                  help="tuning seeds: a count N (100..100+N-1), a range or a "
                  "list, none of them reported (default per dataset)")
   p.add_argument("--rounds", type=int, help="rounds (default per dataset)")
+  p.add_argument("--lr-factors", help="the tuning grid's client rates as "
+                 "factors of the dataset's client_lr, e.g. 0.5,1,2,4 (the "
+                 "oracle over batch x rate); default 1: the batch alone")
   p.add_argument("--methods", help="comma list of methods besides the "
                  "tuned fixed batch (default: all of "
                  f"{','.join(regimes.METHODS)})")
@@ -137,7 +140,7 @@ def run_dataset(name: str, kw: dict, log) -> dict:
   t0 = time.perf_counter()
   study = regimes.Study(name, log=log, **kw)
   log(f"{name}: tuning the fixed batch ({len(study.batches)} batches x "
-      f"{len(study.tuning)} tuning seeds)")
+      f"{len(study.lr_factors)} rates x {len(study.tuning)} tuning seeds)")
   tune_runs = study.tune()
   tuning = report.tune(tune_runs, study.batches)
   log(f"{name}: tuned baseline and {len(study.methods)} methods x "
@@ -159,7 +162,9 @@ def run_dataset(name: str, kw: dict, log) -> dict:
                             local_work=study.local_work, comm=study.comm,
                             seeds=study.seeds, tuning=study.tuning,
                             seed_replacements=study.replaced,
-                            batches=study.batches, methods=study.methods,
+                            batches=study.batches,
+                            lr_factors=list(study.lr_factors),
+                            methods=study.methods,
                             aggregations=study.aggregations))
 
 
@@ -228,6 +233,7 @@ def main(argv=None) -> int:
                 local_work=_strs(args.local_work), comm=_floats(args.comm),
                 seeds=args.seeds, tuning=args.tuning_seeds,
                 methods=_strs(args.methods), rounds=args.rounds,
+                lr_factors=_floats(args.lr_factors),
                 aggregations=_strs(args.aggregations))
     kw["cache_dir"] = os.path.join(args.out, "regimes_cache")
     results = {d: run_dataset(d, kw, log) for d in datasets}

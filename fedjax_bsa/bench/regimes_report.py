@@ -48,9 +48,13 @@ def _key(cell: dict) -> str:
 
 
 def expand(run: dict):
-  """``(cell, batch, seed, times)`` for each clock of a run: a wait_all run
-  gives one per retimed ratio, a deadline run its own."""
+  """``(cell, point, seed, times)`` for each clock of a run: a wait_all run
+  gives one per retimed ratio, a deadline run its own. ``point`` is the
+  fixed batch (an int; None for a method) or, for a (batch, rate) grid, a
+  ``(b, lr)`` tuple."""
   cell, batch, seed = json.loads(run["id"])
+  if isinstance(batch, list):
+    batch = tuple(batch)
   for ratio, times in run["sim_time"].items():
     c = dict(cell)
     if ratio != "run":
@@ -65,6 +69,29 @@ def time_to(run: dict, times: list, target: float):
     if acc is not None and acc >= target:
       return t, rnd
   return math.inf, None
+
+
+def _fields(p) -> dict:
+  """A grid point as report fields: ``batch`` (and ``lr`` for a pair)."""
+  if isinstance(p, tuple):
+    return dict(batch=int(p[0]), lr=float(p[1]))
+  return dict(batch=int(p))
+
+
+def point(fields: dict):
+  """The grid point of ``tuned``/``reference`` fields (inverse of
+  :func:`_fields`)."""
+  if fields.get("lr") is not None:
+    return (int(fields["batch"]), float(fields["lr"]))
+  return int(fields["batch"])
+
+
+def _label(p) -> str:
+  return f"b{p[0]}_lr{p[1]:g}" if isinstance(p, tuple) else f"b{p}"
+
+
+def _order(p):
+  return p if isinstance(p, tuple) else (p, 0.0)
 
 
 def _ok(run) -> bool:
@@ -87,9 +114,9 @@ def tune(tune_runs: dict, batches: list) -> dict:
     target = TARGET_FRACTION * max(np.mean(v) for v in acc.values())
     per_agg, curve, cost_runs, cost_s = {}, {}, 0, 0.0
     for (agg, b), pairs in sorted(by[k].items(),
-                                  key=lambda kv: (kv[0][0], kv[0][1])):
+                                  key=lambda kv: (kv[0][0], _order(kv[0][1]))):
       med = float(np.median([time_to(r, t, target)[0] for r, t in pairs]))
-      curve[f"{agg}_b{b}"] = med if math.isfinite(med) else None
+      curve[f"{agg}_{_label(b)}"] = med if math.isfinite(med) else None
       cost_runs += len(pairs)
       cost_s += float(sum(t[-1] for _, t in pairs if t))
       best = per_agg.get(agg)
@@ -99,13 +126,13 @@ def tune(tune_runs: dict, batches: list) -> dict:
     noise = [x for pairs in by[k].values() for r, _ in pairs
              for x in r.get("noise_scale") or []]
     out[k] = dict(cell=json.loads(k), target=float(target),
-                  tuned={a: dict(batch=int(b), median_time_s=m)
+                  tuned={a: dict(_fields(b), median_time_s=m)
                          for a, (b, m) in per_agg.items()},
                   reference=dict(aggregation=ref,
-                                 batch=int(per_agg[ref][0])),
+                                 **_fields(per_agg[ref][0])),
                   tuning_noise_scale=float(np.median(noise))
                   if noise else None,
-                  tuning_final={f"{a}_b{b}": float(np.mean(v))
+                  tuning_final={f"{a}_{_label(b)}": float(np.mean(v))
                                 for (a, b), v in acc.items()},
                   tuning_curve=curve,
                   tuning_cost=dict(runs=cost_runs, sim_time_s=cost_s))
@@ -121,7 +148,7 @@ def tuned_pairs(tuning: dict) -> dict:
     if cell["local_work"] != "deadline":
       cell["comm_ratio"] = None
     for agg, v in t["tuned"].items():
-      pair = (cell, v["batch"])
+      pair = (cell, point(v))
       lst = out.setdefault((cell["local_work"], agg), [])
       if pair not in lst:
         lst.append(pair)
@@ -187,7 +214,7 @@ def cell_results(tuning: dict, runs: dict, methods: list,
     lw = cell["local_work"]
     ref = t["reference"]
     ref_pairs = _runs_of(runs.get((lw, ref["aggregation"], "fixed"), []),
-                         cell, ref["batch"])
+                         cell, point(ref))
     ref_tt = {s: time_to(r, tm, target)[0] for s, (r, tm) in
               ref_pairs.items()}
     ref_sum = _summary(ref_pairs, target)
@@ -199,7 +226,7 @@ def cell_results(tuning: dict, runs: dict, methods: list,
                tuning_noise_scale=t["tuning_noise_scale"],
                tuning_curve=t.get("tuning_curve"), tuning_cost=cost)
     for agg in aggregations:
-      names = [("fixed", t["tuned"][agg]["batch"])] + [(m, None)
+      names = [("fixed", point(t["tuned"][agg]))] + [(m, None)
                                                         for m in methods]
       for m, b in names:
         pairs = _runs_of(runs.get((lw, agg, m), []), cell, b)
@@ -257,7 +284,12 @@ def trends(tune_runs: dict, runs: dict, tuning: dict, cells: list) -> dict:
         continue
       r = time_to(run, times, t["target"])[1]
       by_batch.setdefault(b, []).append(math.inf if r is None else r)
-  med = {b: float(np.median(v)) for b, v in sorted(by_batch.items())}
+  # a (batch, rate) grid: each batch at its best rate
+  per_point = {p: float(np.median(v)) for p, v in by_batch.items()}
+  med = {}
+  for p, v in sorted(per_point.items(), key=lambda kv: _order(kv[0])):
+    b = p[0] if isinstance(p, tuple) else p
+    med[b] = min(med.get(b, math.inf), v)
   vals = list(med.values())
   out["mcmahan_2017"] = dict(
       claim="under non-IID data smaller batches reach the target in fewer "
