@@ -359,3 +359,51 @@ def test_the_oracle_tunes_batch_and_rate_pairs(monkeypatch):
   (e,) = seen["report-deadline-fednova-fixed"]
   assert (e["batch_size"], e["client_lr"]) == (8, 0.2)
   assert json.loads(e["id"])[1] == [8, 0.2]
+
+
+def test_successive_halving_keeps_the_best_third_and_counts_every_run(
+    monkeypatch):
+  study = regimes.Study("digits", alphas=[0.1], devices=["heterogeneous"],
+                        local_work=["deadline"], comm=[1.0], seeds=[0],
+                        tuning=[100, 101], batches=[4, 8, 16, 32, 64, 128],
+                        lr_factors=[0.5, 2], methods=[],
+                        aggregations=["fednova"], rounds=90, halving=True,
+                        log=lambda m: None)
+  assert study.rungs() == [10, 30, 90]
+  # 12 points, then 4, then 2, on 2 tuning seeds; 1 reported run
+  assert study.total_runs() == (12 + 4 + 2) * 2 + 1
+  calls = []
+
+  def fake(base, exps, cache_dir, key, retimes, log, seconds):
+    calls.append((key, base.rounds, sorted({json.dumps(json.loads(
+        e["id"])[1]) for e in exps})))
+    out = []
+    for e in exps:
+      cell, p, s = json.loads(e["id"])
+      b, lr = p
+      # accuracy is best at batch 8 and rate 0.2, and grows with rounds
+      acc = 0.9 - 0.01 * abs(math.log2(b / 8)) - 0.1 * abs(lr - 0.2)
+      acc *= base.rounds / 90
+      R = base.rounds
+      out.append(dict(id=e["id"], rounds=[0, R // 2, R],
+                      accuracy=[0.1, 0.96 * acc, acc], final_accuracy=acc,
+                      sim_time={"run": [0.0, R / 2, float(R)]},
+                      examples=1, bytes=1, noise_scale=[]))
+    return out
+  monkeypatch.setattr(regimes, "run_sweep_cached", fake)
+  runs = study.tune()
+  assert [(k, r, len(p)) for k, r, p in calls] == [
+      ("tune-deadline-fednova-fixed-rung10", 10, 12),
+      ("tune-deadline-fednova-fixed-rung30", 30, 4),
+      ("tune-deadline-fednova-fixed", 90, 2)]
+  # batch 8 at rate 0.2 and, of the tied 4 and 16, the smaller
+  assert calls[-1][2] == ["[4, 0.2]", "[8, 0.2]"]
+  (t,) = report.tune(runs, study.batches).values()
+  assert t["tuned"]["fednova"]["batch"] == 8
+  assert t["tuned"]["fednova"]["lr"] == pytest.approx(0.2)
+  # the target from the full-length runs only; every run is tuning cost
+  assert t["target"] == pytest.approx(0.95 * 0.9)
+  assert t["tuning_cost"]["runs"] == (12 + 4 + 2) * 2
+  assert t["tuning_cost"]["sim_time_s"] == pytest.approx(
+      2 * (12 * 10 + 4 * 30 + 2 * 90))
+  assert len(t["tuning_curve"]) == 2        # the points that ran in full

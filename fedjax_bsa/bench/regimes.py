@@ -283,7 +283,7 @@ class Study:
   def __init__(self, dataset: str, *, alphas=None, devices=None,
                local_work=None, comm=None, seeds=None, tuning=None,
                batches=None, methods=None, aggregations=None, rounds=None,
-               lr_factors=None,
+               lr_factors=None, halving=False,
                cache_dir: str = "benchmarks/results/regimes_cache",
                log=print):
     spec = DATASETS[dataset]
@@ -300,6 +300,7 @@ class Study:
     #: (batch, rate) pairs (ids [cell, [b, lr], seed])
     self.lr_factors = tuple(LR_FACTORS if lr_factors is None
                             else lr_factors)
+    self.halving = bool(halving)
     self.methods = list(METHODS) if methods is None else methods
     self.aggregations = AGGREGATIONS if aggregations is None else aggregations
     base = dict(spec["base"], **COMMON)
@@ -413,7 +414,11 @@ class Study:
       cells = self.cells(lw)
       tune = sum(len(self.seeds_for(c["alpha"])[1]) for c, _ in cells)
       report = sum(len(self.seeds_for(c["alpha"])[0]) for c, _ in cells)
-      n += len(self.aggregations) * (tune * len(self.grid())
+      g, points = len(self.grid()), 0
+      for _ in self.rungs():
+        points += g
+        g = -(-g // 3)
+      n += len(self.aggregations) * (tune * points
                                      + report * (1 + len(self.methods)))
     return n
 
@@ -464,18 +469,46 @@ class Study:
       self._progress = dict(total=self.total_runs(), done=0, ran=0,
                             ran_s=0.0, start=self.clock())
 
+  def rungs(self) -> list:
+    """Rounds of each rung of the tuning grid: the full run, or with
+    :attr:`halving` ``R / 9``, ``R / 3`` and ``R``."""
+    R = self.base.rounds
+    if not self.halving:
+      return [R]
+    return sorted({max(1, R // 9), max(1, R // 3), R})
+
   def tune(self) -> dict:
-    """Phase A: every fixed batch on the tuning seeds."""
+    """Phase A: every point of the tuning grid on the tuning seeds. With
+    :attr:`halving` (successive halving, Jamieson and Talwalkar 2016,
+    eta = 3): every point runs ``R / 9`` rounds, the best third per cell
+    and aggregation (mean accuracy over the tuning seeds at the rung's
+    end; ties: the smaller point) runs ``R / 3``, the best third of those
+    the full ``R``; earlier rungs' runs are kept with their ``rung`` (the
+    report counts them as tuning cost only)."""
     self._begin()
     runs = {}
     for lw in self.local_work:
       for agg in self.aggregations:
-        exps = [dict(ov, seed=s, **self.point_settings(p),
-                     id=json.dumps([cell, p, s], sort_keys=True))
-                for cell, ov in self.cells(lw) for p in self.grid()
-                for s in self.seeds_for(cell["alpha"])[1]]
-        runs[(lw, agg)] = self.sweep("tune", lw, agg, "fixed",
-                                     dict(controller="constant"), exps)
+        cells = self.cells(lw)
+        alive = {json.dumps(c, sort_keys=True): self.grid() for c, _ in cells}
+        kept, rungs = [], self.rungs()
+        for i, r in enumerate(rungs):
+          exps = [dict(ov, seed=s, **self.point_settings(p),
+                       id=json.dumps([cell, p, s], sort_keys=True))
+                  for cell, ov in cells
+                  for p in alive[json.dumps(cell, sort_keys=True)]
+                  for s in self.seeds_for(cell["alpha"])[1]]
+          last = i == len(rungs) - 1
+          name = "fixed" if last else f"fixed-rung{r}"
+          kw = dict(controller="constant") if last else dict(
+              controller="constant", rounds=r)
+          got = self.sweep("tune", lw, agg, name, kw, exps)
+          if last:
+            kept += got
+          else:
+            kept += [dict(g, rung=r) for g in got]
+            alive = _best_third(got, alive)
+        runs[(lw, agg)] = kept
     return runs
 
   def report_runs(self, tuned: dict) -> dict:
@@ -505,6 +538,26 @@ class Study:
           runs[(lw, agg, m)] = self.sweep("report", lw, agg, m, METHODS[m],
                                           exps)
     return runs
+
+
+def _best_third(got: list, alive: dict) -> dict:
+  """Per cell, the best third (at least one) of its alive grid points by
+  mean final accuracy over the tuning seeds of a rung's runs ``got``."""
+  acc = {}
+  for run in got:
+    if run.get("failed") or "rounds" not in run:
+      continue
+    cell, p, _ = json.loads(run["id"])
+    key = (json.dumps(cell, sort_keys=True), json.dumps(p))
+    acc.setdefault(key, []).append(run.get("final_accuracy") or 0.0)
+  out = {}
+  for ck, points in alive.items():
+    score = lambda p: float(np.mean(acc.get((ck, json.dumps(p)), [0.0])))
+    ranked = sorted(points, key=lambda p: (
+        -score(p), tuple(p) if isinstance(p, list) else (p,)))
+    out[ck] = sorted(ranked[:max(1, -(-len(points) // 3))],
+                     key=lambda p: points.index(p))
+  return out
 
 
 def _listed(p):

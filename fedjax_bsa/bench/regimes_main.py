@@ -105,6 +105,12 @@ def _parser():
   p.add_argument("--lr-factors", help="the tuning grid's client rates as "
                  "factors of the dataset's client_lr, e.g. 0.5,1,2,4 (the "
                  "oracle over batch x rate); default 1: the batch alone")
+  p.add_argument("--halving", action="store_true",
+                 help="successive halving over the tuning grid: every point "
+                 "runs rounds/9, the best third (accuracy) rounds/3, the "
+                 "best third of those all rounds (a third of the full "
+                 "grid's cost; the report counts every run as tuning "
+                 "cost)")
   p.add_argument("--methods", help="comma list of methods besides the "
                  "tuned fixed batch (default: all of "
                  f"{','.join(regimes.METHODS)})")
@@ -164,6 +170,7 @@ def run_dataset(name: str, kw: dict, log) -> dict:
                             seed_replacements=study.replaced,
                             batches=study.batches,
                             lr_factors=list(study.lr_factors),
+                            halving=study.halving,
                             methods=study.methods,
                             aggregations=study.aggregations))
 
@@ -234,6 +241,7 @@ def main(argv=None) -> int:
                 seeds=args.seeds, tuning=args.tuning_seeds,
                 methods=_strs(args.methods), rounds=args.rounds,
                 lr_factors=_floats(args.lr_factors),
+                halving=args.halving,
                 aggregations=_strs(args.aggregations))
     kw["cache_dir"] = os.path.join(args.out, "regimes_cache")
     results = {d: run_dataset(d, kw, log) for d in datasets}

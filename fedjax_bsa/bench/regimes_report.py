@@ -17,7 +17,8 @@ them):
 * **tuning curve** of a cell: per aggregation and grid batch, the median
   (over tuning seeds) simulated time to the target (None: never reached);
 * **tuning cost** of a cell: the tuning runs it took (every grid point on
-  every tuning seed under either aggregation) and their simulated time
+  every tuning seed under either aggregation, and with successive halving
+  the early rungs' shorter runs too) and their simulated time
   (each run's clock at its last evaluation, summed); a method's **speedup
   including tuning** divides the reference's time to target plus that cost
   by the method's (the adaptive methods are not tuned per cell);
@@ -101,24 +102,27 @@ def _ok(run) -> bool:
 def tune(tune_runs: dict, batches: list) -> dict:
   """Targets and tuned batches per cell from the tuning sweeps
   (``{(lw, agg): runs}``)."""
-  finals, by = {}, {}
+  finals, by, costs = {}, {}, {}
   for (_, agg), runs in tune_runs.items():
     for run in filter(_ok, runs):
       for cell, b, s, times in expand(run):
         k = _key(cell)
+        c = costs.setdefault(k, [0, 0.0])
+        c[0] += 1
+        c[1] += float(times[-1]) if times else 0.0
+        if run.get("rung") is not None:   # an early rung: cost only
+          continue
         finals.setdefault(k, {}).setdefault((agg, b), []).append(
             run["final_accuracy"] or 0.0)
         by.setdefault(k, {}).setdefault((agg, b), []).append((run, times))
   out = {}
   for k, acc in finals.items():
     target = TARGET_FRACTION * max(np.mean(v) for v in acc.values())
-    per_agg, curve, cost_runs, cost_s = {}, {}, 0, 0.0
+    per_agg, curve = {}, {}
     for (agg, b), pairs in sorted(by[k].items(),
                                   key=lambda kv: (kv[0][0], _order(kv[0][1]))):
       med = float(np.median([time_to(r, t, target)[0] for r, t in pairs]))
       curve[f"{agg}_{_label(b)}"] = med if math.isfinite(med) else None
-      cost_runs += len(pairs)
-      cost_s += float(sum(t[-1] for _, t in pairs if t))
       best = per_agg.get(agg)
       if best is None or med < best[1]:
         per_agg[agg] = (b, med)
@@ -135,7 +139,8 @@ def tune(tune_runs: dict, batches: list) -> dict:
                   tuning_final={f"{a}_{_label(b)}": float(np.mean(v))
                                 for (a, b), v in acc.items()},
                   tuning_curve=curve,
-                  tuning_cost=dict(runs=cost_runs, sim_time_s=cost_s))
+                  tuning_cost=dict(runs=costs[k][0],
+                                   sim_time_s=costs[k][1]))
   return out
 
 
@@ -276,6 +281,8 @@ def trends(tune_runs: dict, runs: dict, tuning: dict, cells: list) -> dict:
   # rounds (one local epoch, FedAvg): rounds to the cell target by batch
   by_batch = {}
   for run in filter(_ok, tune_runs.get(("epochs", "fedavg"), [])):
+    if run.get("rung") is not None:     # an early rung of the halving
+      continue
     for cell, b, _, times in expand(run):
       if cell.get("alpha") not in (None, 0.1):
         continue
