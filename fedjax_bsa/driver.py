@@ -36,7 +36,7 @@ from fedjax_bsa import registry as reg
 from fedjax_bsa import simulate
 from fedjax_bsa.config import Config, ConfigError
 from fedjax_bsa.data import federated
-from fedjax_bsa.outputs import Outputs, chunk_records
+from fedjax_bsa.outputs import chunk_records
 
 __all__ = ["Prepared", "prepare", "execute", "drive", "clear_checkpoints",
            "CLIENTS_AXIS", "EXPERIMENTS_AXIS"]

@@ -129,7 +129,7 @@ def recompute(setup: Setup, case: Case, idx: np.ndarray,
     (:func:`noise.two_batch_estimates` at the harmonic-mean microbatch
     size), and the scalars ``c_small``, ``c_big``, ``b_small``.
   """
-  b, s, n, k = case.batch, case.steps, case.n, case.client
+  b, n, k = case.batch, case.n, case.client
   K = setup.gram[k]
   sizes = _sizes(b, mu)
   m = len(sizes)

@@ -23,8 +23,6 @@ import os
 import platform
 import time
 
-import numpy as np
-
 from fedjax_bsa import experiment as experiment_lib
 from fedjax_bsa import regime
 from fedjax_bsa.bench import harness
