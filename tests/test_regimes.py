@@ -38,6 +38,8 @@ def test_quick_mode_writes_the_report(tmp_path):
     sp = run["plan"][k]
     assert sp["p10"] <= sp["mean"] <= sp["p90"]
   assert run["examples"] > 0 and run["bytes"] > 0 and "diverged" in run
+  assert run["heterogeneity"] and min(run["heterogeneity"]) >= 0.0
+  assert cell["cohort_spread"] is not None and cell["cohort_spread"] >= 0
   # a second run reuses every cached sweep (no new cache files)
   cache = sorted(p.name for p in (tmp_path / "regimes_cache").rglob("*"))
   assert regimes_main.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -62,8 +64,10 @@ def test_tuning_and_speedups_by_hand():
   # batch 8 reaches 0.95 * 0.8 = 0.76 at t=10 on both tuning seeds,
   # batch 32 at t=20: 8 is the tuned batch
   tune_runs = {("deadline", "fednova"): [
-      _run(100, [0, 10, 20], [0.1, 0.77, 0.8], 8),
-      _run(101, [0, 10, 20], [0.1, 0.78, 0.8], 8),
+      dict(_run(100, [0, 10, 20], [0.1, 0.77, 0.8], 8),
+           heterogeneity=[1.0, 3.0]),
+      dict(_run(101, [0, 10, 20], [0.1, 0.78, 0.8], 8),
+           heterogeneity=[2.0]),
       _run(100, [0, 5, 20], [0.1, 0.5, 0.8], 32),
       _run(101, [0, 5, 20], [0.1, 0.5, 0.79], 32)]}
   tuning = report.tune(tune_runs, [8, 32])
@@ -91,6 +95,8 @@ def test_tuning_and_speedups_by_hand():
   # its cost: 4 runs of 20 simulated seconds each
   assert t["tuning_cost"] == dict(runs=4, sim_time_s=80.0)
   assert c["tuning_cost"] == t["tuning_cost"]
+  # the cohort's spread: median over the tuning runs' evaluations
+  assert t["cohort_spread"] == 2.0 and c["cohort_spread"] == 2.0
   inc = c["methods"]["goodput+fednova"]["speedup_incl_tuning"]
   # seed 0: (10 + 80) / 5 = 18; seed 1: (12 + 80) / 12
   assert sorted(inc["per_seed"]) == pytest.approx([92 / 12, 18.0])

@@ -189,6 +189,9 @@ def _run_summary(exp, out: Outputs, bandwidths: dict | None) -> dict:
            diverged=out.diverged,
            failed_clients=int(sum(r.get("failed") or 0 for r in recs)),
            noise_scale=b_simple,
+           # the cohort's between-client spread of mean applied gradients
+           heterogeneity=[r["heterogeneity"] for r in recs
+                          if r.get("heterogeneity") is not None],
            plan=plan_spread(cl))
   batch = s["plan"]["batch"]
   s["mean_batch"] = None if batch is None else batch["mean"]

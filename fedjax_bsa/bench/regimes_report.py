@@ -22,6 +22,9 @@ them):
   (each run's clock at its last evaluation, summed); a method's **speedup
   including tuning** divides the reference's time to target plus that cost
   by the method's (the adaptive methods are not tuned per cell);
+* **cohort spread** of a cell: the median over its tuning runs' evaluations
+  of the cohort's between-client spread of mean applied gradients (the
+  ``heterogeneity`` metric; None before runs recorded it);
 * **headroom**: :func:`fedjax_bsa.goodput.headroom` for the cell's clients,
   devices and links, at the median noise scale the cell's tuning runs
   measured;
@@ -129,6 +132,8 @@ def tune(tune_runs: dict, batches: list) -> dict:
     ref = min(per_agg, key=lambda a: (per_agg[a][1], a))
     noise = [x for pairs in by[k].values() for r, _ in pairs
              for x in r.get("noise_scale") or []]
+    spread = [x for pairs in by[k].values() for r, _ in pairs
+              for x in r.get("heterogeneity") or []]
     out[k] = dict(cell=json.loads(k), target=float(target),
                   tuned={a: dict(_fields(b), median_time_s=m)
                          for a, (b, m) in per_agg.items()},
@@ -136,6 +141,8 @@ def tune(tune_runs: dict, batches: list) -> dict:
                                  **_fields(per_agg[ref][0])),
                   tuning_noise_scale=float(np.median(noise))
                   if noise else None,
+                  cohort_spread=float(np.median(spread)) if spread
+                  else None,
                   tuning_final={f"{a}_{_label(b)}": float(np.mean(v))
                                 for (a, b), v in acc.items()},
                   tuning_curve=curve,
@@ -229,6 +236,7 @@ def cell_results(tuning: dict, runs: dict, methods: list,
     out = dict(cell, target=target, tuned=t["tuned"], reference=ref,
                reference_runs=ref_sum, methods={},
                tuning_noise_scale=t["tuning_noise_scale"],
+               cohort_spread=t.get("cohort_spread"),
                tuning_curve=t.get("tuning_curve"), tuning_cost=cost)
     for agg in aggregations:
       names = [("fixed", point(t["tuned"][agg]))] + [(m, None)
