@@ -178,7 +178,8 @@ def _probe(exp, E: int, K: int):
 
 def _work_key(exp, E: int, K: int, fixed: tuple) -> str:
   cfg = exp.cfg
-  params = exp.model.init(jax.random.key(0))
+  # shapes only: no initialisation on every run's start
+  params = jax.eval_shape(exp.model.init, jax.random.key(0))
   shapes = [tuple(a.shape) for a in jax.tree.leaves(params)]
   sizes = sorted(len(p) for p in exp.parts)
   desc = dict(model=cfg.model, shapes=shapes,
