@@ -659,7 +659,7 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
                              st.feedback, st.ctrl_state, ctx, rc, available,
                              exp.model_bytes)
     p = rp.plan
-    return p, alg.weights(p.batch_size * p.steps, p.steps, nk, hp)
+    return p, alg.weights(p.batch_size * p.steps, p.steps, nk, hp, p.lr)
 
   plan_j = jax.jit(plan)
   out["plan"] = _time(plan_j, key, cohort, st, res, hp, n_all)

@@ -237,7 +237,8 @@ def _plan_one(sv: _Static, st: SimState, res, hp, n_all):
       sv.cfg, hp, plans.make_controller(sv.cfg, hp), st.feedback,
       st.ctrl_state, ctx, rc, available, sv.model_bytes)
   run = rp.plan
-  weights = sv.alg.weights(run.batch_size * run.steps, run.steps, n, hp)
+  weights = sv.alg.weights(run.batch_size * run.steps, run.steps, n, hp,
+                           run.lr)
   inputs = sv.alg.client_inputs(st.alg_state, cohort, hp)
   seeds = federated.shuffle_seeds(k_shuffle, cohort)
   return (cohort, rc, n, rp, weights, inputs, seeds, ctrl_state, key)

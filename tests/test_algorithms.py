@@ -29,6 +29,25 @@ def test_fednova_weights_by_hand():
                              rtol=1e-6)
 
 
+def test_fednova_weights_with_per_client_rates():
+  """Clients with constant gradients g_k run S_k steps at their own rate
+  eta_k, so x_k - x = -eta_k S_k g_k: the aggregate is the mean gradient
+  times tau_eff = sum_k p_k eta_k S_k, whatever the mix of rate and steps
+  (steps alone would weigh a client by its rate); one rate for all gives
+  the plain formula."""
+  steps, sizes = jnp.array([2, 8, 4, 0]), jnp.array([10, 30, 20, 40])
+  lr = jnp.array([0.4, 0.1, 0.05, 0.3])
+  g = np.array([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0], [5.0, 5.0]])
+  delta = -(np.asarray(lr) * np.asarray(steps))[:, None] * g
+  c = np.asarray(algorithms.fednova_weights(steps, sizes, lr=lr))
+  p = np.array([10, 30, 20, 0]) / 60.0
+  tau_eff = p @ (np.asarray(lr) * np.asarray(steps))
+  np.testing.assert_allclose(c @ delta, -tau_eff * (p @ g), rtol=1e-6)
+  same = algorithms.fednova_weights(steps, sizes, lr=jnp.full((4,), 0.3))
+  np.testing.assert_allclose(same, algorithms.fednova_weights(steps, sizes),
+                             rtol=1e-6)
+
+
 def test_fedavg_weights_by_examples_and_absent_clients():
   w = algorithms.example_weights(jnp.array([10, 30, 0]), jnp.array([1, 3, 0]),
                                  jnp.array([5, 5, 5]))
@@ -59,7 +78,7 @@ def test_a_user_registered_algorithm_is_a_valid_setting():
   @registry.ALGORITHMS.register("half_avg")
   def half_avg(cfg):
     base = algorithms.make_algorithm(cfg.replace(algorithm="fedavg"))
-    return base._replace(weights=lambda e, s, n, hp=None: 0.5 *
+    return base._replace(weights=lambda e, s, n, hp=None, lr=None: 0.5 *
                          algorithms.example_weights(e, s, n))
 
   cfg = Config(algorithm="half_avg").validate()

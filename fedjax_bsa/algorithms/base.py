@@ -205,21 +205,21 @@ def _server_yogi(cfg, lr):
 # ---------------------------------------------------- shared small pieces
 
 
-def example_weights(examples, steps, data_sizes, hparams=None):
+def example_weights(examples, steps, data_sizes, hparams=None, lr=None):
   """FedAvg's ``c_k = n_k / sum n``, ``n_k`` the examples processed.
 
   >>> example_weights(jnp.array([10, 30, 0]), jnp.array([1, 3, 0]),
   ...                 None).tolist()
   [0.25, 0.75, 0.0]
   """
-  del data_sizes, hparams
+  del data_sizes, hparams, lr
   e = jnp.where(steps > 0, examples, 0).astype(jnp.float32)
   return e / jnp.maximum(e.sum(), 1.0)
 
 
-def uniform_weights(examples, steps, data_sizes, hparams=None):
+def uniform_weights(examples, steps, data_sizes, hparams=None, lr=None):
   """``c_k = 1 / |participants|`` (FedDyn's plain mean of client models)."""
-  del examples, data_sizes, hparams
+  del examples, data_sizes, hparams, lr
   took = (steps > 0).astype(jnp.float32)
   return took / jnp.maximum(took.sum(), 1.0)
 

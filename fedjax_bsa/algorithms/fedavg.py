@@ -43,16 +43,28 @@ def fedprox(cfg) -> base.Algorithm:
                         base.example_weights, base.pass_through)
 
 
-def fednova_weights(steps, data_sizes, momentum: float = 0.0):
+def fednova_weights(steps, data_sizes, momentum: float = 0.0, lr=None):
   """FedNova's ``c_k = tau_eff p_k / |a_k|_1`` (0 for absent clients).
+
+  With per-client learning rates ``lr`` (a controller that sets each
+  client's rate) ``a_k`` is counted in units of the rate, ``eta_k |a_k|_1``
+  (the client's displacement: the sum of its step sizes), and ``tau_eff =
+  sum_k p_k eta_k |a_k|_1``, so the normalised update is each client's mean
+  gradient whatever its rate and steps; with one rate for all it cancels
+  and this is Wang et al.'s formula.
 
   >>> fednova_weights(jnp.array([2, 4]), jnp.array([1, 1])).tolist()
   [0.75, 0.375]
+  >>> fednova_weights(jnp.array([2, 4]), jnp.array([1, 1]),
+  ...                 lr=jnp.array([0.2, 0.1])).tolist()   # same eta * tau
+  [0.5, 0.5]
   """
   taking_part = steps > 0
   p = jnp.where(taking_part, data_sizes, 0).astype(jnp.float32)
   p = p / jnp.maximum(p.sum(), 1.0)
   a = base.fednova_a_norm(steps, momentum)
+  if lr is not None:
+    a = a * jnp.where(taking_part, jnp.asarray(lr, jnp.float32), 0.0)
   tau_eff = jnp.sum(p * a)
   return jnp.where(taking_part, tau_eff * p / jnp.maximum(a, 1e-12), 0.0)
 
@@ -63,9 +75,9 @@ def fednova(cfg) -> base.Algorithm:
   tx, client_init = base.plain_client(cfg)
   rho = base.client_momentum(cfg)
 
-  def weights(examples, steps, data_sizes, hparams=None):
+  def weights(examples, steps, data_sizes, hparams=None, lr=None):
     del examples, hparams
-    return fednova_weights(steps, data_sizes, rho)
+    return fednova_weights(steps, data_sizes, rho, lr)
 
   return base.Algorithm(tx, client_init, base.no_state, base.no_inputs,
                         weights, base.pass_through)
