@@ -147,6 +147,16 @@ class Config:
   budget_band: float = _plan(4.0, "displacement: Lambda stays within "
                              "[Lambda_0 / band, Lambda_0 * band]", lo=1.0,
                              traced=True)
+  anneal_patience: int = _plan(3, "displacement: halve the noise "
+                               "temperature (rate over batch) after this "
+                               "many rounds without a 1% fall of the "
+                               "smoothed training loss (0: never)", lo=0,
+                               traced=True)
+  rate_scaling: str = _plan("linear", "displacement: rate at batch b over "
+                            "the user's (batch_size, client_lr): linear "
+                            "(same noise temperature) or adascale (Johnson "
+                            "et al. 2020), capped by max_gain",
+                            choices=("linear", "adascale"))
   guard: str = _plan("backoff", "displacement: back off on a bad round "
                      "(backoff) or not (off)", choices=("backoff", "off"))
   time_budget: float = _plan(0.0, "per-client local-time budget in s (0: "
@@ -421,7 +431,7 @@ def hparams(cfg: Config) -> dict[str, np.ndarray]:
   dicts over experiments and ``vmap``s them.
 
   >>> sorted(hparams(Config()))[:3]
-  ['batch_size', 'budget', 'budget_band']
+  ['anneal_patience', 'batch_size', 'budget']
   """
   out = {}
   for name in TRACED:

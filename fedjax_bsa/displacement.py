@@ -28,13 +28,18 @@ that deliver it in the least simulated time. Each round it:
    ``Lambda`` changes at most 2x a round and stays within ``[Lambda_0 /
    band, Lambda_0 band]`` (``Lambda_0 = eta_0 S_0``);
 4. picks each client's batch minimising its compute seconds per unit of
-   ``Lambda``, ``(o_k + b / v_k) / eta(b)`` with ``eta(b) = eta_0
-   min(r_k(b), max_gain)`` and ``r_k`` the finite-client AdaScale gain over
-   ``b_0`` (:func:`batch_for_budget`);
-5. guards (``guard=backoff``): a non-finite or sharply rising cohort loss,
+   ``Lambda``, ``(o_k + b / v_k) / eta(b)``, with the rate ``eta(b)`` that
+   keeps the user's noise temperature ``eta c_eff(b, n)`` (``linear``, the
+   default: ``eta_0 min(tau c_eff(b_0) / c_eff(b), max_gain)``) or the
+   finite-client AdaScale gain (``adascale``) (:func:`batch_for_budget`);
+5. anneals: when the smoothed cohort loss has not fallen 1% in
+   ``patience`` rounds, the temperature factor ``tau`` halves (a larger
+   batch, or a lower rate, for the same ``Lambda``);
+6. guards (``guard=backoff``): a non-finite or sharply rising cohort loss,
    or paths that no longer point anywhere (:func:`path_coherence` below
-   :data:`INCOHERENT`), halves the budget and the rates and holds the gain
-   at 1 for :data:`COOLDOWN` rounds (:func:`guard_step`).
+   :data:`INCOHERENT`), halves the budget and the rates, holds the gain
+   at 1 for :data:`COOLDOWN` rounds and caps it for good at half the
+   largest gain the failing plan used (:func:`guard_step`).
 
 Derivation: ``docs/method.md`` (f).
 
@@ -66,6 +71,9 @@ Plan = controllers.Plan
 
 #: The guard modes: ``backoff`` (back off on a bad round) or ``off``.
 GUARDS = ("backoff", "off")
+#: How a client's rate follows its batch: ``linear`` (the user's noise
+#: temperature ``eta_0 c_eff(b_0) / c_eff(b)``) or ``adascale``.
+SCALINGS = ("linear", "adascale")
 #: A cohort loss above this multiple of its running average is a bad round.
 LOSS_RISE = 2.0
 #: A path coherence below this is an oscillating (incoherent) round.
@@ -90,6 +98,11 @@ class DisplacementState(NamedTuple):
   backoffs: jax.Array        # int32 [], back-offs so far
   rows: jax.Array            # float32 [N], rows of each client seen (inf)
   loss_peak: jax.Array       # float32 [], the largest cohort loss seen
+  temp: jax.Array            # float32 [], noise temperature (1: the user's)
+  best: jax.Array            # float32 [], lowest smoothed loss since anneal
+  since: jax.Array           # int32 [], rounds without a 1% improvement
+  ceiling: jax.Array         # float32 [], gain allowed (halved on a bad round)
+  last_gain: jax.Array       # float32 [], largest gain of the last plan
 
 
 def _round_noise(stats, trace, num_examples):
@@ -212,7 +225,7 @@ def budget_step(budget, lam_d, comm, kappa, low, high, grow=True):
 
 
 def batch_for_budget(b_simple, n, overhead, speed, ref_batch, max_gain,
-                     low, cap, grid_max: int):
+                     low, cap, grid_max: int, temp=1.0, scaling="adascale"):
   """Each client's batch with the fewest compute seconds per unit of
   ``Lambda``, and the gain it brings.
 
@@ -225,6 +238,10 @@ def batch_for_budget(b_simple, n, overhead, speed, ref_batch, max_gain,
   The minimum is taken over the integers ``1 .. grid_max`` within ``[low,
   cap_k]``, so the finite client and the cap are exact.
 
+  With ``scaling="linear"`` the rate is ``eta_0 min(temp c_eff(b_0, n) /
+  c_eff(b, n), g)`` (the user's noise temperature ``eta c_eff(b, n)``
+  times ``temp``); with ``"adascale"`` also at most ``eta_0 r(b)``.
+
   Args:
     b_simple: ``B_k`` [K].
     n: rows [K] (float; ``inf`` allowed).
@@ -234,6 +251,8 @@ def batch_for_budget(b_simple, n, overhead, speed, ref_batch, max_gain,
     low: smallest batch (>= 1).
     cap: largest batch per client [K] (int).
     grid_max: static largest candidate.
+    temp: the annealing factor ``tau`` of the temperature (1: the user's).
+    scaling: ``adascale`` or ``linear``.
 
   Returns:
     ``(batch int32 [K], gain float32 [K])``.
@@ -245,9 +264,18 @@ def batch_for_budget(b_simple, n, overhead, speed, ref_batch, max_gain,
   32
   """
   grid = jnp.arange(1, grid_max + 1, dtype=jnp.float32)            # [J]
-  gain = jnp.minimum(controllers.adascale_gain(
-      jnp.asarray(b_simple, jnp.float32)[:, None], grid[None, :], ref_batch,
-      jnp.asarray(n, jnp.float32)[:, None]), max_gain)
+  nn = jnp.asarray(n, jnp.float32)[:, None]
+  c0 = noise.fpc_coefficient(jnp.asarray(ref_batch, jnp.float32), nn)
+  cb = noise.fpc_coefficient(grid[None, :], nn)
+  tcap = jnp.where(cb > 0, jnp.asarray(temp, jnp.float32) * c0
+                   / jnp.where(cb > 0, cb, 1.0), jnp.inf)
+  if scaling == "linear":
+    base = tcap
+  else:
+    base = controllers.adascale_gain(
+        jnp.asarray(b_simple, jnp.float32)[:, None], grid[None, :],
+        ref_batch, nn)
+  gain = jnp.minimum(jnp.minimum(base, tcap), max_gain)
   cost = (overhead[:, None] + grid[None, :] / speed[:, None]) / gain
   ok = (grid[None, :] >= low) & (grid[None, :] <= cap[:, None])
   ok = ok.at[:, 0].set(ok[:, 0] | ~ok.any(axis=1))   # nothing fits: b = 1
@@ -279,7 +307,9 @@ def guard_step(loss, ref_loss, have_ref, pi, pi_ok, finite, peak=0.0):
 
 def displacement(batch_size, batch_min, batch_max: int, local_steps,
                  client_lr, ema_decay, max_gain=4.0, budget=0.0, band=4.0,
-                 guard: str = "backoff") -> controllers.Controller:
+                 guard: str = "backoff", patience=3,
+                 scaling: str = "linear", temp_min: float = 1 / 64,
+                 improve: float = 0.01) -> controllers.Controller:
   """Ours, v3: a shared displacement budget, each client at the batch that
   delivers it fastest (module docstring; ``docs/method.md`` (f)).
 
@@ -294,6 +324,11 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     budget: the first round's ``Lambda`` (0: ``eta_0 S_0``).
     band: ``Lambda`` stays within ``[Lambda_0 / band, Lambda_0 band]``.
     guard: ``backoff`` or ``off``.
+    patience: rounds without a 1% (``improve``) fall of the smoothed cohort
+      loss before the temperature halves (0: never; may be traced).
+    scaling: ``linear`` or ``adascale`` (:data:`SCALINGS`).
+    temp_min: the lowest temperature factor.
+    improve: the relative fall that counts as progress.
 
   Returns:
     A :class:`~fedjax_bsa.controllers.Controller`; its plan's steps are
@@ -307,6 +342,9 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
   >>> plan.batch_size.tolist(), plan.steps.tolist()   # nothing known yet
   ([8, 8], [10, 10])
   """
+  if scaling not in SCALINGS:
+    raise ValueError(f"rate_scaling={scaling!r} is not allowed: choose one "
+                     f"of {', '.join(SCALINGS)}")
   if guard not in GUARDS:
     raise ValueError(f"guard={guard!r} is not allowed: choose one of "
                      f"{', '.join(GUARDS)}")
@@ -325,7 +363,10 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                              noise.ema_init(1), jnp.float32(1.0),
                              jnp.int32(0), jnp.int32(0),
                              jnp.full((num_clients,), jnp.inf, jnp.float32),
-                             jnp.float32(0.0))
+                             jnp.float32(0.0), jnp.float32(1.0),
+                             jnp.float32(jnp.inf), jnp.int32(0),
+                             jnp.asarray(max_gain, jnp.float32),
+                             jnp.float32(1.0))
 
   def update(feedback, state, ctx):
     if ctx.num_examples is None:
@@ -375,16 +416,32 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     n = ctx.num_examples.astype(jnp.float32)
     cool = jnp.maximum(state.cool - 1, 0)
     cool = jnp.where(bad, COOLDOWN, cool)
-    gain_cap = jnp.where(cool > 0, 1.0, jnp.asarray(max_gain, jnp.float32))
+    # a bad round halves the largest gain the last plan used, for good
+    ceiling = jnp.where(bad, jnp.maximum(0.5 * state.last_gain, 1.0),
+                        state.ceiling)
+    ceiling = jnp.minimum(ceiling, jnp.asarray(max_gain, jnp.float32))
+    gain_cap = jnp.where(cool > 0, 1.0, ceiling)
     rows_cap = jnp.maximum(ctx.num_examples.astype(jnp.int32), 1)
     cap = jnp.minimum(jnp.minimum(jnp.int32(grid_max),
                                   ctx.memory_cap.astype(jnp.int32)), rows_cap)
+    # plateau: the smoothed loss has not improved for `patience` rounds
+    lv = noise.ema_value(lossema)[0]
+    good = anyran & ~bad & (lossema.weight[0] > 0)
+    better = good & (lv < (1.0 - improve) * state.best)
+    since = jnp.where(better, 0, state.since + good.astype(jnp.int32))
+    best = jnp.where(better, lv, state.best)
+    pat = jnp.asarray(patience, jnp.int32)
+    anneal = (pat > 0) & (since >= jnp.maximum(pat, 1))
+    temp = jnp.where(anneal, jnp.maximum(0.5 * state.temp, temp_min),
+                     state.temp)
+    since = jnp.where(anneal, 0, since)
+    best = jnp.where(anneal, lv, best)
     best_b, gain = batch_for_budget(b_simple, n, ctx.step_overhead,
                                     ctx.speed, batch_size, gain_cap,
-                                    batch_min, cap, grid_max)
+                                    batch_min, cap, grid_max, temp, scaling)
     b0 = jnp.minimum(jnp.asarray(batch_size, jnp.int32), cap)
     b = jnp.where(estimated, best_b, b0).astype(jnp.int32)
-    gain = jnp.where(estimated, gain, 1.0)
+    gain = jnp.where(estimated, gain, jnp.minimum(1.0, temp))
     rate = jnp.where(bad, 0.5 * state.rate,
                      jnp.where(cool > 0, state.rate,
                                jnp.minimum(1.0, 1.25 * state.rate)))
@@ -407,7 +464,8 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                             state.rows.at[ctx.cohort].set(n),
                             jnp.where(anyran & ~bad & jnp.isfinite(loss),
                                       jnp.maximum(state.loss_peak, loss),
-                                      state.loss_peak))
+                                      state.loss_peak), temp, best, since,
+                            ceiling, jnp.max(gain * rate))
     return Plan(b, steps.astype(jnp.int32), lr.astype(jnp.float32)), new
 
   return controllers.Controller(init, update)

@@ -99,7 +99,8 @@ def _displacement(cfg, hp):
   return displacement_lib.displacement(
       hp["batch_size"], cfg.batch_min, cfg.batch_max, hp["local_steps"],
       hp["client_lr"], hp["ema_decay"], max_gain=hp["max_gain"],
-      budget=hp["budget"], band=hp["budget_band"], guard=cfg.guard)
+      budget=hp["budget"], band=hp["budget_band"], guard=cfg.guard,
+      patience=hp["anneal_patience"], scaling=cfg.rate_scaling)
 
 
 def quantized(cfg) -> bool:

@@ -20,8 +20,9 @@ seconds. The global loss ``F`` and its optimum ``F*`` are exact.
 :func:`grid_times` runs every fixed ``(b, eta, S)`` of a grid in one
 vmapped program and :func:`controller_time` runs v3 from the grid's
 middle point; each returns simulated seconds until ``F - F* <= tol (F(w_0)
-- F*)``. ``python -m fedjax_bsa.bench.known_answer`` prints both for small
-and large ``zeta``.
+- F*)``. :func:`seed_study` compares them over several problem seeds with
+the fixed setting tuned on its median; ``python -m
+fedjax_bsa.bench.known_answer`` prints it for small and large ``zeta``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from fedjax_bsa import displacement
 from fedjax_bsa.kernel import ClientStats
 
 __all__ = ["Problem", "make_problem", "grid_times", "controller_time",
-           "GRID", "main"]
+           "seed_study", "GRID", "main"]
 
 #: The fixed settings compared: batch x learning rate x local steps.
 GRID = dict(batch=(2, 8, 32), lr=(0.025, 0.05, 0.1, 0.2),
@@ -210,18 +211,48 @@ def controller_time(p: Problem, tol: float = TOL, seed: int = 0,
               final_gap=float(gap[-1]))
 
 
+def seed_study(zeta: float, seeds=range(5), tol: float = TOL) -> dict:
+  """v3 against the fixed grid over several problem seeds (the SGD seed is
+  the problem's), tuned the way the study tunes: the best fixed setting is
+  the one with the lowest median time over the seeds, one setting for all
+  of them (the per-seed best of 72 noisy times is a winner's curse: near a
+  noise floor the first hit of the target is partly luck).
+
+  Returns ``best`` (the setting), ``best_seconds`` (its median),
+  ``v3_seconds`` (v3's median), ``ratio`` (their quotient: >= 0.8 is
+  within 1.25x), ``oracle`` (per seed, the best of the 72 over v3's time),
+  ``hits`` (seeds where v3 reached the target), v3's mean ``budget`` and
+  ``batch`` per seed, and the best setting's ``eta S``.
+  """
+  grids, v3 = [], []
+  for s in seeds:
+    p = make_problem(zeta, seed=s)
+    grids.append(grid_times(p, tol, seed=s))
+    v3.append(controller_time(p, tol, seed=s))
+  med = {k: float(np.median([g[k] for g in grids])) for k in grids[0]}
+  best = min(med, key=med.get)
+  secs = [v["seconds"] for v in v3]
+  v3_med = float(np.median(secs))
+  return dict(best=best, best_seconds=med[best], v3_seconds=v3_med,
+              ratio=med[best] / v3_med, best_budget=best[1] * best[2],
+              oracle=[min(g.values()) / t for g, t in zip(grids, secs)],
+              hits=int(np.isfinite(secs).sum()),
+              budget=[v["mean_budget"] for v in v3],
+              batch=[v["mean_batch"] for v in v3])
+
+
 def main() -> None:
+  seeds = range(8)
   for zeta in (0.0, 3.0):
-    p = make_problem(zeta)
-    g = grid_times(p, TOL)
-    best = min(g, key=g.get)
-    v = controller_time(p, TOL)
-    print(f"zeta {zeta}: best fixed (b, eta, S) = {best} in {g[best]:.1f} s "
-          f"(eta S = {best[1] * best[2]:.2f}); reference "
-          f"{g[tuple(REFERENCE.values())]:.1f} s; v3 {v['seconds']:.1f} s "
-          f"(mean batch {v['mean_batch']:.1f}, mean eta S "
-          f"{v['mean_budget']:.2f}); best / v3 = "
-          f"{g[best] / v['seconds']:.2f}")
+    r = seed_study(zeta, seeds)
+    print(f"zeta {zeta}, {len(seeds)} seeds: best fixed (b, eta, S) = "
+          f"{r['best']} (eta S = {r['best_budget']:.2f}) in a median "
+          f"{r['best_seconds']:.1f} s; v3 {r['v3_seconds']:.1f} s (target "
+          f"reached on {r['hits']}/{len(seeds)} seeds, median eta S "
+          f"{np.median(r['budget']):.2f}, batch "
+          f"{np.median(r['batch']):.1f}); best / v3 = {r['ratio']:.2f}; "
+          f"per seed, the best of the grid on that seed / v3: median "
+          f"{np.median(r['oracle']):.2f}")
 
 
 if __name__ == "__main__":

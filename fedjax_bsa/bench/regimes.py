@@ -51,9 +51,10 @@ from fedjax_bsa import regime
 from fedjax_bsa.config import Config, ConfigError
 from fedjax_bsa.outputs import Outputs
 
-__all__ = ["DATASETS", "BATCHES", "METHODS", "AGGREGATIONS", "LOCAL_WORK",
-           "DEVICES", "COMM_RATIOS", "Study", "round_parts", "retime_parts",
-           "bandwidth_for", "run_sweep_cached"]
+__all__ = ["DATASETS", "BATCHES", "METHODS", "DEFAULT_METHODS",
+           "AGGREGATIONS", "LOCAL_WORK", "DEVICES", "COMM_RATIOS", "Study",
+           "round_parts", "retime_parts", "bandwidth_for",
+           "run_sweep_cached"]
 
 #: Per dataset: base settings, the Dirichlet alphas (None: natural
 #: clients), reported and tuning seeds.
@@ -100,6 +101,12 @@ METHODS = {
     "goodput": dict(controller="goodput"),
     # v3 picks its own batch from 1 up (the other methods keep batch_min 8)
     "displacement": dict(controller="displacement", batch_min=1),
+    # v3's variants, for the pilot: the rate by AdaScale's gain instead of
+    # the linear rule, and v3 without annealing its noise temperature
+    "displacement_adascale": dict(controller="displacement", batch_min=1,
+                                  rate_scaling="adascale"),
+    "displacement_no_anneal": dict(controller="displacement", batch_min=1,
+                                   anneal_patience=0),
     # untuned defaults, as people run them, each with its own local work in
     # every cell: FedAvg as in McMahan et al. 2017 (B = 10, E = 1) at the
     # dataset's rate; FedScale's defaults (fedscale/cloud/config_parser.py,
@@ -112,6 +119,11 @@ METHODS = {
                      local_work="steps", local_steps=20, client_lr=0.05,
                      lr_decay=0.98, lr_decay_every=10, lr_min=5e-5),
 }
+
+
+#: Methods a study runs unless ``methods`` names them (v3's variants are
+#: for the method pilot only).
+DEFAULT_METHODS = [m for m in METHODS if not m.startswith("displacement_")]
 
 
 def bandwidth_for(cfg: Config, exp, ratio: float) -> float:
@@ -304,7 +316,7 @@ class Study:
     self.lr_factors = tuple(LR_FACTORS if lr_factors is None
                             else lr_factors)
     self.halving = bool(halving)
-    self.methods = list(METHODS) if methods is None else methods
+    self.methods = list(DEFAULT_METHODS) if methods is None else methods
     self.aggregations = AGGREGATIONS if aggregations is None else aggregations
     base = dict(spec["base"], **COMMON)
     if rounds is not None:

@@ -110,8 +110,10 @@ def _parser():
                  "grid's cost; the report counts every run as tuning "
                  "cost)")
   p.add_argument("--methods", help="comma list of methods besides the "
-                 "tuned fixed batch (default: all of "
-                 f"{','.join(regimes.METHODS)})")
+                 "tuned fixed batch (default: "
+                 f"{','.join(regimes.DEFAULT_METHODS)}; also "
+                 + ",".join(m for m in regimes.METHODS
+                            if m not in regimes.DEFAULT_METHODS) + ")")
   p.add_argument("--aggregations", help="comma list of aggregations "
                  f"(default: {','.join(regimes.AGGREGATIONS)})")
   p.add_argument("--out", default=None, metavar="DIR",
