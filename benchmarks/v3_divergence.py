@@ -10,7 +10,7 @@ v3 with FedAvg and 20 local steps on both alphas and both device profiles,
 where two of its twelve runs diverged before failed clients were left out
 (2026-12-03).
 
-  python -m benchmarks.v3_divergence           # benchmarks/results/pilot_v3
+  python -m benchmarks.v3_divergence           # benchmarks/results/pilot_v31
   python -m benchmarks.v3_divergence --quick   # 10 rounds, 1 seed
 
 Writes ``v3_divergence.json`` (``--quick``: ``v3_divergence_quick.json`` in
@@ -41,10 +41,10 @@ def main(argv=None) -> int:
                  help="10 rounds, 1 seed, 600 examples (a smoke test)")
   p.add_argument("--out", default=None, metavar="DIR",
                  help="where v3_divergence[_quick].json goes (default "
-                 "benchmarks/results/pilot_v3; --quick: runs/benchmarks)")
+                 "benchmarks/results/pilot_v31; --quick: runs/benchmarks)")
   args = p.parse_args(argv)
   out_dir = args.out or (harness.QUICK_DIR if args.quick
-                         else os.path.join(harness.RESULTS_DIR, "pilot_v3"))
+                         else os.path.join(harness.RESULTS_DIR, "pilot_v31"))
   seeds = [0] if args.quick else [0, 1, 2]
   out = harness.new_report("v3_divergence", dict(
       settings=[f"{lw}+{agg}" for lw, agg, _, _ in SETTINGS], seeds=seeds,

@@ -147,7 +147,7 @@ class Config:
   budget_band: float = _plan(4.0, "displacement: Lambda stays within "
                              "[Lambda_0 / band, Lambda_0 * band]", lo=1.0,
                              traced=True)
-  anneal_patience: int = _plan(3, "displacement: halve the noise "
+  anneal_patience: int = _plan(0, "displacement: halve the noise "
                                "temperature (rate over batch) after this "
                                "many rounds without a 1% fall of the "
                                "smoothed training loss (0: never)", lo=0,

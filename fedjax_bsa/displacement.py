@@ -32,9 +32,10 @@ that deliver it in the least simulated time. Each round it:
    keeps the user's noise temperature ``eta c_eff(b, n)`` (``linear``, the
    default: ``eta_0 min(tau c_eff(b_0) / c_eff(b), max_gain)``) or the
    finite-client AdaScale gain (``adascale``) (:func:`batch_for_budget`);
-5. anneals: when the smoothed cohort loss has not fallen 1% in
-   ``patience`` rounds, the temperature factor ``tau`` halves (a larger
-   batch, or a lower rate, for the same ``Lambda``);
+5. anneals (``patience`` > 0; off by default): when the smoothed cohort
+   loss has not fallen 1% in ``patience`` rounds, the temperature factor
+   ``tau`` halves (a larger batch, or a lower rate, for the same
+   ``Lambda``);
 6. guards (``guard=backoff``): a non-finite or sharply rising cohort loss,
    or paths that no longer point anywhere (:func:`path_coherence` below
    :data:`INCOHERENT`), halves the budget and the rates, holds the gain
@@ -307,7 +308,7 @@ def guard_step(loss, ref_loss, have_ref, pi, pi_ok, finite, peak=0.0):
 
 def displacement(batch_size, batch_min, batch_max: int, local_steps,
                  client_lr, ema_decay, max_gain=4.0, budget=0.0, band=4.0,
-                 guard: str = "backoff", patience=3,
+                 guard: str = "backoff", patience=0,
                  scaling: str = "linear", temp_min: float = 1 / 64,
                  improve: float = 0.01) -> controllers.Controller:
   """Ours, v3: a shared displacement budget, each client at the batch that

@@ -102,9 +102,14 @@ METHODS = {
     # v3 picks its own batch from 1 up (the other methods keep batch_min 8)
     "displacement": dict(controller="displacement", batch_min=1),
     # v3's variants, for the pilot: the rate by AdaScale's gain instead of
-    # the linear rule, and v3 without annealing its noise temperature
+    # the linear rule, with annealing on (the pilot of 2026-12-03 ran them
+    # when annealing was the default, so its `displacement` is this one),
+    # and annealing off (the default since)
     "displacement_adascale": dict(controller="displacement", batch_min=1,
-                                  rate_scaling="adascale"),
+                                  rate_scaling="adascale",
+                                  anneal_patience=3),
+    "displacement_anneal": dict(controller="displacement", batch_min=1,
+                                anneal_patience=3),
     "displacement_no_anneal": dict(controller="displacement", batch_min=1,
                                    anneal_patience=0),
     # untuned defaults, as people run them, each with its own local work in
