@@ -93,8 +93,9 @@ def _loss(p: Problem, w):
   return 0.5 * jnp.mean(r * r)
 
 
-def _local(p: Problem, k, w, batch, lr, steps, perm):
-  """Client ``k``'s local SGD and its exact statistics."""
+def _local(p: Problem, k, w, batch, lr, steps, perm, max_steps: int = S_MAX):
+  """Client ``k``'s local SGD and its exact statistics (``max_steps``: the
+  static loop bound, at least ``steps``)."""
   xk, yk = p.x[k], p.y[k]
   n = xk.shape[0]
 
@@ -116,7 +117,8 @@ def _local(p: Problem, k, w, batch, lr, steps, perm):
             gsq + f * jnp.sum(full ** 2), tr + f * cov)
 
   z = jnp.float32(0.0)
-  w_end, loss, gsq, tr = jax.lax.fori_loop(0, S_MAX, body, (w, z, z, z))
+  w_end, loss, gsq, tr = jax.lax.fori_loop(0, max_steps, body,
+                                           (w, z, z, z))
   s = jnp.maximum(steps, 1).astype(jnp.float32)
   h = (w - w_end) / (lr * s)
   stats = ClientStats(loss / s, (batch * steps).astype(jnp.int32),
@@ -125,14 +127,14 @@ def _local(p: Problem, k, w, batch, lr, steps, perm):
   return w_end - w, h, stats
 
 
-def _round(p: Problem, w, batch, lr, steps, key):
+def _round(p: Problem, w, batch, lr, steps, key, max_steps: int = S_MAX):
   """One FedAvg round of both clients (equal weights): ``(w, stats,
   |h_1 + h_2|^2, round seconds)``."""
   n = p.x.shape[1]
   perms = jax.vmap(lambda k: jax.random.permutation(k, n))(
       jax.random.split(key, 2))
   deltas, hs, stats = jax.vmap(
-      lambda k, b, e, s, pm: _local(p, k, w, b, e, s, pm))(
+      lambda k, b, e, s, pm: _local(p, k, w, b, e, s, pm, max_steps))(
           jnp.arange(2), batch, lr, steps, perms)
   usum = jnp.sum(hs.sum(0) ** 2)
   secs = COMM + jnp.max(steps * (OVERHEAD + batch / SPEED))
@@ -153,7 +155,8 @@ def _fixed(p: Problem, batch, lr, steps, key, tol, rounds: int = ROUNDS):
   b2, e2, s2 = (jnp.full((2,), v) for v in (batch, lr, steps))
 
   def body(w, k):
-    w, _, _, secs = _round(p, w, b2, e2, s2, k)
+    # the grid's largest steps bound the loop (steps past it are no-ops)
+    w, _, _, secs = _round(p, w, b2, e2, s2, k, max(GRID["steps"]))
     return w, ((_loss(p, w) - p.f_star) / (p.f0 - p.f_star), secs)
 
   _, (gap, secs) = jax.lax.scan(body, jnp.zeros((d,), jnp.float32),
