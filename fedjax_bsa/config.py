@@ -139,7 +139,8 @@ class Config:
                        lo=0.0, lo_open=True, traced=True)
   ema_decay: float = _plan(0.9, "noise_scale/goodput: EMA decay", lo=0.0,
                            hi=0.999, traced=True)
-  max_gain: float = _plan(4.0, "cap on the AdaScale learning-rate gain",
+  max_gain: float = _plan(4.0, "cap on the learning-rate gain over "
+                          "client_lr (AdaScale's, or displacement's rule)",
                           lo=1.0, traced=True)
   budget: float = _plan(0.0, "displacement: first round's budget Lambda = "
                         "lr * steps (0: client_lr * local_steps)", lo=0.0,
