@@ -270,13 +270,11 @@ def batch_for_budget(b_simple, n, overhead, speed, ref_batch, max_gain,
   cb = noise.fpc_coefficient(grid[None, :], nn)
   tcap = jnp.where(cb > 0, jnp.asarray(temp, jnp.float32) * c0
                    / jnp.where(cb > 0, cb, 1.0), jnp.inf)
-  if scaling == "linear":
-    base = tcap
-  else:
-    base = controllers.adascale_gain(
+  gain = jnp.minimum(tcap, max_gain)
+  if scaling == "adascale":
+    gain = jnp.minimum(gain, controllers.adascale_gain(
         jnp.asarray(b_simple, jnp.float32)[:, None], grid[None, :],
-        ref_batch, nn)
-  gain = jnp.minimum(jnp.minimum(base, tcap), max_gain)
+        ref_batch, nn))
   cost = (overhead[:, None] + grid[None, :] / speed[:, None]) / gain
   ok = (grid[None, :] >= low) & (grid[None, :] <= cap[:, None])
   ok = ok.at[:, 0].set(ok[:, 0] | ~ok.any(axis=1))   # nothing fits: b = 1
