@@ -12,7 +12,7 @@
 # about 8 minutes on a GPU; every benchmark writes its JSON after each part,
 # so a step cut by its limit keeps what it measured):
 #   1. the devices and versions;
-#   2. the kernel against fedjax_bsa.reference.reference_round on the device
+#   2. the kernel against fedjax_bsa.kernel.reference.reference_round on the device
 #      (python -m fedjax_bsa.bench.kernel_checks): exit 1 if they differ;
 #   3. the round kernel on the standard (64 clients), uniform (FedJAX's
 #      setting), large (1024), cnn1d (1-D CNN, 1024) and cnn2d (CIFAR-size

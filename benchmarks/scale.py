@@ -28,8 +28,8 @@ Workload (all seeded):
   microbatch 8, ``local_work=epochs``, one epoch: ``ceil(n_k / 8)`` steps),
   plain SGD (client lr 0.1, server lr 1), ``noise_stats`` off,
   ``lognormal`` resources, the library's default lanes; one
-  :func:`fedjax_bsa.simulate.make_simulation` per cohort and variant, its
-  :class:`~fedjax_bsa.experiment.Experiment` built directly (no partition
+  :func:`fedjax_bsa.run.simulate.make_simulation` per cohort and variant, its
+  :class:`~fedjax_bsa.setup.experiment.Experiment` built directly (no partition
   lists), jitted with ``chunk = 1`` so every round is timed on its own.
 * **Variants** (``--variants``): ``library`` draws cohorts as the library
   does; ``topk`` and ``permute`` are what-ifs that draw them with
@@ -55,10 +55,10 @@ accuracy before and after.
 
 At the largest cohort, where a ``library`` round's time goes (each piece
 jitted alone on the same shapes, median of repeats): cohort sampling (the
-library's :func:`fedjax_bsa.simulate.sample_cohort`, the ``K`` largest of
+library's :func:`fedjax_bsa.run.simulate.sample_cohort`, the ``K`` largest of
 ``N`` uniform keys), the plan (:func:`fedjax_bsa.plans.plan_round`), the
-shuffle seeds, the lane layout (:func:`fedjax_bsa.layout.make_layout`,
-whose :func:`~fedjax_bsa.layout.pack_lanes` is a sequential ``lax.scan``
+shuffle seeds, the lane layout (:func:`fedjax_bsa.kernel.layout.make_layout`,
+whose :func:`~fedjax_bsa.kernel.layout.pack_lanes` is a sequential ``lax.scan``
 over the jobs), the kernel (layout plus slot loop), and the rest (metrics,
 server update) as the round minus those (noisy: the pieces are timed
 apart). Alternatives are timed beside them: the ``choice`` (a permutation
@@ -71,7 +71,7 @@ With ``--prepare-path`` (default: when ``N <= 100,000``) the library's
 config route is also timed stage by stage on the same rows
 (``partition=quantity``, ``quantity_sigma=2``): the partition lists, the
 resources, ``from_partition``, ``merge`` and the whole
-:func:`fedjax_bsa.driver.prepare`, with the Python heap's peak
+:func:`fedjax_bsa.run.driver.prepare`, with the Python heap's peak
 (``tracemalloc``, in a second, untimed run) of each stage.
 
 ``--quick``: 10,000 clients, cohorts 10 and 100, 3 rounds, ``library``.
@@ -98,19 +98,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bsa import algorithms
-from fedjax_bsa.bench import harness
-from fedjax_bsa import clock
-from fedjax_bsa import config as config_lib
-from fedjax_bsa import controllers
-from fedjax_bsa import experiment as experiment_lib
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import layout as layout_lib
-from fedjax_bsa import models
 from fedjax_bsa import plans
-from fedjax_bsa import simulate
-from fedjax_bsa.config import Config
+from fedjax_bsa.bench import harness
+from fedjax_bsa.core import config as config_lib
+from fedjax_bsa.core.config import Config
 from fedjax_bsa.data import datasets
 from fedjax_bsa.data import federated
+from fedjax_bsa.kernel import layout as layout_lib
+from fedjax_bsa.plans import clock
+from fedjax_bsa.plans import controllers
+from fedjax_bsa.run import simulate
+from fedjax_bsa.setup import experiment as experiment_lib
+from fedjax_bsa.setup import models
 
 __all__ = ["Federation", "make_federation", "make_config", "make_run",
            "data_bytes", "waterfill_pack_lanes", "bench_cohort", "main"]
@@ -270,7 +270,7 @@ def make_config(num_clients: int, cohort: int, *, rounds: int = 10,
                 client_lr: float = CLIENT_LR, noise_stats: bool = False,
                 lanes: int = 0, seed: int = 0, **changes) -> Config:
   """The benchmark's settings: FedAvg, constant batch 8 for one epoch
-  (``changes``: any other :class:`~fedjax_bsa.config.Config` settings, e.g.
+  (``changes``: any other :class:`~fedjax_bsa.core.config.Config` settings, e.g.
   ``local_work="steps"``)."""
   return Config(
       dataset="synthetic", num_clients=num_clients, clients_per_round=cohort,
@@ -284,13 +284,13 @@ def make_config(num_clients: int, cohort: int, *, rounds: int = 10,
 
 
 class Run(NamedTuple):
-  """One experiment on a federation, ready for :mod:`fedjax_bsa.simulate`."""
+  """One experiment on a federation, ready for :mod:`fedjax_bsa.run.simulate`."""
   exp: experiment_lib.Experiment
   inputs: simulate.Inputs  # leaves [1, ...], on device
 
 
 def make_run(cfg: Config, fed: Federation) -> Run:
-  """The :class:`~fedjax_bsa.experiment.Experiment` and inputs of ``cfg``
+  """The :class:`~fedjax_bsa.setup.experiment.Experiment` and inputs of ``cfg``
   on ``fed``, built directly: the clients are the generator's own (no
   registered partition reproduces them) and no ``N`` index arrays are made;
   ``--prepare-path`` times the config route on the same rows."""
@@ -403,7 +403,7 @@ def log(*a) -> None:
 
 def waterfill_pack_lanes(slots: jax.Array, lanes: int):
   """A packing with no sequential loop (a proposed fast path for
-  :func:`fedjax_bsa.layout.pack_lanes`, whose ``lax.scan`` takes ``J``
+  :func:`fedjax_bsa.kernel.layout.pack_lanes`, whose ``lax.scan`` takes ``J``
   steps of ``O(L)`` each).
 
   The ``L`` longest jobs get a lane each (as LPT places them); the others,
@@ -422,7 +422,7 @@ def waterfill_pack_lanes(slots: jax.Array, lanes: int):
     lanes: ``L``.
 
   Returns:
-    ``(lane, start, load)`` as :func:`fedjax_bsa.layout.pack_lanes`.
+    ``(lane, start, load)`` as :func:`fedjax_bsa.kernel.layout.pack_lanes`.
 
   >>> lane, start, load = waterfill_pack_lanes(jnp.array([5, 0, 9, 3]), 2)
   >>> lane.tolist(), start.tolist(), load.tolist()
@@ -474,7 +474,7 @@ SAMPLERS = ("library", "choice", "topk", "permute")
 def sample_cohort(kind: str, key, num_clients: int, cohort: int):
   """``cohort`` distinct clients of ``range(num_clients)``.
 
-  ``library``: :func:`fedjax_bsa.simulate.sample_cohort`, what the round
+  ``library``: :func:`fedjax_bsa.run.simulate.sample_cohort`, what the round
   loop draws (today the ``K`` largest of ``N`` uniform keys); ``choice``:
   ``jax.random.choice(..., replace=False)`` (a permutation of all ``N``: a
   sort; the library's sampler before top-k); ``topk``: the indices of the
@@ -712,7 +712,7 @@ _HELD = {}
 
 @functools.lru_cache(maxsize=None)
 def _register_dataset() -> None:
-  from fedjax_bsa import registry  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.core import registry  # pylint: disable=g-import-not-at-top
   registry.DATASETS.register("scale_synthetic", lambda cfg: _HELD["ds"])
 
 
@@ -735,7 +735,7 @@ def _stage(out: dict, name: str, fn, *args):
 def prepare_path(fed: Federation, cohort: int) -> dict:
   """Times the config route (``driver.prepare``) stage by stage on ``fed``'s
   rows, split by ``partition=quantity`` (lognormal sigma 2)."""
-  from fedjax_bsa import driver  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.run import driver  # pylint: disable=g-import-not-at-top
   n = len(fed.sizes)
   ds = datasets.Dataset("scale_synthetic", np.asarray(fed.data.x),
                         np.asarray(fed.data.y), np.asarray(fed.x_test),

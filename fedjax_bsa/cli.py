@@ -28,7 +28,6 @@ bug: with its traceback).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -36,11 +35,10 @@ import signal
 import sys
 import threading
 
-from fedjax_bsa.config import Config, ConfigError, load_config_file
-from fedjax_bsa.config import parse_assignments
+from fedjax_bsa.core.config import Config, ConfigError, load_config_file
+from fedjax_bsa.core.config import parse_assignments
 
-__all__ = ["main", "config_from_args", "format_settings",
-           "INTERRUPTED_EXIT_CODE"]
+__all__ = ["main", "config_from_args", "INTERRUPTED_EXIT_CODE"]
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
@@ -81,7 +79,7 @@ def _add_scale_out(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _initialize(args) -> None:
-  from fedjax_bsa import distributed  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.run import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator, args.num_processes,
                          args.process_id)
 
@@ -190,7 +188,7 @@ def _out_dir(args) -> str | None:
     raise ConfigError(f"--checkpoint-every {args.checkpoint_every} is not "
                       "allowed: give rounds >= 1, or -1 for no checkpoints")
   if args.out and not args.resume:
-    from fedjax_bsa import outputs  # pylint: disable=g-import-not-at-top
+    from fedjax_bsa.run import outputs  # pylint: disable=g-import-not-at-top
     outputs.check_out_dir(args.out, args.overwrite)
   return args.resume or args.out
 
@@ -243,8 +241,8 @@ def _run(args) -> int:
   if args.no_progress:
     cfg = cfg.replace(progress=False)
   _initialize(args)
-  from fedjax_bsa import distributed  # pylint: disable=g-import-not-at-top
-  from fedjax_bsa import runner  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.run import distributed  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.run import runner  # pylint: disable=g-import-not-at-top
   with _StopRequest() as stop:
     try:
       result = runner.run(cfg, out, resume=bool(args.resume),
@@ -282,7 +280,7 @@ def _remove_checkpoint_temporaries(out: str | None) -> None:
 
 
 def _sweep(args) -> int:
-  from fedjax_bsa import sweep  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.run import sweep  # pylint: disable=g-import-not-at-top
   out = _out_dir(args)
   if args.resume:
     if args.grid or args.set or args.config:
@@ -307,7 +305,7 @@ def _sweep(args) -> int:
 
 def _partition(args) -> int:
   cfg = config_from_args(args)
-  from fedjax_bsa import experiment  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.setup import experiment  # pylint: disable=g-import-not-at-top
   from fedjax_bsa.data import partition  # pylint: disable=g-import-not-at-top
   ds = experiment.load_dataset(cfg)
   parts = experiment.make_parts(cfg, ds)
@@ -336,72 +334,9 @@ def main(argv=None) -> int:
     return 2
 
 
-_SETTINGS_HEAD = """\
-Every setting of `--set key=value` (or of a --config file), by part.
-Columns: the setting; its default; `sweep`: what a sweep (`--grid`) may
-vary -- `traced`: a value inside the compiled program (varied with no
-recompile), `host`: a value the host builds inputs from (data, partition,
-devices), `-`: neither (it changes shapes or the program: one value per
-sweep); the allowed values (a|b: one of; [lo, hi]: a range, `(` leaving
-lo out; blank: any); the meaning."""
-_ALLOWED_WIDTH = 34
-
-
-def _allowed(f: dataclasses.Field) -> list[str]:
-  """A setting's allowed values, wrapped at ``|`` into lines of at most
-  about ``_ALLOWED_WIDTH`` characters."""
-  m = f.metadata
-  c = m.get("choices")
-  if c is not None:
-    names = list(c.names()) if hasattr(c, "names") else list(c)
-    if f.name == "model":  # Config.from_dict also takes "auto" here
-      names = ["auto"] + names
-    lines = [""]
-    for i, name in enumerate(names):
-      piece = name + ("|" if i < len(names) - 1 else "")
-      if lines[-1] and len(lines[-1]) + len(piece) > _ALLOWED_WIDTH:
-        lines.append("")
-      lines[-1] += piece
-    return lines
-  lo, hi = m.get("lo"), m.get("hi")
-  if lo is None and hi is None:
-    return [""]
-  return [f"{'(' if m.get('lo_open') else '['}"
-          f"{lo if lo is not None else '-inf'}, "
-          f"{hi if hi is not None else 'inf'}]"]
-
-
-def format_settings() -> str:
-  """The ``fedjax-bsa settings`` listing: a header explaining the columns,
-  then one aligned row per setting (long choice lists wrap in their
-  column), grouped by part."""
-  rows, parts = [], []
-  for f in dataclasses.fields(Config):
-    m = f.metadata
-    sweep = "traced" if m["traced"] else ("host" if m["host"] else "-")
-    rows.append((f.name, f"{f.default!s}" if f.default != "" else "''",
-                 sweep, _allowed(f), m["help"]))
-    parts.append(m["part"])
-  w_name = max(len(r[0]) for r in rows)
-  w_def = max(len(r[1]) for r in rows)
-  w_allow = max(len(a) for r in rows for a in r[3])
-  fmt = f"{{:<{w_name}}}  {{:<{w_def}}}  {{:<6}}  {{:<{w_allow}}}  {{}}"
-  lines = [_SETTINGS_HEAD, "",
-           fmt.format("setting", "default", "sweep", "allowed", "meaning")]
-  part = None
-  for p, (name, default, sweep, allowed, meaning) in zip(parts, rows):
-    if p != part:
-      part = p
-      lines.append(f"# {part}")
-    lines.append(fmt.format(name, default, sweep, allowed[0],
-                            meaning).rstrip())
-    lines += [fmt.format("", "", "", a, "").rstrip() for a in allowed[1:]]
-  return "\n".join(lines)
-
-
 def _settings(args) -> int:
   del args
-  print(format_settings())
+  print(Config.describe())
   return 0
 
 
@@ -419,7 +354,7 @@ def _study(args) -> int:
 
 
 def _plot(args) -> int:
-  from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.report import plot  # pylint: disable=g-import-not-at-top
   return plot.main(args.rest)
 
 

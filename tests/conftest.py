@@ -10,7 +10,7 @@ traced by each run (the tests' compile counts count traces), only XLA's
 compile of an identical program is skipped. Set
 ``JAX_COMPILATION_CACHE_DIR`` yourself to keep a cache between sessions.
 Runs choose their kernel layout by the rule, not by timing
-(``FEDJAX_BSA_LAYOUT=rule``, see :mod:`fedjax_bsa.autotune`).
+(``FEDJAX_BSA_LAYOUT=rule``, see :mod:`fedjax_bsa.run.autotune`).
 """
 
 import atexit
@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import models
 from fedjax_bsa.data import datasets
 from fedjax_bsa.data import federated
+from fedjax_bsa.setup import models
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,10 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import models
 from fedjax_bsa.data import federated
+from fedjax_bsa.setup import models
 
 
 def loss_of(model):

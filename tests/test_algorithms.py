@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import Config, ConfigError
 from fedjax_bsa import algorithms
-from fedjax_bsa import registry
+from fedjax_bsa import Config
+from fedjax_bsa import ConfigError
+from fedjax_bsa.core import registry
 
 
 def test_fednova_momentum_norm():

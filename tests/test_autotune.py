@@ -1,16 +1,16 @@
-"""The kernel layout chosen by measurement (fedjax_bsa.autotune)."""
+"""The kernel layout chosen by measurement (fedjax_bsa.run.autotune)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from fedjax_bsa import autotune
-from fedjax_bsa import experiment
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import layout as layout_lib
-from fedjax_bsa.config import Config
-from fedjax_bsa.runner import run
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.kernel import layout as layout_lib
+from fedjax_bsa.run import autotune
+from fedjax_bsa.run.runner import run
+from fedjax_bsa.setup import experiment
 
 SMALL = dict(num_clients=12, clients_per_round=8, hidden=16, batch_size=8,
              local_steps=3, eval_every=5, progress=False)

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
+from fedjax_bsa.bench import baselines
 from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import kernel_main
 from fedjax_bsa.bench import kernel_mixes
 from fedjax_bsa.bench import scenarios
 from fedjax_bsa.bench import sweep_bench
-from fedjax_bsa.bench import baselines
 
 
 def test_padding_efficiency_is_exact_on_a_hand_made_plan():

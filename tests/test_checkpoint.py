@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa import checkpoint
 from fedjax_bsa import cli
-from fedjax_bsa import sweep
-from fedjax_bsa.config import Config
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.run import checkpoint
+from fedjax_bsa.run import sweep
 
 SETTINGS = dict(rounds=40, eval_every=2, clients_per_round=4, num_clients=12,
                 hidden=8, local_steps=2)

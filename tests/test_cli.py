@@ -1,12 +1,11 @@
 """Config and CLI errors: one line naming the setting, exit 2, nothing written."""
 
 import json
-import os
 
 import pytest
 
 from fedjax_bsa import cli
-from fedjax_bsa.config import Config, ConfigError
+from fedjax_bsa.core.config import Config, ConfigError
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -76,7 +75,7 @@ def test_validate_names_field_and_range():
 
 
 def test_dotted_keys_and_types():
-  from fedjax_bsa.config import parse_assignments
+  from fedjax_bsa.core.config import parse_assignments
   vals = parse_assignments(["config.rounds=5", "noise_stats=false"])
   cfg = Config.from_dict(vals)
   assert cfg.rounds == 5 and cfg.noise_stats is False
@@ -85,7 +84,7 @@ def test_dotted_keys_and_types():
 def test_internal_errors_are_not_user_errors(monkeypatch):
   """A bug (an exception that is not a ConfigError) propagates with its
   traceback (exit 1 from the interpreter), never exit 2."""
-  from fedjax_bsa import runner
+  from fedjax_bsa.run import runner
 
   def broken(*a, **k):
     raise ValueError("an internal bug")

@@ -95,7 +95,7 @@ def _help(capsys, argv) -> str:
 def _parsers():
   """Every parser of the command line: cli's subcommands, plot, the
   benchmarks and the study."""
-  from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.report import plot  # pylint: disable=g-import-not-at-top
   from fedjax_bsa.bench import kernel_main, regimes_main, sweep_bench  # pylint: disable=g-import-not-at-top
   top = cli._parser()  # pylint: disable=protected-access
   subs = next(a for a in top._actions  # pylint: disable=protected-access
@@ -349,7 +349,7 @@ def _fake_sweep(folder, n=12):
 
 
 def test_plot_of_a_sweep_folder_compares_its_experiments(tmp_path, capsys):
-  from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.report import plot  # pylint: disable=g-import-not-at-top
   sw = tmp_path / "sweep"
   _fake_sweep(sw)
   assert cli.main(["plot", str(sw)]) == 0
@@ -368,7 +368,7 @@ def test_plot_of_a_sweep_folder_compares_its_experiments(tmp_path, capsys):
 
 
 def test_run_figures_say_what_they_draw():
-  from fedjax_bsa import plot  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.report import plot  # pylint: disable=g-import-not-at-top
   rounds, k = 6, 4
   batch = np.array([[1, 4, 16, 64]] * rounds)
   clients = dict(round=np.arange(1, rounds + 1),
@@ -392,7 +392,7 @@ def test_run_figures_say_what_they_draw():
 def test_checkpoint_of_another_shape_is_one_warning_line(tmp_path, capsys):
   """orbax's multi-line mismatch message is cut to its first line."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from fedjax_bsa import checkpoint  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.run import checkpoint  # pylint: disable=g-import-not-at-top
   ck = checkpoint.Checkpointer(str(tmp_path))
   ck.save(2, dict(a=jnp.ones(3)), dict(x=1))
   assert ck.restore(dict(a=jnp.ones(3), b=jnp.zeros(2))) is None

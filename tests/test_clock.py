@@ -1,4 +1,4 @@
-"""Tests for fedjax_bsa.clock: time model, budgets, round policies."""
+"""Tests for fedjax_bsa.plans.clock: time model, budgets, round policies."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import clock
-from fedjax_bsa.clock import (MAX_COUNT, POLICIES, TIME_RTOL, RoundOutcome,
+from fedjax_bsa.plans import clock
+from fedjax_bsa.plans.clock import (MAX_COUNT, POLICIES, TIME_RTOL, RoundOutcome,
                               apply_round_policy, client_time, comm_time,
                               fits_within, local_time, max_batch_within,
                               model_bytes, sample_available, steps_within)
-from fedjax_bsa.resources import ClientResources, make_resources
+from fedjax_bsa.setup.resources import ClientResources, make_resources
 
 _SETTINGS = hypothesis.settings(max_examples=60, deadline=None)
 

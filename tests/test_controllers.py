@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import controllers as C
 from fedjax_bsa.kernel import ClientStats
+from fedjax_bsa.plans import controllers as C
 
 N, K, MU = 12, 5, 4
 

@@ -1,4 +1,4 @@
-"""Tests for fedjax_bsa.deadline: round-deadline rules and their helpers."""
+"""Tests for fedjax_bsa.plans.deadline: round-deadline rules and their helpers."""
 
 import math
 
@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import clock, deadline
-from fedjax_bsa.deadline import (RULES, check_deadline_seconds, check_quantile,
+from fedjax_bsa.plans import clock
+from fedjax_bsa.plans import deadline
+from fedjax_bsa.plans.deadline import (RULES, check_deadline_seconds, check_quantile,
                                  check_rule, compute_comm_ratio,
                                  deadline_steps, one_epoch_time,
                                  round_deadline)
-from fedjax_bsa.resources import make_resources
+from fedjax_bsa.setup.resources import make_resources
 
 
 def _rd(rule, t, active=True, **kw):

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import controllers as C
-from fedjax_bsa import displacement as D
-from fedjax_bsa import noise
-from fedjax_bsa.config import Config, ConfigError
+from fedjax_bsa.core.config import Config, ConfigError
 from fedjax_bsa.kernel import ClientStats
-from fedjax_bsa.runner import run
+from fedjax_bsa.kernel import noise
+from fedjax_bsa.plans import controllers as C
+from fedjax_bsa.plans import displacement as D
+from fedjax_bsa.run.runner import run
 
 K = 4
 

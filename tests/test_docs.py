@@ -3,7 +3,7 @@
 * ``docs/extending.md``: every block fenced exactly as ```` ```python ````
   runs, in order, in one namespace (blocks fenced ``python no-run``,
   ``diff``, ``bash``, ... are shown, not run); its diff to
-  ``fedjax_bsa/config.py`` applies to the current file and adds a traced,
+  ``fedjax_bsa/core/config.py`` applies to the current file and adds a traced,
   sweepable setting; its diff to its own example matches the example.
 * ``docs/design.md``: every backquoted dotted name rooted at a
   ``fedjax_bsa`` module (``fedjax_bsa.kernel.Jobs``, ``kernel.Jobs``,
@@ -11,6 +11,7 @@
   file of the repository exists.
 """
 
+import glob
 import importlib
 import importlib.util
 import os
@@ -21,7 +22,7 @@ import sys
 import pytest
 
 import fedjax_bsa
-from fedjax_bsa import registry
+from fedjax_bsa.core import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTENDING = os.path.join(ROOT, "docs", "extending.md")
@@ -97,13 +98,13 @@ def test_extending_examples_run(registries):
 
 def _config_diff():
   for d in _diffs(EXTENDING):
-    if d.startswith("--- a/fedjax_bsa/config.py"):
+    if d.startswith("--- a/fedjax_bsa/core/config.py"):
       return d
   raise AssertionError("docs/extending.md has no diff of config.py")
 
 
 def test_config_diff_applies_and_adds_a_traced_setting(tmp_path):
-  with open(os.path.join(ROOT, "fedjax_bsa", "config.py")) as fh:
+  with open(os.path.join(ROOT, "fedjax_bsa", "core", "config.py")) as fh:
     src = fh.read()
   for old, new in _hunks(_config_diff()):
     old_text, new_text = "\n".join(old) + "\n", "\n".join(new) + "\n"
@@ -153,11 +154,25 @@ def _modules() -> set:
   return names
 
 
+def _leaves(modules: set) -> dict:
+  """A module's last name -> its full name, for names used once
+  (`config` -> `fedjax_bsa.core.config`)."""
+  seen = {}
+  for m in modules:
+    seen.setdefault(m.rsplit(".", 1)[-1], []).append(m)
+  return {k: v[0] for k, v in seen.items() if len(v) == 1}
+
+
 def _resolve(dotted: str, modules: set) -> bool:
-  """Whether ``dotted`` (``fedjax_bsa.`` optional) names something real."""
+  """Whether ``dotted`` (``fedjax_bsa.`` optional; a module may be named by
+  its last name, `config.Config`) names something real."""
   parts = dotted.split(".")
   if parts[0] != "fedjax_bsa":
-    parts = ["fedjax_bsa"] + parts
+    if ("fedjax_bsa." + parts[0]) not in modules and parts[0] in _leaves(
+        modules):
+      parts = _leaves(modules)[parts[0]].split(".") + parts[1:]
+    else:
+      parts = ["fedjax_bsa"] + parts
   for cut in range(len(parts), 0, -1):
     mod_name = ".".join(parts[:cut])
     if mod_name in modules:
@@ -185,6 +200,7 @@ def _design_spans():
 def test_design_names_exist():
   modules = _modules()
   short = {m.split(".", 1)[1].split(".")[0] for m in modules if "." in m}
+  short |= set(_leaves(modules))
   dotted = re.compile(r"^(?:fedjax_bsa\.)?[a-z_]+(?:\.[A-Za-z_]\w*)+$")
   checked, missing = 0, []
   for span in _design_spans():
@@ -205,9 +221,13 @@ def test_design_paths_exist():
   spans = _design_spans()
   paths = [s for s in spans
            if re.match(r"^(fedjax_bsa|docs|tests|benchmarks)/[\w./]+$", s)]
-  # a bare module file (`plans.py`) is one of the package's
-  paths += [os.path.join("fedjax_bsa", s) for s in spans
-            if re.match(r"^\w+\.py$", s)]
+  # a bare module file (`round_plan.py`) is one of the package's
+  package = os.path.join(ROOT, "fedjax_bsa")
+  for s in spans:
+    if re.match(r"^\w+\.py$", s):
+      found = sorted(glob.glob(os.path.join(package, "**", s), recursive=True))
+      paths.append(os.path.relpath(found[0], ROOT) if found
+                   else os.path.join("fedjax_bsa", s))
   assert len(paths) >= 5, "docs/design.md names too few files"
   missing = [p for p in paths if not os.path.exists(os.path.join(ROOT, p))]
   assert not missing, f"docs/design.md names missing files: {missing}"

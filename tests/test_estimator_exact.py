@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fedjax_bsa.bench import noise_estimator as ne
-from fedjax_bsa import models
+from fedjax_bsa.setup import models
 
 ROUNDS = 80
 

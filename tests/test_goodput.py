@@ -1,15 +1,14 @@
 """Time-optimal batch, headroom and the goodput controller."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import controllers as C
-from fedjax_bsa import goodput
 from fedjax_bsa.kernel import ClientStats
+from fedjax_bsa.plans import controllers as C
+from fedjax_bsa.plans import goodput
 
 
 def _c_eff(b, n):

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
-from fedjax_bsa import Config
 from fedjax_bsa import algorithms
+from fedjax_bsa import Config
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import layout
-from fedjax_bsa import reference
+from fedjax_bsa.kernel import layout
+from fedjax_bsa.kernel import reference
 from kernel_util import close, loss_of, make_jobs, stack
 
 MU = 4

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from fedjax_bsa.data import datasets, loaders
+from fedjax_bsa.data import datasets, loaders, vocab
 from fedjax_bsa.data.loaders import DataFileError
 
 
@@ -84,10 +84,10 @@ def test_leaf_shakespeare_text(tmp_path):
   ds = loaders.load_leaf(train, test_path=train)
   assert ds.x_train.shape == (20, 10) and ds.x_train.dtype == np.int32
   assert ds.num_classes == loaders.NUM_CHAR_CLASSES == 101
-  vocab = loaders.SHAKESPEARE_VOCAB
-  assert ds.x_train[1].tolist() == [vocab.index(c) + 1 for c in xs[1]]
-  assert ds.x_train[0, 3] == 0 and ds.x_train[0, 0] == vocab.index("c") + 1
-  assert ds.y_train.tolist() == [vocab.index(c) + 1 for c in ys]
+  chars = vocab.SHAKESPEARE_VOCAB
+  assert ds.x_train[1].tolist() == [chars.index(c) + 1 for c in xs[1]]
+  assert ds.x_train[0, 3] == 0 and ds.x_train[0, 0] == chars.index("c") + 1
+  assert ds.y_train.tolist() == [chars.index(c) + 1 for c in ys]
   assert ds.client_ids.tolist() == [0] * 12 + [1] * 8
   held = loaders.load_leaf(train, seed=1)
   assert held.x_train.shape == (16, 10) and held.x_test.shape == (4, 10)

@@ -1,4 +1,4 @@
-"""Tests for fedjax_bsa.models: patch convolutions and slice max-pooling
+"""Tests for fedjax_bsa.setup.models: patch convolutions and slice max-pooling
 against flax's ``nn.Conv`` / ``nn.max_pool``, whole models against their
 flax-conv variants, and per-lane ``vmap`` against a loop over lanes."""
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import models
+from fedjax_bsa.setup import models
 
 
 def _close(a, b, rtol=1e-5):

@@ -9,9 +9,9 @@ import sys
 
 from records_util import assert_records_close
 
-from fedjax_bsa import runner
-from fedjax_bsa import sweep
-from fedjax_bsa.config import Config
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.run import runner
+from fedjax_bsa.run import sweep
 
 SETTINGS = dict(rounds=4, eval_every=2, clients_per_round=5, num_clients=15,
                 hidden=8, local_steps=2, controller="noise_scale")

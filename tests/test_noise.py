@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import noise
+from fedjax_bsa.kernel import noise
 
 
 def _truth(v, s2):

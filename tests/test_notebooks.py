@@ -1,7 +1,6 @@
 """The notebooks execute top to bottom without errors, and are stored
 without outputs."""
 
-import os
 import time
 from pathlib import Path
 

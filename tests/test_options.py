@@ -9,9 +9,9 @@ import pickle
 import numpy as np
 import pytest
 
-from fedjax_bsa import experiment
-from fedjax_bsa.config import Config
-from fedjax_bsa.runner import run
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.run.runner import run
+from fedjax_bsa.setup import experiment
 
 BASE = dict(rounds=20, eval_every=20, num_clients=30, clients_per_round=6,
             hidden=32, progress=False, controller="constant", batch_size=8,

@@ -1,6 +1,5 @@
-"""fedjax_bsa.plot: PNGs of a real (tiny) run, comparison, errors, CLI."""
+"""fedjax_bsa.report.plot: PNGs of a real (tiny) run, comparison, errors, CLI."""
 
-import json
 import os
 import shutil
 
@@ -8,8 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from fedjax_bsa import plot
-from fedjax_bsa.config import Config
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.report import plot
 
 NAMES = ["accuracy.png", "batch_size.png", "noise_scale.png",
          "padding_efficiency.png"]

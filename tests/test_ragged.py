@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.scipy.stats import chi2
 
-from fedjax_bsa import distributed
 from fedjax_bsa.data import datasets
 from fedjax_bsa.data import federated as fd
 from fedjax_bsa.data import partition
+from fedjax_bsa.run import distributed
 
 DEVICES = 8
 _M32 = np.uint64(0xFFFFFFFF)

@@ -7,11 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from fedjax_bsa import Config, driver, experiment
+from fedjax_bsa import Config
 from fedjax_bsa.bench import regimes
 from fedjax_bsa.bench import regimes_main
 from fedjax_bsa.bench import regimes_report as report
-from fedjax_bsa.outputs import Outputs
+from fedjax_bsa.run import driver
+from fedjax_bsa.run import loop
+from fedjax_bsa.run.outputs import Outputs
+from fedjax_bsa.setup import experiment
 
 
 def test_quick_mode_writes_the_report(tmp_path):
@@ -120,7 +123,7 @@ def test_retiming_reproduces_the_clock_and_scales_communication():
                local_steps=3, speed_sigma=1.0, controller="goodput")
   pre = driver.prepare(cfg, [{}], mesh=None)
   out = Outputs(cfg, None)
-  driver.execute(pre, [out])
+  loop.execute(pre, [out])
   exp = pre.experiments[0]
   parts = regimes.round_parts(exp, out.clients())
   rounds = [r["round"] for r in out.records]

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import deadline as deadline_lib
-from fedjax_bsa import registry
-from fedjax_bsa.config import Config, ConfigError
+from fedjax_bsa.core import registry
+from fedjax_bsa.core.config import Config, ConfigError
 from fedjax_bsa.data import datasets
-from fedjax_bsa.runner import run
-from fedjax_bsa.sweep import run_sweep
+from fedjax_bsa.plans import deadline as deadline_lib
+from fedjax_bsa.run.runner import run
+from fedjax_bsa.run.sweep import run_sweep
 
 
 LOADED = []   # the seeds noisy_digits was built for

@@ -1,4 +1,4 @@
-"""Tests for fedjax_bsa.resources: profiles, trace loading, validation."""
+"""Tests for fedjax_bsa.setup.resources: profiles, trace loading, validation."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 
-from fedjax_bsa import resources
-from fedjax_bsa.resources import (DEFAULT_TIERS, PROFILES, ClientResources,
+from fedjax_bsa.setup import resources
+from fedjax_bsa.setup.resources import (DEFAULT_TIERS, PROFILES, ClientResources,
                                   describe, load_trace, make_resources)
 
 _DTYPES = {"speed": np.float32, "step_overhead": np.float32,

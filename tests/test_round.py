@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from fedjax_bsa import Config
-from fedjax_bsa import driver
-from fedjax_bsa import registry
+from fedjax_bsa.core import registry
 from fedjax_bsa.data.datasets import Dataset
+from fedjax_bsa.run import driver
 
 D_IN, C, N_CLIENTS = 3, 3, 4
 RNG = np.random.default_rng(7)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from fedjax_bsa.config import Config
-from fedjax_bsa.runner import run
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.run.runner import run
 
 SMALL = dict(num_clients=30, clients_per_round=6, hidden=32, eval_every=10,
              progress=False, min_examples=5)

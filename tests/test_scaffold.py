@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa import Config
 from fedjax_bsa import algorithms
+from fedjax_bsa import Config
 from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa.data import federated
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa import layout as layout_lib
 from fedjax_bsa.data import federated
+from fedjax_bsa.kernel import layout as layout_lib
 
 from benchmarks import scale
 
@@ -101,7 +101,7 @@ def test_variants_sample_through_the_round_loop(fed):
   """The ``library`` variant runs the library's own sampler (the round
   loop's cohorts equal a simulation built without a sampler); another
   variant changes the cohorts the loop draws, and only them."""
-  from fedjax_bsa import simulate
+  from fedjax_bsa.run import simulate
   assert scale.cohort_sampler("library") is simulate.sample_cohort
   cfg = scale.make_config(N, 16, rounds=1)
   run = scale.make_run(cfg, fed)

@@ -18,15 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bsa import algorithms
-from fedjax_bsa import distributed
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import models
-from fedjax_bsa import reference
-from fedjax_bsa import runner
-from fedjax_bsa import sweep
-from fedjax_bsa.config import Config
+from fedjax_bsa.core.config import Config
 from fedjax_bsa.data import datasets
 from fedjax_bsa.data import federated
+from fedjax_bsa.kernel import reference
+from fedjax_bsa.run import distributed
+from fedjax_bsa.run import runner
+from fedjax_bsa.run import sweep
+from fedjax_bsa.setup import models
 
 
 DEVICES = 8

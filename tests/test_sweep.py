@@ -6,9 +6,9 @@ from records_util import assert_records_close
 import pytest
 
 from fedjax_bsa import cli
-from fedjax_bsa import runner
-from fedjax_bsa import sweep
-from fedjax_bsa.config import Config, ConfigError
+from fedjax_bsa.core.config import Config, ConfigError
+from fedjax_bsa.run import runner
+from fedjax_bsa.run import sweep
 
 BASE = dict(rounds=4, eval_every=2, clients_per_round=5, num_clients=15,
             hidden=8, local_steps=2, controller="noise_scale", progress=False)
@@ -111,7 +111,7 @@ def test_seeds_of_a_generated_dataset_with_different_test_sizes_sweep():
   base = Config(**dict(BASE, dataset="synthetic", partition="natural",
                        num_clients=12, clients_per_round=4))
   ov = [dict(seed=0), dict(seed=1)]
-  from fedjax_bsa import experiment as experiment_lib
+  from fedjax_bsa.setup import experiment as experiment_lib
   sizes = {len(experiment_lib.build(base.replace(**o)).dataset.y_test)
            for o in ov}
   assert len(sizes) == 2        # the case this test is about

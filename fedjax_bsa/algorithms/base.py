@@ -23,7 +23,7 @@ An :class:`Algorithm` is a ``NamedTuple`` of functions (fedjax's
   ``x_k - x`` (the kernel then also returns them, ``[K, ...]``).
 
 The kernel, the round loop and the driver know no algorithm names; the
-algorithms register themselves in :data:`fedjax_bsa.registry.ALGORITHMS`
+algorithms register themselves in :data:`fedjax_bsa.core.registry.ALGORITHMS`
 (``factory(cfg) -> Algorithm``).
 """
 
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_bsa import registry
+from fedjax_bsa.core import registry
 
 __all__ = ["Algorithm", "RoundResult", "ClientPull", "pull",
            "client_optimizer", "server_optimizer", "example_weights",

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fedjax_bsa import registry
 from fedjax_bsa.algorithms import base
+from fedjax_bsa.core import registry
 
 __all__ = ["fedavg", "fedprox", "fednova", "fednova_weights"]
 

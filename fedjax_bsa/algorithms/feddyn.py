@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_bsa import registry
 from fedjax_bsa.algorithms import base
+from fedjax_bsa.core import registry
 
 __all__ = ["FedDynState", "feddyn"]
 

@@ -2,11 +2,11 @@
 
 * :func:`kernel_fn`: the kernel itself (FedAvg with client SGD), for one
   experiment, unjitted (the caller compiles it).
-* :func:`padded_fn`: :func:`fedjax_bsa.reference.make_padded_kernel` with
+* :func:`padded_fn`: :func:`fedjax_bsa.kernel.reference.make_padded_kernel` with
   the kernel's call signature.
 * :class:`NaiveLoop`: a per-client Python loop with exact shapes, one
   jitted SGD step per distinct batch size (stronger than
-  :func:`fedjax_bsa.reference.reference_round`, which also computes the
+  :func:`fedjax_bsa.kernel.reference.reference_round`, which also computes the
   noise statistics on the host).
 * :func:`run_fedjax`: the uniform mix through FedJAX 0.0.17 in its own
   virtualenv (:mod:`fedjax_bsa.bench.fedjax_uniform` as a subprocess).
@@ -26,10 +26,10 @@ import numpy as np
 
 from fedjax_bsa import algorithms
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import models
-from fedjax_bsa import reference
-from fedjax_bsa.config import Config
+from fedjax_bsa.core.config import Config
 from fedjax_bsa.data import federated
+from fedjax_bsa.kernel import reference
+from fedjax_bsa.setup import models
 
 __all__ = ["loss_of", "fedavg", "kernel_fn", "padded_fn", "ceiling_fn",
            "gather_batches", "NaiveLoop",

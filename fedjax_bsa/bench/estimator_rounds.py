@@ -18,16 +18,16 @@ import numpy as np
 import optax
 
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import models
-from fedjax_bsa import noise
-from fedjax_bsa.bench.estimator_setup import FROZEN_LR
-from fedjax_bsa.bench.estimator_setup import MU
 from fedjax_bsa.bench.estimator_setup import Case
-from fedjax_bsa.bench.estimator_setup import Setup
-from fedjax_bsa.bench.estimator_setup import _sizes
+from fedjax_bsa.bench.estimator_setup import client_sizes
+from fedjax_bsa.bench.estimator_setup import FROZEN_LR
 from fedjax_bsa.bench.estimator_setup import make_cases
 from fedjax_bsa.bench.estimator_setup import make_setup
+from fedjax_bsa.bench.estimator_setup import MU
+from fedjax_bsa.bench.estimator_setup import Setup
 from fedjax_bsa.data import federated
+from fedjax_bsa.kernel import noise
+from fedjax_bsa.setup import models
 
 __all__ = ["make_kernel", "round_jobs", "kernel_estimates", "local_rows",
            "recompute", "run"]
@@ -131,7 +131,7 @@ def recompute(setup: Setup, case: Case, idx: np.ndarray,
   """
   b, n, k = case.batch, case.n, case.client
   K = setup.gram[k]
-  sizes = _sizes(b, mu)
+  sizes = client_sizes(b, mu)
   m = len(sizes)
   pad = m * mu - b
   idx_p = np.concatenate([idx, np.zeros(idx.shape[:-1] + (pad,), np.int64)],

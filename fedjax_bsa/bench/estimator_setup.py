@@ -18,10 +18,10 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa import models
 from fedjax_bsa.data import datasets
 from fedjax_bsa.data import federated
 from fedjax_bsa.data import partition
+from fedjax_bsa.setup import models
 
 __all__ = ["MU", "SIZES", "PARTITIONS", "Case", "Setup", "choose_clients",
            "train", "per_example_grads", "exact_stats", "make_setup",
@@ -182,7 +182,7 @@ def make_cases(setup: Setup, sizes=SIZES, mu: int = MU) -> list[Case]:
           for b, s in case_batches(n, mu)]
 
 
-def _sizes(b: int, mu: int) -> np.ndarray:
+def client_sizes(b: int, mu: int) -> np.ndarray:
   """Microbatch sizes of a batch of ``b``: full ``mu``s, then the rest."""
   m = -(-b // mu)
   return np.array([min(mu, b - j * mu) for j in range(m)])

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_bsa.bench.estimator_setup import client_sizes
 from fedjax_bsa.bench.estimator_setup import MU
 from fedjax_bsa.bench.estimator_setup import Setup
-from fedjax_bsa.bench.estimator_setup import _sizes
 
 __all__ = ["predicted_uncorrected", "mean_se", "ratio_se", "agrees",
            "summarize", "overall"]
@@ -82,7 +82,7 @@ def summarize(setup: Setup, cases, g_k, tr_k, recs) -> list[dict]:
                                    rec["b_small"], c.batch)
     rows.append(dict(
         partition=c.partition, n=c.n, batch=c.batch, steps=c.steps,
-        microbatch_sizes=_sizes(c.batch, MU).tolist(),
+        microbatch_sizes=client_sizes(c.batch, MU).tolist(),
         c_small=rec["c_small"], c_big=rec["c_big"],
         uncorrected_b_small=rec["b_small"],
         exact=dict(g_sq=g_ex, trace=tr_ex, b_simple=b_ex),

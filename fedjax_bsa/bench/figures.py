@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa import models
 from fedjax_bsa.bench import harness
+from fedjax_bsa.setup import models
 
 __all__ = ["kernel_efficiency", "padded_efficiency", "flops_per_example",
            "entry", "apply_peak", "total_bytes"]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa.autotune import cpu_model
+from fedjax_bsa.run.autotune import cpu_model
 
 __all__ = ["summarize", "rate", "scaled", "interleaved", "timed_call",
            "compile_timed", "memory_of", "matmul_peak", "machine_name",

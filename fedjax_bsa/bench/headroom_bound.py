@@ -1,7 +1,7 @@
 """How large the batch lever's headroom can be at all.
 
 ``python -m benchmarks.headroom_bound`` searches the synchronous round's
-headroom (:func:`fedjax_bsa.goodput.headroom`: the best round with one
+headroom (:func:`fedjax_bsa.plans.goodput.headroom`: the best round with one
 common batch over the best with each client at its own) over two clients
 whose noise scale ``B_k``, per-step overhead ``o_k`` and speed ``v_k`` range
 over stated boxes, for several batch ranges ``[b_min, b_max]``. Two clients
@@ -25,8 +25,8 @@ import sys
 
 import numpy as np
 
-from fedjax_bsa import goodput
 from fedjax_bsa.bench import harness
+from fedjax_bsa.plans import goodput
 
 __all__ = ["BOXES", "search", "main"]
 

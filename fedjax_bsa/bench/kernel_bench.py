@@ -5,8 +5,8 @@ kernel with noise statistics, the padded layout, the naive loop and the
 extras the caller asks for. :func:`bench_uniform`: the same on the uniform
 mix (microbatch = its batch for the best hand-tuned layout), plus the
 kernel at the default settings a run gets (the microbatch and layout of
-:func:`fedjax_bsa.layout.resolve_microbatch` and
-:func:`fedjax_bsa.layout.choose`, noise estimates on) and the ceiling (a
+:func:`fedjax_bsa.kernel.layout.resolve_microbatch` and
+:func:`fedjax_bsa.kernel.layout.choose`, noise estimates on) and the ceiling (a
 plain vmapped scan over pre-gathered batches), with FedJAX timed between
 two halves of the repetitions. Both return the mix's report entry.
 """
@@ -19,13 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_bsa import autotune
-from fedjax_bsa import layout as layout_lib
 from fedjax_bsa.bench import baselines
 from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import kernel_mixes as km
 from fedjax_bsa.bench import scenarios
+from fedjax_bsa.kernel import layout as layout_lib
+from fedjax_bsa.run import autotune
 
 __all__ = ["bench_mix", "bench_uniform", "summary_fields"]
 
@@ -82,7 +82,7 @@ def bench_mix(w: km.Workload, grid, ctx: km.Ctx, *, noise_stats=True,
     noise_stats: also time the kernel with noise statistics.
     other_plans: ``{name: Mix}``, other plans of the same clients run by the
       headline kernel (same compile).
-    with_reference: also time :func:`fedjax_bsa.reference.reference_round`.
+    with_reference: also time :func:`fedjax_bsa.kernel.reference.reference_round`.
     mesh: also time the kernel's lanes over this mesh.
 
   Returns:
@@ -165,8 +165,8 @@ def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
 def default_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
   """The kernel as a run builds it with every layout setting at its
   default (``layout=measure``, noise estimates on): the candidates of
-  :func:`fedjax_bsa.layout.candidates` timed on this workload by
-  :func:`fedjax_bsa.autotune.search`, the fastest kept (its entry records
+  :func:`fedjax_bsa.kernel.layout.candidates` timed on this workload by
+  :func:`fedjax_bsa.run.autotune.search`, the fastest kept (its entry records
   every candidate's time)."""
   batch = int(w.mix.batch_size[0])
   cands = layout_lib.candidates(jax.default_backend(), len(w.mix.clients),

@@ -2,7 +2,7 @@
 
 * :func:`check_against_reference`: the kernel (two experiments packed in
   one lane pool, noise statistics on) against
-  :func:`fedjax_bsa.reference.reference_round` on a random plan, both at
+  :func:`fedjax_bsa.kernel.reference.reference_round` on a random plan, both at
   ``highest`` matmul precision (so that a GPU's TF32 default does not
   blur the comparison); ``python -m fedjax_bsa.bench.kernel_checks`` runs
   it and exits 1 when they differ.
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import reference
 from fedjax_bsa.bench import baselines
 from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import scenarios
+from fedjax_bsa.kernel import reference
 
 __all__ = ["check_against_reference", "compile_test", "main"]
 

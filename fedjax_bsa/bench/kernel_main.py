@@ -9,7 +9,7 @@ cnn2d. On each, in one process and after warm-up, interleaved round-robin
 ``(lanes, microbatch)``, then the headline kernel against the kernel with
 noise statistics, the padded layout, the naive loop (subsets scaled up when
 too big), on the standard mix also the unquantized plan and (full runs)
-:func:`fedjax_bsa.reference.reference_round`, on the uniform mix FedJAX
+:func:`fedjax_bsa.kernel.reference.reference_round`, on the uniform mix FedJAX
 0.0.17 in its own venv (``--fedjax-python``; null when absent). Then the
 compile test (:func:`fedjax_bsa.bench.kernel_checks.compile_test`) and,
 with ``--check``, the kernel against the reference first.

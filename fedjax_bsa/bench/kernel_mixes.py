@@ -19,11 +19,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from fedjax_bsa import reference
 from fedjax_bsa.bench import baselines
 from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import scenarios
+from fedjax_bsa.kernel import reference
 
 __all__ = ["Workload", "workload", "Ctx", "Method", "Counted", "counted_jit",
            "lane_sweep", "kernel_method", "noise_method", "plan_method",
@@ -235,7 +235,7 @@ def naive_method(w: Workload, ctx: Ctx) -> Method:
 
 
 def reference_method(w: Workload, mu: int, ctx: Ctx) -> Method:
-  """:func:`fedjax_bsa.reference.reference_round` (with noise stats)."""
+  """:func:`fedjax_bsa.kernel.reference.reference_round` (with noise stats)."""
   alg = baselines.fedavg()
   run = lambda: reference.reference_round(
       baselines.loss_of(w.model), alg.client_tx, alg.client_init, *w.args,

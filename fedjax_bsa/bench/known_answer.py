@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa import controllers
-from fedjax_bsa import displacement
 from fedjax_bsa.kernel import ClientStats
+from fedjax_bsa.plans import controllers
+from fedjax_bsa.plans import displacement
 
 __all__ = ["Problem", "make_problem", "grid_times", "controller_time",
            "seed_study", "GRID", "main"]

@@ -12,7 +12,7 @@ few epochs of plain minibatch SGD, this compares
   ``.trace``: finite-population coefficients, ``docs/method.md`` (a)) over
   many rounds of fresh shuffles at frozen parameters (learning rate
   ``1e-12``);
-* the uncorrected estimates (:func:`fedjax_bsa.noise.two_batch_estimates`
+* the uncorrected estimates (:func:`fedjax_bsa.kernel.noise.two_batch_estimates`
   with the harmonic mean of the microbatch sizes, as the old kernel did) on
   the same draws.
 
@@ -60,28 +60,28 @@ import numpy as np
 import optax
 
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench.estimator_setup import ALPHA
-from fedjax_bsa.bench.estimator_setup import FROZEN_LR
-from fedjax_bsa.bench.estimator_setup import HIDDEN
-from fedjax_bsa.bench.estimator_setup import MU
-from fedjax_bsa.bench.estimator_setup import PARTITIONS
-from fedjax_bsa.bench.estimator_setup import POOL
-from fedjax_bsa.bench.estimator_setup import SIZES
-from fedjax_bsa.bench.estimator_setup import Case
-from fedjax_bsa.bench.estimator_setup import Setup
-from fedjax_bsa.bench.estimator_setup import case_batches
-from fedjax_bsa.bench.estimator_setup import choose_clients
-from fedjax_bsa.bench.estimator_setup import exact_stats
-from fedjax_bsa.bench.estimator_setup import make_cases
-from fedjax_bsa.bench.estimator_setup import make_setup
-from fedjax_bsa.bench.estimator_setup import per_example_grads
-from fedjax_bsa.bench.estimator_setup import train
 from fedjax_bsa.bench.estimator_rounds import kernel_estimates
 from fedjax_bsa.bench.estimator_rounds import local_rows
 from fedjax_bsa.bench.estimator_rounds import make_kernel
 from fedjax_bsa.bench.estimator_rounds import recompute
 from fedjax_bsa.bench.estimator_rounds import round_jobs
 from fedjax_bsa.bench.estimator_rounds import run
+from fedjax_bsa.bench.estimator_setup import ALPHA
+from fedjax_bsa.bench.estimator_setup import Case
+from fedjax_bsa.bench.estimator_setup import case_batches
+from fedjax_bsa.bench.estimator_setup import choose_clients
+from fedjax_bsa.bench.estimator_setup import exact_stats
+from fedjax_bsa.bench.estimator_setup import FROZEN_LR
+from fedjax_bsa.bench.estimator_setup import HIDDEN
+from fedjax_bsa.bench.estimator_setup import make_cases
+from fedjax_bsa.bench.estimator_setup import make_setup
+from fedjax_bsa.bench.estimator_setup import MU
+from fedjax_bsa.bench.estimator_setup import PARTITIONS
+from fedjax_bsa.bench.estimator_setup import per_example_grads
+from fedjax_bsa.bench.estimator_setup import POOL
+from fedjax_bsa.bench.estimator_setup import Setup
+from fedjax_bsa.bench.estimator_setup import SIZES
+from fedjax_bsa.bench.estimator_setup import train
 from fedjax_bsa.bench.estimator_stats import agrees
 from fedjax_bsa.bench.estimator_stats import mean_se
 from fedjax_bsa.bench.estimator_stats import overall

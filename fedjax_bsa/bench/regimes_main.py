@@ -23,12 +23,12 @@ import os
 import platform
 import time
 
-from fedjax_bsa import experiment as experiment_lib
-from fedjax_bsa import regime
 from fedjax_bsa.bench import harness
 from fedjax_bsa.bench import regimes
-from fedjax_bsa.bench import regimes_report as report
 from fedjax_bsa.bench import regimes_figures as figures
+from fedjax_bsa.bench import regimes_report as report
+from fedjax_bsa.report import regime
+from fedjax_bsa.setup import experiment as experiment_lib
 
 __all__ = ["main", "QUICK"]
 

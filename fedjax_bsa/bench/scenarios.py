@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa import models
 from fedjax_bsa import data as data_lib
+from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa.data import federated
+from fedjax_bsa.setup import models
 
 __all__ = ["MU", "HIDDEN", "Mix", "standard_mix", "large_mix",
            "uniform_mix", "cnn1d_mix", "cnn2d_mix", "custom_mix",

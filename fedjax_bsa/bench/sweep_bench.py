@@ -10,12 +10,12 @@ a ``constant`` batch) two measures, each interleaved over repetitions:
   ``--skip-chunks`` untimed ones (so that adaptive batches have grown),
   compile excluded (every program is warmed up first, compile times
   reported apart). *packed*: the sweep's program
-  (:func:`fedjax_bsa.driver.prepare` of all E; every experiment's client
+  (:func:`fedjax_bsa.run.driver.prepare` of all E; every experiment's client
   jobs share one lane pool). *sequential*: each experiment's own
   single-run program called in turn (one compile serves them all when
   their shapes agree).
-* **end to end**: what a user waits for: :func:`fedjax_bsa.sweep.
-  run_sweep` of the E experiments against E :func:`fedjax_bsa.runner.run`
+* **end to end**: what a user waits for: :func:`fedjax_bsa.run.sweep.
+  run_sweep` of the E experiments against E :func:`fedjax_bsa.run.runner.run`
   calls one after another, each building its inputs, compiling, running
   ``--e2e-rounds`` rounds and evaluating every ``eval_every``; in one
   process, no output files, one device.
@@ -40,11 +40,11 @@ import time
 import jax
 import numpy as np
 
-from fedjax_bsa import driver
-from fedjax_bsa import runner
-from fedjax_bsa import sweep as sweep_lib
 from fedjax_bsa.bench import harness
-from fedjax_bsa.config import Config, parse_assignments
+from fedjax_bsa.core.config import Config, parse_assignments
+from fedjax_bsa.run import driver
+from fedjax_bsa.run import runner
+from fedjax_bsa.run import sweep as sweep_lib
 
 __all__ = ["overrides", "compiled_loop", "end_to_end", "main"]
 

@@ -40,9 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa.data.ragged import FederatedData
-from fedjax_bsa.data.ragged import _client_major  # used by distributed.py
 from fedjax_bsa.data.ragged import client_rows
+from fedjax_bsa.data.ragged import FederatedData
 from fedjax_bsa.data.ragged import from_partition
 from fedjax_bsa.data.ragged import from_sizes
 from fedjax_bsa.data.ragged import lognormal_sizes

@@ -21,10 +21,9 @@ import zipfile
 
 import numpy as np
 
-from fedjax_bsa.data.datasets import Dataset
-from fedjax_bsa.data.vocab import NUM_CHAR_CLASSES
-from fedjax_bsa.data.vocab import SHAKESPEARE_VOCAB
+from fedjax_bsa.data.base import Dataset
 from fedjax_bsa.data.vocab import encode_text
+from fedjax_bsa.data.vocab import NUM_CHAR_CLASSES
 
 
 class DataFileError(ValueError):

@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from fedjax_bsa.data.partition_checks import _as_labels
-from fedjax_bsa.data.partition_checks import _check_clients
-from fedjax_bsa.data.partition_checks import _check_min_examples
+from fedjax_bsa.data.partition_checks import as_labels
+from fedjax_bsa.data.partition_checks import check_clients
+from fedjax_bsa.data.partition_checks import check_min_examples
 
 PARTITION_NAMES = ("iid", "dirichlet", "shards", "quantity", "natural")
 QUANTITY_METHODS = ("dirichlet", "lognormal")
@@ -37,7 +37,7 @@ def iid(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
   Returns:
     ``num_clients`` int64 index arrays whose sizes differ by at most one.
   """
-  k = _check_clients(num_clients, num_examples)
+  k = check_clients(num_clients, num_examples)
   perm = np.random.default_rng(seed).permutation(int(num_examples))
   return _finish(np.array_split(perm, k))
 
@@ -71,12 +71,12 @@ def dirichlet(labels, num_clients: int, alpha: float, seed: int,
     ValueError: On bad arguments, or if no draw within ``max_tries`` gives
       every client ``min_examples``.
   """
-  y = _as_labels(labels)
+  y = as_labels(labels)
   n = y.size
-  k = _check_clients(num_clients, n)
+  k = check_clients(num_clients, n)
   if not alpha > 0 or not math.isfinite(alpha):
     raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-  min_examples = _check_min_examples(min_examples, k, n)
+  min_examples = check_min_examples(min_examples, k, n)
   if int(max_tries) < 1:
     raise ValueError(f"max_tries must be >= 1, got {max_tries}")
   rng = np.random.default_rng(seed)
@@ -139,9 +139,9 @@ def shards(labels, num_clients: int, seed: int,
   Returns:
     ``num_clients`` int64 index arrays.
   """
-  y = _as_labels(labels)
+  y = as_labels(labels)
   n = y.size
-  k = _check_clients(num_clients, n)
+  k = check_clients(num_clients, n)
   if int(shards_per_client) < 1:
     raise ValueError(f"shards_per_client must be >= 1, got {shards_per_client}")
   total = k * int(shards_per_client)
@@ -189,8 +189,8 @@ def quantity(num_examples: int, num_clients: int, seed: int,
     ``num_clients`` int64 index arrays.
   """
   n = int(num_examples)
-  k = _check_clients(num_clients, n)
-  min_examples = _check_min_examples(min_examples, k, n)
+  k = check_clients(num_clients, n)
+  min_examples = check_min_examples(min_examples, k, n)
   rng = np.random.default_rng(seed)
   if method == "dirichlet":
     if not alpha > 0 or not math.isfinite(alpha):
@@ -222,7 +222,7 @@ def natural(client_ids) -> list[np.ndarray]:
   Returns:
     One int64 index array per distinct id, in increasing id order.
   """
-  ids = _as_labels(client_ids, "client_ids")
+  ids = as_labels(client_ids, "client_ids")
   order = np.argsort(ids, kind="stable")
   _, starts = np.unique(ids[order], return_index=True)
   return _finish(np.split(order, starts[1:]))
@@ -277,12 +277,12 @@ def make_partition(name: str, labels, num_clients: int | None, seed: int, *,
     raise ValueError(f"num_clients=None is only allowed for 'natural', not "
                      f"{name!r}")
   if name == "iid":
-    return iid(len(_as_labels(labels)), num_clients, seed)
+    return iid(len(as_labels(labels)), num_clients, seed)
   if name == "dirichlet":
     return dirichlet(labels, num_clients, alpha, seed, min_examples)
   if name == "shards":
     return shards(labels, num_clients, seed, shards_per_client)
-  return quantity(len(_as_labels(labels)), num_clients, seed,
+  return quantity(len(as_labels(labels)), num_clients, seed,
                   method=quantity_method, alpha=alpha, sigma=quantity_sigma,
                   min_examples=min_examples)
 
@@ -315,7 +315,7 @@ def summarize(parts, labels, num_classes: int) -> dict:
     ``log C``, averaged over clients; empty clients count as 0) and
     ``global_label_entropy`` (same normalization, all assigned examples).
   """
-  y = _as_labels(labels)
+  y = as_labels(labels)
   if int(num_classes) < 1 or y.max() >= int(num_classes):
     raise ValueError(f"num_classes must be > max label {y.max()}, got "
                      f"{num_classes}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _as_labels(labels, name: str = "labels") -> np.ndarray:
+def as_labels(labels, name: str = "labels") -> np.ndarray:
   arr = np.asarray(labels)
   if arr.ndim != 1 or arr.size == 0:
     raise ValueError(f"{name} must be a non-empty 1-D array, got shape "
@@ -23,7 +23,7 @@ def _as_labels(labels, name: str = "labels") -> np.ndarray:
   return arr.astype(np.int64)
 
 
-def _check_clients(num_clients, num_examples) -> int:
+def check_clients(num_clients, num_examples) -> int:
   if int(num_examples) < 1:
     raise ValueError(f"num_examples must be >= 1, got {num_examples}")
   if not 1 <= int(num_clients) <= int(num_examples):
@@ -32,7 +32,7 @@ def _check_clients(num_clients, num_examples) -> int:
   return int(num_clients)
 
 
-def _check_min_examples(min_examples, num_clients, num_examples) -> int:
+def check_min_examples(min_examples, num_clients, num_examples) -> int:
   if int(min_examples) < 0:
     raise ValueError(f"min_examples must be >= 0, got {min_examples}")
   if num_clients * int(min_examples) > num_examples:

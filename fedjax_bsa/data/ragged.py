@@ -34,7 +34,7 @@ class FederatedData(NamedTuple):
   A pytree of arrays: pass it into jitted code (never close over it). Built
   on the host (numpy) by :func:`from_partition`, :func:`from_sizes` or
   :func:`merge`; move with ``jax.device_put`` or shard with
-  :func:`fedjax_bsa.distributed.ragged_client_data`.
+  :func:`fedjax_bsa.run.distributed.ragged_client_data`.
   """
   x: jax.Array             # float32 [T, *feature_shape], every example once
   y: jax.Array             # int32 [T]
@@ -256,7 +256,7 @@ def merge(datas: Sequence[FederatedData]) -> tuple[FederatedData, np.ndarray]:
                      f"{_MAX_ROWS}")
   sizes = np.concatenate([d.num_examples.astype(np.int64) for d in datas])
   _check_sizes(sizes, "num_examples")
-  rows = np.concatenate([_client_major(d) + base[g]
+  rows = np.concatenate([client_major(d) + base[g]
                          for d, g in zip(datas, group)])
   x = xs[0] if len(xs) == 1 else np.concatenate(xs)
   y = ys[0] if len(ys) == 1 else np.concatenate(ys)
@@ -265,7 +265,7 @@ def merge(datas: Sequence[FederatedData]) -> tuple[FederatedData, np.ndarray]:
   return _pack(x, y, rows, sizes), first
 
 
-def _client_major(d: FederatedData) -> np.ndarray:
+def client_major(d: FederatedData) -> np.ndarray:
   """``d``'s rows in client order (``rows`` itself when already packed)."""
   n = d.num_examples.astype(np.int64)
   packed = np.concatenate([[0], np.cumsum(n)[:-1]])

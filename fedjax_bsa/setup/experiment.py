@@ -1,0 +1,228 @@
+"""From a :class:`~fedjax_bsa.core.config.Config` to the host-side pieces of one
+experiment: dataset, partition, resources, model, algorithm. Run once,
+before the compiled loop.
+
+The built-in datasets, partitions, models and resource profiles register
+themselves here (:mod:`fedjax_bsa.core.registry`); each factory takes the config
+(and the dataset where it needs one).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from fedjax_bsa import algorithms
+from fedjax_bsa.core import registry as reg
+from fedjax_bsa.core.config import Config, ConfigError
+from fedjax_bsa.data import datasets
+from fedjax_bsa.data import partition as partition_lib
+from fedjax_bsa.plans import clock
+from fedjax_bsa.setup import models
+from fedjax_bsa.setup import resources as resources_lib
+
+__all__ = ["Experiment", "build", "load_dataset", "make_parts",
+           "make_resources", "make_model", "model_name"]
+
+
+class Experiment(NamedTuple):
+  """The host-side pieces of one experiment, built from a config."""
+  cfg: Config
+  dataset: datasets.Dataset
+  parts: list                                # index arrays, one per client
+  resources: resources_lib.ClientResources   # numpy, [N]
+  model: models.Model
+  algorithm: algorithms.Algorithm
+  model_bytes: int
+
+  @property
+  def num_clients(self) -> int:
+    return len(self.parts)
+
+
+def _as_user_error(what: str, build, *args):
+  """Calls a host-side builder; its ``ValueError`` (a bad setting or file,
+  never a bug in compiled code) becomes a :class:`ConfigError`."""
+  try:
+    return build(*args)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(f"{what}: {e}") from None
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@reg.DATASETS.register("digits")
+def _digits(cfg):
+  """scikit-learn's bundled 8x8 digits, fixed 80/20 split."""
+  del cfg
+  return datasets.load("digits")
+
+
+@reg.DATASETS.register("mnist1d", seeded=True)
+def _mnist1d(cfg):
+  """MNIST-1D from the ``mnist1d`` package's offline generator."""
+  return _mnist1d_cached(cfg.num_examples, cfg.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _mnist1d_cached(num_examples: int, seed: int):
+  # generating 40,000 examples takes ~15 s; sweeps and studies rebuild the
+  # same ones (the arrays are never written to)
+  return datasets.load("mnist1d", num_examples=num_examples, seed=seed)
+
+
+@reg.DATASETS.register("synthetic", seeded=True)
+def _synthetic(cfg):
+  """Synthetic(alpha, beta) of Li et al. (FedProx), natural clients."""
+  return datasets.load("synthetic", alpha=cfg.synthetic_alpha,
+                       beta=cfg.synthetic_beta, num_clients=cfg.num_clients,
+                       seed=cfg.seed)
+
+
+def _file_dataset(name):
+  def load(cfg):
+    return datasets.load(name, path=cfg.data_path)
+  load.__doc__ = f"The {name} files in ``data_path``."
+  return load
+
+
+for _name in ("leaf", "cifar10", "npz"):
+  reg.DATASETS.register(_name, _file_dataset(_name), reads_file=True)
+FILE_DATASETS = ("leaf", "cifar10", "npz")
+
+
+def load_dataset(cfg: Config) -> datasets.Dataset:
+  """The configured dataset (seeded where generated).
+
+  Raises:
+    ConfigError: the data cannot be loaded or generated with these
+      settings (a missing or malformed file names the file).
+  """
+  return _as_user_error(f"dataset={cfg.dataset}",
+                        reg.DATASETS.get(cfg.dataset), cfg)
+
+
+# -------------------------------------------------------------- partitions
+
+
+def _partition(name):
+  def make(cfg, ds):
+    return partition_lib.make_partition(
+        name, ds.y_train, None if name == "natural" else cfg.num_clients,
+        cfg.seed, alpha=cfg.alpha, min_examples=cfg.min_examples,
+        shards_per_client=cfg.shards_per_client,
+        quantity_sigma=cfg.quantity_sigma, client_ids=ds.client_ids)
+  make.__doc__ = f"The {name} partition of :mod:`fedjax_bsa.data.partition`."
+  return make
+
+
+for _name in partition_lib.PARTITION_NAMES:
+  reg.PARTITIONS.register(_name, _partition(_name))
+
+
+def make_parts(cfg: Config, ds: datasets.Dataset) -> list:
+  """The configured partition of ``ds``'s training set.
+
+  Raises:
+    ConfigError: the partition cannot be drawn with these settings (e.g.
+      Dirichlet resampling cannot give every client ``min_examples``).
+  """
+  return _as_user_error(f"partition={cfg.partition} (seed={cfg.seed})",
+                        reg.PARTITIONS.get(cfg.partition), cfg, ds)
+
+
+# ------------------------------------------------------------------ models
+
+
+def _model(name):
+  def make(cfg, ds):
+    return models.make_model(name, ds.x_train.shape[1:], ds.num_classes,
+                             hidden=cfg.hidden)
+  make.__doc__ = f"The {name} model of :mod:`fedjax_bsa.setup.models`."
+  return make
+
+
+for _name in ("mlp", "logreg", "cnn1d", "cnn"):
+  reg.MODELS.register(_name, _model(_name))
+
+_AUTO_MODEL = {"mnist1d": "cnn1d", "synthetic": "logreg"}
+
+
+def model_name(cfg: Config, ds: datasets.Dataset) -> str:
+  """The model ``auto`` picks: cnn1d for mnist1d, logreg for synthetic,
+  cnn for images, mlp otherwise."""
+  if cfg.model != "auto":
+    return cfg.model
+  if cfg.dataset in _AUTO_MODEL:
+    return _AUTO_MODEL[cfg.dataset]
+  return "cnn" if ds.x_train.ndim >= 3 else "mlp"
+
+
+def make_model(cfg: Config, ds: datasets.Dataset) -> models.Model:
+  return reg.MODELS.get(model_name(cfg, ds))(cfg, ds)
+
+
+# --------------------------------------------------------------- resources
+
+
+def _profile(name):
+  def make(cfg, num_clients):
+    return resources_lib.make_resources(
+        name, num_clients, cfg.seed + 1, base_speed=cfg.base_speed,
+        speed_sigma=cfg.speed_sigma, step_overhead=cfg.step_overhead,
+        memory_cap=cfg.memory_cap, memory_sigma=cfg.memory_sigma,
+        bandwidth=cfg.bandwidth, availability=cfg.availability,
+        trace_path=cfg.trace_path or None)
+  make.__doc__ = f"The {name} profile of :mod:`fedjax_bsa.setup.resources`."
+  return make
+
+
+for _name in resources_lib.PROFILES:
+  reg.RESOURCE_PROFILES.register(_name, _profile(_name),
+                                 reads_file=_name == "trace")
+
+
+def make_resources(cfg: Config, num_clients: int):
+  """The configured resource profile for ``num_clients`` clients."""
+  return _as_user_error(f"resources={cfg.resources}",
+                        reg.RESOURCE_PROFILES.get(cfg.resources), cfg,
+                        num_clients)
+
+
+# ------------------------------------------------------------------- build
+
+
+def build(cfg: Config, dataset: datasets.Dataset | None = None
+          ) -> Experiment:
+  """Builds the host-side pieces of an experiment from a config.
+
+  Args:
+    cfg: the settings (validated here).
+    dataset: the dataset, if already loaded (default: ``load_dataset``).
+
+  Raises:
+    ConfigError: a setting that cannot be honoured with this data (e.g.
+      more clients per round than the partition has clients).
+  """
+  cfg.validate()
+  ds = dataset if dataset is not None else load_dataset(cfg)
+  parts = make_parts(cfg, ds)
+  if cfg.clients_per_round > len(parts):
+    raise ConfigError(f"clients_per_round={cfg.clients_per_round} is out of "
+                      f"range: the partition has {len(parts)} clients")
+  res = make_resources(cfg, len(parts))
+  model = make_model(cfg, ds)
+  params = jax.eval_shape(model.init, jax.random.key(0))
+  return Experiment(cfg, ds, parts, res, model,
+                    algorithms.make_algorithm(cfg), clock.model_bytes(params))
+
+
+def reference_speed(res) -> np.float32:
+  """The median client speed (``resource_proportional``'s unit)."""
+  return np.float32(np.median(np.asarray(res.speed)))

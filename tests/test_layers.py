@@ -1,0 +1,151 @@
+"""The package's layers (docs/design.md, "Layers"): which folder may import
+which, no import circles, no private names across folders, and the size
+rules (at most four files at the top of the package, modules of at most
+400 lines). The import graph is read from the source with ``ast``, every
+``import`` counted, those inside functions too."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "fedjax_bsa"
+
+# A folder may import its own modules and any folder of a lower rank.
+RANKS = {"core": 0, "data": 1, "algorithms": 1, "kernel": 2, "plans": 3,
+         "setup": 4, "report": 5, "run": 6, "bench": 7, "": 8}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path):
+  """(imported module, imported name or None, line) for every import of
+  the package in ``path``."""
+  tree = ast.parse(path.read_text())
+  is_pkg = path.name == "__init__.py"
+  here = _module_name(path).split(".")
+  pkg = here if is_pkg else here[:-1]
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for a in node.names:
+        if a.name.split(".")[0] == "fedjax_bsa":
+          yield a.name, None, node.lineno
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:
+        base = pkg[:len(pkg) - node.level + 1]
+        mod = ".".join(base + ([node.module] if node.module else []))
+      else:
+        mod = node.module or ""
+      if mod.split(".")[0] != "fedjax_bsa":
+        continue
+      for a in node.names:
+        yield mod, a.name, node.lineno
+
+
+def _modules():
+  return {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _resolve(mod: str, name, modules) -> str:
+  """The module an import reaches: ``from a import b`` is module ``a.b``
+  when that is a module, else ``a``."""
+  if name is not None and f"{mod}.{name}" in modules:
+    return f"{mod}.{name}"
+  return mod
+
+
+def _folder(mod: str) -> str:
+  parts = mod.split(".")
+  if len(parts) == 1:
+    return ""
+  if len(parts) == 2 and parts[1] not in RANKS:
+    return ""  # a top-level module (cli)
+  return parts[1]
+
+
+def _graph():
+  modules = _modules()
+  edges = {}
+  for mod, path in modules.items():
+    edges[mod] = [(_resolve(m, n, modules), n, line)
+                  for m, n, line in _imports(path)]
+  return modules, edges
+
+
+def test_every_folder_has_a_rank():
+  folders = {p.parent.name for p in ROOT.rglob("__init__.py")}
+  folders.discard("fedjax_bsa")
+  assert folders <= set(RANKS), folders - set(RANKS)
+
+
+def test_no_import_from_a_higher_or_sibling_layer():
+  _, edges = _graph()
+  bad = []
+  for mod, outs in edges.items():
+    src = _folder(mod)
+    for target, _, line in outs:
+      dst = _folder(target)
+      if dst == src or target == "fedjax_bsa":
+        continue
+      if RANKS[dst] >= RANKS[src]:
+        bad.append(f"{mod}:{line} imports {target}")
+  assert not bad, "\n".join(bad)
+
+
+def test_no_private_name_across_folders():
+  _, edges = _graph()
+  bad = [f"{mod}:{line} imports {target}.{name}"
+         for mod, outs in edges.items() for target, name, line in outs
+         if name and name.startswith("_") and _folder(target) != _folder(mod)]
+  assert not bad, "\n".join(bad)
+
+
+def test_no_import_circles():
+  modules, edges = _graph()
+  graph = {m: {t for t, _, _ in outs if t in modules and t != m}
+           for m, outs in edges.items()}
+  # A package's face importing its own modules is not a circle back to it.
+  for m in graph:
+    graph[m] = {t for t in graph[m] if not m.startswith(t + ".")}
+  state, stack, circles = {}, [], []
+
+  def visit(m):
+    state[m] = 1
+    stack.append(m)
+    for t in sorted(graph[m]):
+      if state.get(t) == 1:
+        circles.append(stack[stack.index(t):] + [t])
+      elif t not in state:
+        visit(t)
+    stack.pop()
+    state[m] = 2
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m)
+  assert not circles, "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_checker_sees_a_bad_edge(tmp_path):
+  # The graph reader resolves relative and absolute imports to modules.
+  modules = {"fedjax_bsa.kernel.lanes": None, "fedjax_bsa.run.driver": None}
+  assert _resolve("fedjax_bsa.run", "driver", modules) == \
+      "fedjax_bsa.run.driver"
+  assert _folder("fedjax_bsa.run.driver") == "run"
+  assert _folder("fedjax_bsa.cli") == ""
+  assert RANKS[_folder("fedjax_bsa.run.driver")] > RANKS[
+      _folder("fedjax_bsa.kernel.lanes")]
+
+
+def test_top_level_files():
+  top = sorted(p.name for p in ROOT.glob("*.py"))
+  assert len(top) <= 4, top
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_module_length(path):
+  assert len(path.read_text().splitlines()) <= 400
