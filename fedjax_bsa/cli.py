@@ -20,7 +20,7 @@ Exit codes: 0 success; 2 a user error (a wrong setting or file: one line
 naming it, nothing written); 3 a run that diverged (every client of a
 round failed, so its training loss became non-finite; or its test loss
 became non-finite or rose above 10x its first evaluation; the records so
-far are kept); 130 a run stopped by SIGINT or
+far are kept); 130 a run or sweep stopped by SIGINT or
 SIGTERM (checkpointed, its summary written, resumable); 1 anything else (a
 bug: with its traceback).
 """
@@ -222,14 +222,15 @@ class _StopRequest:
       signal.signal(sig, old)
 
 
-def _resume_hint(args, out: str | None) -> str:
-  """Where an interrupted run can be continued from (one clause)."""
+def _resume_hint(args, out: str | None, command: str = "run") -> str:
+  """Where an interrupted run or sweep can be continued from (one
+  clause)."""
   if not out:
     return "nothing was saved to resume from (no --out)"
   if args.checkpoint_every == -1:
     return (f"its records are in {out}, but it cannot be resumed "
             "(--checkpoint-every -1: no checkpoints)")
-  cmd = f"fedjax-bsa run --resume {shlex.quote(out)}"
+  cmd = f"fedjax-bsa {command} --resume {shlex.quote(out)}"
   if args.checkpoint_every is not None:
     cmd += f" --checkpoint-every {args.checkpoint_every}"
   return f"resume with: {cmd}"
@@ -289,17 +290,38 @@ def _sweep(args) -> int:
                         f"{os.path.join(args.resume, 'sweep.json')}")
     _initialize(args)
     kw = dict(progress=False) if args.no_progress else {}
-    sweep.resume_sweep(out, checkpoint_every=args.checkpoint_every,
-                       round_lines=bool(args.no_progress), **kw)
-    return 0
-  cfg = config_from_args(args)
-  if args.no_progress:
-    cfg = cfg.replace(progress=False)
-  grid = sweep.parse_grid(args.grid)
-  overrides = sweep.expand_grid(grid)
-  _initialize(args)
-  sweep.run_sweep(cfg, overrides, out, checkpoint_every=args.checkpoint_every,
-                  round_lines=not cfg.progress)
+    go = lambda stop: sweep.resume_sweep(
+        out, checkpoint_every=args.checkpoint_every,
+        round_lines=bool(args.no_progress), stop=stop, **kw)
+    rounds = None
+  else:
+    cfg = config_from_args(args)
+    if args.no_progress:
+      cfg = cfg.replace(progress=False)
+    grid = sweep.parse_grid(args.grid)
+    overrides = sweep.expand_grid(grid)
+    _initialize(args)
+    go = lambda stop: sweep.run_sweep(
+        cfg, overrides, out, checkpoint_every=args.checkpoint_every,
+        round_lines=not cfg.progress, stop=stop)
+    rounds = cfg.rounds
+  with _StopRequest() as stop:
+    try:
+      result = go(stop)
+    except KeyboardInterrupt:  # a second signal: stopped at once
+      _remove_checkpoint_temporaries(out)
+      print("fedjax-bsa: stopped at once by a second signal; the newest "
+            "complete checkpoint is kept: "
+            + _resume_hint(args, out, "sweep"), file=sys.stderr)
+      return INTERRUPTED_EXIT_CODE
+  stopped = [s["interrupted_round"] for s in result.summaries
+             if s.get("interrupted_round") is not None]
+  if stopped:
+    name = signal.Signals(stop.signum).name
+    of = f" of {rounds}" if rounds else ""
+    print(f"fedjax-bsa: sweep stopped by {name} after round {max(stopped)}"
+          f"{of}; " + _resume_hint(args, out, "sweep"), file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
   return 0
 
 
@@ -321,7 +343,7 @@ def main(argv=None) -> int:
 
   Exit codes: 0 success; 2 a user error (a bad setting or file: one line
   on stderr, nothing written); 3 a run that diverged (its records so far
-  are kept); 130 a run stopped by SIGINT or SIGTERM (checkpointed and
+  are kept); 130 a run or sweep stopped by SIGINT or SIGTERM (checkpointed and
   resumable); 1 anything else (a bug: the traceback is printed).
   """
   args = _parser().parse_args(argv)

@@ -119,3 +119,29 @@ def test_seeds_of_a_generated_dataset_with_different_test_sizes_sweep():
   for e, o in enumerate(ov):
     _close(runner.run(base.replace(**o), print_table=False).records,
            res.records[e])
+
+
+def test_a_stopped_sweep_checkpoints_and_resumes_to_the_same_records(
+    tmp_path, capsys):
+  """A sweep takes a run's path: ``stop`` (SIGINT/SIGTERM on the command
+  line) ends it at the end of a chunk with every experiment's summary
+  naming the round, and ``resume_sweep`` continues it to the records of a
+  sweep that was never stopped."""
+  base = Config(**BASE)
+  ov = [dict(seed=0), dict(seed=1, client_lr=0.2)]
+  full = sweep.run_sweep(base, ov, str(tmp_path / "full"), print_table=False)
+  out = str(tmp_path / "stopped")
+  calls = []
+
+  def stop():  # polled between chunks: asked after the first one
+    calls.append(1)
+    return len(calls) > 1
+
+  cut = sweep.run_sweep(base, ov, out, print_table=False, stop=stop)
+  assert [s["interrupted_round"] for s in cut.summaries] == [2, 2]
+  assert [r[-1]["round"] for r in cut.records] == [2, 2]
+  done = sweep.resume_sweep(out, print_table=False)
+  assert [s["interrupted_round"] for s in done.summaries] == [None, None]
+  for e in range(2):
+    _close(full.records[e], done.records[e])
+  capsys.readouterr()

@@ -13,10 +13,10 @@ May import :mod:`fedjax_bsa.core` and :mod:`fedjax_bsa.data` only.
 
 from fedjax_bsa.core.types import ClientStats
 from fedjax_bsa.core.types import Jobs
-from fedjax_bsa.kernel.round_kernel import RoundOutput
 from fedjax_bsa.kernel.round_kernel import cohort_rows
 from fedjax_bsa.kernel.round_kernel import failed_jobs
 from fedjax_bsa.kernel.round_kernel import make_round_kernel
+from fedjax_bsa.kernel.round_kernel import RoundOutput
 
 __all__ = ["ClientStats", "Jobs", "RoundOutput", "cohort_rows",
            "failed_jobs", "make_round_kernel"]

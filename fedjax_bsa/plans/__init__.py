@@ -15,11 +15,11 @@ May import :mod:`fedjax_bsa.core`, :mod:`fedjax_bsa.data` and
 :mod:`fedjax_bsa.kernel`.
 """
 
-from fedjax_bsa.plans.round_plan import RoundPlan
 from fedjax_bsa.plans.round_plan import decayed_lr
 from fedjax_bsa.plans.round_plan import make_controller
 from fedjax_bsa.plans.round_plan import plan_round
 from fedjax_bsa.plans.round_plan import quantized
+from fedjax_bsa.plans.round_plan import RoundPlan
 
 __all__ = ["RoundPlan", "decayed_lr", "make_controller", "plan_round",
            "quantized"]

@@ -34,12 +34,14 @@ from fedjax_bsa.core.types import Controller
 from fedjax_bsa.core.types import EmptyState
 from fedjax_bsa.core.types import Feedback
 from fedjax_bsa.core.types import Plan
-from fedjax_bsa.kernel import noise
 from fedjax_bsa.plans.noise_state import adascale_gain
 from fedjax_bsa.plans.noise_state import cohort_noise_scale
 from fedjax_bsa.plans.noise_state import noise_state_init
 from fedjax_bsa.plans.noise_state import noise_state_update
+from fedjax_bsa.plans import pieces
 from fedjax_bsa.plans.noise_state import NoiseState
+from fedjax_bsa.plans.pieces import quantize
+from fedjax_bsa.plans.pieces import steps_for_budget
 
 __all__ = ["Plan", "Context", "Feedback", "Controller", "EmptyState",
            "NoiseState",
@@ -59,30 +61,6 @@ def empty_feedback(cohort_size: int) -> Feedback:
 
 def _full(ctx: Context, value, dtype):
   return jnp.full(ctx.cohort.shape, value, dtype)
-
-
-def steps_for_budget(batch, ctx: Context, time_budget, max_steps):
-  """Local steps that fit ``time_budget`` s of compute: ``[1, max_steps]``.
-
-  A step of batch ``b`` costs ``overhead_k + b / speed_k`` (the clock's
-  model); a budget of 0 means "no budget": ``max_steps`` steps.
-  """
-  per_step = ctx.step_overhead + batch.astype(jnp.float32) / ctx.speed
-  fit = jnp.floor(time_budget / per_step).astype(jnp.int32)
-  fit = jnp.clip(fit, 1, max_steps)
-  return jnp.where(time_budget > 0, fit, max_steps).astype(jnp.int32)
-
-
-def quantize(batch, microbatch: int, cap):
-  """Rounds ``batch`` to a multiple of ``microbatch`` not above ``cap``.
-
-  The nearest multiple is taken, then lowered to fit ``cap``; when ``cap``
-  is below one microbatch the batch is ``cap`` itself.
-  """
-  mu = microbatch
-  q = jnp.maximum(jnp.round(batch / mu), 1).astype(jnp.int32) * mu
-  q = jnp.minimum(q, (cap // mu) * mu)
-  return jnp.where(cap < mu, cap, jnp.maximum(q, mu)).astype(jnp.int32)
 
 
 def constant(batch_size, local_steps: int, client_lr) -> Controller:
@@ -169,13 +147,6 @@ def resource_proportional(batch_size, reference_speed, local_steps: int,
   return Controller(lambda num_clients: EmptyState(), update)
 
 
-def _rows(ctx: Context):
-  """Rows each cohort client holds, ``inf`` where the context has none."""
-  if ctx.num_examples is None:
-    return jnp.full(ctx.cohort.shape, jnp.inf, jnp.float32)
-  return ctx.num_examples.astype(jnp.float32)
-
-
 def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
                 client_lr, ema_decay, microbatch: int, time_budget=0.0,
                 use_gain: bool = True, max_gain=4.0) -> Controller:
@@ -209,21 +180,12 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
       the single-step analysis of AdaScale assumes.
   """
   low = max(int(batch_min), 2 * int(microbatch))
-
-  def update(feedback, state, ctx):
-    state = noise_state_update(state, feedback, ctx, ema_decay)
-    b_simple, estimated = cohort_noise_scale(state, ctx.cohort)
-    n = _rows(ctx)
-    crit = noise.effective_critical_batch(b_simple, n)
-    target = jnp.where(estimated, kappa * crit, batch_size)
-    target = jnp.clip(target, low, batch_max)
-    b = quantize(target, microbatch, jnp.asarray(batch_max, jnp.int32))
-    gain = adascale_gain(b_simple, b, batch_size, n)
-    gain = jnp.where(estimated & use_gain, jnp.minimum(gain, max_gain), 1.0)
-    steps = steps_for_budget(b, ctx, time_budget, local_steps)
-    return Plan(b, steps, (client_lr * gain).astype(jnp.float32)), state
-
-  return Controller(noise_state_init, update)
+  return pieces.chain(
+      pieces.noise_estimate(ema_decay),
+      pieces.critical_batch_target(kappa, batch_size),
+      pieces.round_batch(low, batch_max, microbatch),
+      pieces.adascale_rate(client_lr, batch_size, max_gain, use_gain),
+      pieces.budget_steps(time_budget, local_steps))
 
 
 def clamp(inner: Controller, *, microbatch: int | None = None,

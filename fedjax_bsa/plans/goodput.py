@@ -29,6 +29,7 @@ import numpy as np
 
 from fedjax_bsa.kernel import noise
 from fedjax_bsa.plans import controllers
+from fedjax_bsa.plans import pieces
 
 __all__ = ["time_per_progress", "time_optimal_batch", "headroom",
            "deadline_headroom", "goodput"]
@@ -241,26 +242,28 @@ def goodput(batch_size, batch_min, batch_max, local_steps: int, client_lr,
   ([8, 8], [5, 5])
   """
   low = max(int(batch_min), 2 * int(microbatch))
+  return pieces.chain(
+      pieces.noise_estimate(ema_decay),
+      time_optimal_target(batch_size),
+      pieces.round_batch(low, batch_max, microbatch, client_caps=True),
+      pieces.adascale_rate(client_lr, batch_size, max_gain, use_gain),
+      pieces.fixed_steps(local_steps))
 
-  def update(feedback, state, ctx):
+
+def time_optimal_target(batch_size) -> pieces.Piece:
+  """Batch target: each client's time-optimal batch
+  (:func:`time_optimal_batch`, its own ``o_k``, ``v_k`` and rows),
+  ``batch_size`` before any estimate. Needs ``Context.num_examples``."""
+
+  def update(d: pieces.Draft, ctx):
     if ctx.num_examples is None:
       raise ValueError("goodput needs Context.num_examples (rows per client)"
                        ", got None")
-    state = controllers.noise_state_update(state, feedback, ctx, ema_decay)
-    b_simple, estimated = controllers.cohort_noise_scale(state, ctx.cohort)
-    n = ctx.num_examples.astype(jnp.float32)
-    # b > n never helps (docs/method.md (c)); a client smaller than two
-    # microbatches still gets two, so that its steps yield an estimate
-    rows_cap = jnp.maximum(ctx.num_examples.astype(jnp.int32), low)
-    cap = jnp.minimum(jnp.minimum(jnp.asarray(batch_max, jnp.int32),
-                                  ctx.memory_cap.astype(jnp.int32)), rows_cap)
-    best = time_optimal_batch(b_simple, n, ctx.step_overhead, ctx.speed)
-    target = jnp.where(estimated, best, jnp.asarray(batch_size, jnp.float32))
-    target = jnp.clip(target, low, cap.astype(jnp.float32))
-    b = controllers.quantize(target, microbatch, cap)
-    gain = controllers.adascale_gain(b_simple, b, batch_size, n)
-    gain = jnp.where(estimated & use_gain, jnp.minimum(gain, max_gain), 1.0)
-    steps = jnp.full(ctx.cohort.shape, local_steps, jnp.int32)
-    return Plan(b, steps, (client_lr * gain).astype(jnp.float32)), state
+    best = time_optimal_batch(d.b_simple, pieces.rows(ctx),
+                              ctx.step_overhead, ctx.speed)
+    return d._replace(batch=jnp.where(
+        d.estimated, best, jnp.asarray(batch_size, jnp.float32)))
 
-  return controllers.Controller(controllers.noise_state_init, update)
+  return pieces.Piece(
+      lambda num_clients: controllers.EmptyState(),
+      lambda d, s, fb, ctx: (update(d, ctx), s))

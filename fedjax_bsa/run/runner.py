@@ -1,4 +1,5 @@
-"""One run end to end: :func:`run` is a sweep of one experiment.
+"""One run end to end: :func:`run` is a sweep of one experiment (it takes
+the sweep's path, :func:`fedjax_bsa.run.sweep.execute_experiments`).
 
 Writes, under ``out_dir``: ``config.json`` (first), ``metrics.jsonl`` (one
 object per evaluated round, flushed as it goes), ``clients.npz`` (per-client
@@ -12,19 +13,12 @@ process 0 writes. See :mod:`fedjax_bsa.run.driver` for devices and processes.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from typing import Any, NamedTuple
 
-import jax
-
 from fedjax_bsa.core.config import Config, ConfigError
-from fedjax_bsa.report import regime
 from fedjax_bsa.run import distributed
-from fedjax_bsa.run import driver
-from fedjax_bsa.run import loop
-from fedjax_bsa.run.outputs import DIVERGED_FACTOR, Outputs, clear_run
+from fedjax_bsa.run import sweep
 from fedjax_bsa.run.outputs import format_table
 
 __all__ = ["RunResult", "run", "DIVERGED_EXIT_CODE"]
@@ -73,33 +67,15 @@ def run(cfg: Config, out_dir: str | None = None, *,
     (None if neither); ``summary["interrupted_round"]`` is the round at
     which ``stop`` ended the run (None if it did not).
   """
-  stream = stream or sys.stdout
-  start = time.perf_counter()
   cfg = cfg.validate()
   if resume and not out_dir:
     raise ConfigError("resume needs out_dir: the run's output folder")
-  if out_dir:
-    distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
-  pre = driver.prepare(cfg, [{}], mesh,
-                       log=distributed.main_printer(stream))
-  if out_dir and not resume and distributed.is_main():
-    clear_run(out_dir)
-  out = Outputs(cfg, out_dir)
-  ckpt = loop.checkpointer(out_dir, checkpoint_every, resume)
-  state, compiles = loop.execute(pre, [out], ckpt=ckpt,
-                                   checkpoint_every=checkpoint_every or 0,
-                                   progress=cfg.progress, start=start,
-                                   resume=resume, stop=stop,
-                                   diverged_factor=DIVERGED_FACTOR,
-                                   round_lines=round_lines)
-  exp = pre.experiments[0]
-  summary = out.finish(
-      compiles=compiles, lanes=pre.sim.lanes, microbatch=pre.sim.microbatch,
-      per_slot=pre.sim.per_slot, layout=pre.layout.summary(),
-      num_clients=exp.num_clients,
-      wall=time.perf_counter() - start + out.wall_offset,
-      devices=[str(d) for d in jax.devices()],
-      **regime.describe(exp, out.records))
+  done = sweep.execute_experiments(
+      cfg, [{}], [out_dir], out_dir=out_dir, tags=[""], keep_going=False,
+      stream=stream, mesh=mesh, resume=resume,
+      checkpoint_every=checkpoint_every, stop=stop, round_lines=round_lines)
+  out, summary = done.outputs[0], done.summaries[0]
   if print_table and distributed.is_main():
-    print(format_table(out.records, summary), file=stream)
-  return RunResult(out.records, summary, compiles, out.clients(), state)
+    print(format_table(out.records, summary), file=stream or sys.stdout)
+  return RunResult(out.records, summary, done.compiles, out.clients(),
+                   done.state)

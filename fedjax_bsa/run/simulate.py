@@ -25,16 +25,19 @@ import optax
 from fedjax_bsa import algorithms
 from fedjax_bsa import kernel as kernel_lib
 from fedjax_bsa import plans
+from fedjax_bsa.core.static import static_view
+from fedjax_bsa.core.static import StaticConfig
 from fedjax_bsa.data import federated
 from fedjax_bsa.kernel import layout
-from fedjax_bsa.kernel import noise
 from fedjax_bsa.plans import clock
 from fedjax_bsa.plans import controllers
+from fedjax_bsa.run.metrics import round_metrics
+from fedjax_bsa.run.metrics import RoundMetrics
 from fedjax_bsa.setup import models
 from fedjax_bsa.setup.experiment import Experiment
 
 __all__ = ["SimState", "RoundMetrics", "Simulation", "make_simulation",
-           "Inputs", "sample_cohort"]
+           "Inputs", "sample_cohort", "CohortPlan", "KernelResult"]
 
 tmap = jax.tree.map
 
@@ -59,41 +62,6 @@ class Inputs(NamedTuple):
   num_examples: jax.Array  # int32 [E, N], rows of each client
 
 
-class RoundMetrics(NamedTuple):
-  """Per-round scalars (stacked over a chunk) and per-client plans."""
-  train_loss: jax.Array
-  round_time: jax.Array
-  sim_time: jax.Array
-  deadline: jax.Array
-  mean_batch: jax.Array
-  min_batch: jax.Array
-  max_batch: jax.Array
-  over_cap: jax.Array         # clients whose batch exceeded their memory cap
-  noise_scale: jax.Array      # median within-client B_simple of reporters
-  cohort_noise_scale: jax.Array  # B_simple across clients (mean updates)
-  mean_gain: jax.Array        # mean lr_k / client_lr over participants
-  mean_lr: jax.Array          # client learning rates over participants
-  min_lr: jax.Array
-  max_lr: jax.Array
-  mean_steps: jax.Array       # local steps over participants
-  min_steps: jax.Array
-  max_steps: jax.Array
-  heterogeneity: jax.Array
-  participants: jax.Array
-  dropped: jax.Array
-  failed: jax.Array           # clients whose model went non-finite (left out)
-  no_fit: jax.Array           # clients with no step that fits the deadline
-  partial: jax.Array          # clients whose steps were cut by a deadline
-  examples: jax.Array
-  padding_efficiency: jax.Array
-  done: jax.Array             # this round ran (False past the last round)
-  cohort: jax.Array           # int32 [K]
-  batch: jax.Array            # int32 [K]
-  steps: jax.Array            # int32 [K]
-  lr: jax.Array               # float32 [K]
-  b_simple: jax.Array         # float32 [K], this round's own estimate
-
-
 def sample_cohort(key, num_clients: int, cohort_size: int) -> jax.Array:
   """``K`` distinct clients drawn uniformly from ``N`` (without
   replacement): the ``K`` largest of ``N`` uniform keys, in ``O(N)`` (a
@@ -104,15 +72,6 @@ def sample_cohort(key, num_clients: int, cohort_size: int) -> jax.Array:
   """
   u = jax.random.uniform(key, (num_clients,))
   return jax.lax.top_k(u, cohort_size)[1].astype(jnp.int32)
-
-
-def _masked_median(x, mask):
-  """Median of ``x[mask]`` (0 if empty), with static shapes."""
-  k = mask.sum()
-  srt = jnp.sort(jnp.where(mask, x, jnp.inf))
-  lo = srt[jnp.maximum((k - 1) // 2, 0)]
-  hi = srt[jnp.maximum(k // 2, 0)]
-  return jnp.where(k > 0, 0.5 * (lo + hi), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +88,7 @@ class Simulation:
 
 class _Static(NamedTuple):
   """What the round loop closes over (static: never traced)."""
-  cfg: Any
+  cfg: StaticConfig        # the config without its traced settings
   model: Any               # models.Model
   alg: algorithms.Algorithm
   model_bytes: int
@@ -190,7 +149,7 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
       microbatch=mu, lanes=lanes, per_slot=per_slot, num_experiments=E,
       noise_stats=cfg.noise_stats, client_deltas=exp.algorithm.client_deltas,
       mesh=mesh, axis_name=axis_name)
-  sv = _Static(cfg, exp.model, exp.algorithm, exp.model_bytes, E, K,
+  sv = _Static(static_view(cfg), exp.model, exp.algorithm, exp.model_bytes, E, K,
                exp.num_clients, kern, mesh, max_rows,
                sample_cohort if sampler is None else sampler, mu)
   traces = []
@@ -207,6 +166,27 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
   evaluate = jax.vmap(functools.partial(models.evaluate_model, exp.model.apply))
   return Simulation(init, run_chunk, evaluate,
                     int(chunk or cfg.eval_every), lanes, traces, mu, per_slot)
+
+
+class CohortPlan(NamedTuple):
+  """One experiment's coming round, before the kernel (``[K]`` leaves)."""
+  cohort: jax.Array        # int32 [K], client ids
+  resources: Any           # ClientResources of the cohort
+  sizes: jax.Array         # int32 [K], examples each holds
+  plan: plans.RoundPlan    # batch, steps, rate; deadline; who is aggregated
+  weights: jax.Array       # float32 [K], aggregation coefficients
+  client_inputs: Any       # the algorithm's per-client inputs
+  seeds: jax.Array         # uint32 [K, ...], shuffle seeds
+  ctrl_state: Any          # the controller's state after planning
+  key: jax.Array           # the experiment's key for the next round
+
+
+class KernelResult(NamedTuple):
+  """One experiment's share of the round kernel's output."""
+  delta: Any               # sum_k c_k (x_k - x), a params tree
+  stats: Any               # ClientStats, [K] leaves
+  update_sum_sq: jax.Array  # float32 [], |sum_k h_k|^2
+  client_deltas: Any       # [K, ...] x_k - x, or None
 
 
 def _server_tx(sv: _Static, hp):
@@ -241,26 +221,27 @@ def _plan_one(sv: _Static, st: SimState, res, hp, n_all):
                            run.lr)
   inputs = sv.alg.client_inputs(st.alg_state, cohort, hp)
   seeds = federated.shuffle_seeds(k_shuffle, cohort)
-  return (cohort, rc, n, rp, weights, inputs, seeds, ctrl_state, key)
+  return CohortPlan(cohort, rc, n, rp, weights, inputs, seeds, ctrl_state,
+                    key)
 
 
-def _finish_one(sv: _Static, st: SimState, hp, cohort, rc, n,
-                rp: plans.RoundPlan, ctrl_state, key, delta, stats, usum,
-                cdeltas):
+def _finish_one(sv: _Static, st: SimState, hp, cp: CohortPlan,
+                kr: KernelResult):
   """One experiment's server update, clock and metrics after the kernel."""
-  del n
+  rp, cohort = cp.plan, cp.cohort
   run = rp.plan
-  result = algorithms.RoundResult(delta, cdeltas, cohort, run.steps, run.lr,
-                                  sv.N)
+  result = algorithms.RoundResult(kr.delta, kr.client_deltas, cohort,
+                                  run.steps, run.lr, sv.N)
   delta, alg_state = sv.alg.server_update(st.alg_state, result, hp)
   updates, opt_state = _server_tx(sv, hp).update(
       tmap(jnp.negative, delta), st.opt_state, st.params)
   params = optax.apply_updates(st.params, updates)
   sim_time = st.sim_time + rp.outcome.round_time
-  metrics = _metrics(hp, cohort, rc, rp, stats, usum, sim_time, sv.N)
-  new = SimState(params, opt_state, alg_state, ctrl_state,
-                 controllers.Feedback(cohort, stats, usum), sim_time,
-                 st.round + 1, key)
+  metrics = round_metrics(hp, cohort, cp.resources, rp, kr.stats,
+                     kr.update_sum_sq, sim_time, sv.N)
+  new = SimState(params, opt_state, alg_state, cp.ctrl_state,
+                 controllers.Feedback(cohort, kr.stats, kr.update_sum_sq),
+                 sim_time, st.round + 1, cp.key)
   return new, metrics
 
 
@@ -268,25 +249,25 @@ def _one_round(sv: _Static, st: SimState, data, inputs: Inputs):
   """One round of all ``E`` experiments: plans (vmapped), one kernel over
   every job, server updates (vmapped)."""
   E, K = sv.E, sv.K
-  (cohort, rc, n, rp, weights, cinputs, seeds, ctrl_state,
-   key) = jax.vmap(functools.partial(_plan_one, sv))(
-       st, inputs.resources, inputs.hparams, inputs.num_examples)
+  cp = jax.vmap(functools.partial(_plan_one, sv))(
+      st, inputs.resources, inputs.hparams, inputs.num_examples)
   flat = lambda a: a.reshape((E * K,) + a.shape[2:])
-  run = rp.plan
+  run = cp.plan.plan
   jobs = kernel_lib.Jobs(
-      flat(cohort + inputs.first_client[:, None]),
+      flat(cp.cohort + inputs.first_client[:, None]),
       jnp.repeat(jnp.arange(E, dtype=jnp.int32), K), flat(run.batch_size),
-      flat(run.steps), flat(run.lr), flat(weights), flat(seeds))
+      flat(run.steps), flat(run.lr), flat(cp.weights), flat(cp.seeds))
   if sv.mesh is not None:
     data = kernel_lib.cohort_rows(data, jobs.client, sv.max_rows)
     jobs = jobs._replace(client=jnp.arange(E * K, dtype=jnp.int32))
-  out = sv.kernel(st.params, data, jobs, tmap(flat, cinputs))
+  out = sv.kernel(st.params, data, jobs, tmap(flat, cp.client_inputs))
   unflat = lambda a: a.reshape((E, K) + a.shape[1:])
   cdeltas = (None if out.client_deltas is None
              else tmap(unflat, out.client_deltas))
+  kr = KernelResult(out.delta, tmap(unflat, out.stats), out.update_sum_sq,
+                    cdeltas)
   new, m = jax.vmap(functools.partial(_finish_one, sv))(
-      st, inputs.hparams, cohort, rc, n, rp, ctrl_state, key, out.delta,
-      tmap(unflat, out.stats), out.update_sum_sq, cdeltas)
+      st, inputs.hparams, cp, kr)
   eff = out.useful / jnp.maximum(out.slots * sv.microbatch, 1)
   return new, m._replace(padding_efficiency=jnp.broadcast_to(eff, (E,)))
 
@@ -307,74 +288,3 @@ def _run_chunk(sv: _Static, chunk: int, st, data, inputs: Inputs,
 
   st, m = jax.lax.scan(body, st, jnp.arange(chunk))
   return st, tmap(lambda a: jnp.moveaxis(a, 0, 1), m)
-
-
-def round_train_loss(stats):
-  """A round's training loss and its failed clients: ``(loss, failed)``.
-
-  A client whose model went non-finite (``update_sq`` or its loss not
-  finite) was left out of the round's average by the kernel
-  (:func:`fedjax_bsa.kernel.lanes.job_end`); the loss is the example-weighted mean
-  over the clients that ran and did not fail, and NaN when every client
-  that ran failed (the experiment then diverges).
-
-  >>> from fedjax_bsa.kernel import ClientStats
-  >>> z = jnp.zeros(3)
-  >>> st = ClientStats(jnp.array([1.0, 3.0, jnp.nan]), jnp.array([10, 30, 20]),
-  ...                  jnp.array([1, 1, 1]), z, z, jnp.array([1, 1, 1]),
-  ...                  jnp.array([0.1, 0.1, jnp.nan]))
-  >>> loss, failed = round_train_loss(st)
-  >>> float(loss), failed.tolist()       # (10 * 1 + 30 * 3) / 40
-  (2.5, [False, False, True])
-  """
-  ran = stats.steps > 0
-  failed = kernel_lib.failed_jobs(stats)
-  ok = ran & ~failed
-  ex = jnp.where(ok, stats.examples, 0)
-  loss = jnp.sum(jnp.where(ok, stats.loss, 0.0) * ex) / jnp.maximum(
-      ex.sum(), 1)
-  return jnp.where(ran.any() & ~ok.any(), jnp.nan, loss), failed
-
-
-def _metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
-             num_clients) -> RoundMetrics:
-  """One experiment's round metrics."""
-  run, outcome = rp.plan, rp.outcome
-  took = outcome.participated & (run.steps > 0)
-  ftook = took.astype(jnp.float32)
-  nt = jnp.maximum(ftook.sum(), 1.0)
-  bf = run.batch_size.astype(jnp.float32)
-  b_simple = noise.noise_scale(stats.grad_sq, stats.trace)
-  # a round's |G|^2 estimate can be <= 0 (it is unbiased, not positive):
-  # its ratio is no estimate of B, and is left out of the record
-  reporting = took & (stats.noise_steps > 0) & (stats.grad_sq > 0)
-  mean_sq = jnp.sum(stats.update_sq * ftook) / nt
-  c_g, c_t = noise.cohort_estimates(mean_sq, usum / nt ** 2, took.sum(),
-                                    num_clients)
-  train_loss, failed = round_train_loss(stats)
-  return RoundMetrics(
-      train_loss=train_loss, failed=failed.sum(),
-      round_time=outcome.round_time, sim_time=sim_time, deadline=rp.deadline,
-      mean_batch=jnp.sum(bf * ftook) / nt,
-      min_batch=jnp.min(jnp.where(took, bf, jnp.inf)),
-      max_batch=jnp.max(jnp.where(took, bf, 0.0)),
-      over_cap=jnp.sum(took & (run.batch_size > rc.memory_cap)),
-      noise_scale=_masked_median(b_simple, reporting),
-      cohort_noise_scale=jnp.where(took.sum() >= 2,
-                                   noise.noise_scale(c_g, c_t), jnp.nan),
-      mean_gain=jnp.sum(run.lr / hp["client_lr"] * ftook) / nt,
-      mean_lr=jnp.sum(run.lr * ftook) / nt,
-      min_lr=jnp.min(jnp.where(took, run.lr, jnp.inf)),
-      max_lr=jnp.max(jnp.where(took, run.lr, 0.0)),
-      mean_steps=jnp.sum(run.steps * ftook) / nt,
-      min_steps=jnp.min(jnp.where(took, run.steps, 2**30)),
-      max_steps=jnp.max(jnp.where(took, run.steps, 0)),
-      heterogeneity=jnp.maximum(mean_sq - usum / nt ** 2, 0.0),
-      participants=took.sum(), dropped=outcome.dropped.sum(),
-      no_fit=rp.no_fit.sum(),
-      partial=jnp.sum(took & (outcome.steps < rp.planned_steps)),
-      examples=(run.batch_size * run.steps).sum(),
-      padding_efficiency=jnp.float32(0.0), done=jnp.bool_(True),
-      cohort=cohort,
-      batch=run.batch_size, steps=run.steps, lr=run.lr,
-      b_simple=jnp.where(reporting, b_simple, jnp.nan))

@@ -35,7 +35,7 @@ from fedjax_bsa.report import regime
 from fedjax_bsa.run import distributed
 from fedjax_bsa.run import driver
 from fedjax_bsa.run import loop
-from fedjax_bsa.run.outputs import Outputs, clear_run
+from fedjax_bsa.run.outputs import DIVERGED_FACTOR, Outputs, clear_run
 
 __all__ = ["SWEEPABLE", "SweepResult", "parse_grid", "expand_grid",
            "check_sweepable", "run_sweep", "resume_sweep", "format_sweep"]
@@ -96,11 +96,71 @@ def format_sweep(names: list, overrides: list, summaries: list) -> str:
   return "\n".join(lines)
 
 
+class Executed(NamedTuple):
+  """Experiments run to the end by :func:`execute_experiments`."""
+  prepared: Any     # the driver's Prepared
+  outputs: list     # per prepared experiment, its Outputs
+  summaries: list   # per override, its summary ({"failed": why} if its
+                    # data, partition or resources could not be built)
+  compiles: int
+  wall: float
+  state: Any
+
+
+def execute_experiments(base: Config, overrides: list[dict],
+                        out_dirs: list, *, out_dir: str | None, tags: list,
+                        keep_going: bool, stream, mesh, resume: bool,
+                        checkpoint_every: int | None, stop, round_lines: bool,
+                        sweep_spec: dict | None = None) -> Executed:
+  """The one path of a run and a sweep: prepare the experiments (build,
+  place, jit: :func:`fedjax_bsa.run.driver.prepare`), clear ``out_dir``
+  of a previous run (unless resuming), run the loop
+  (:func:`fedjax_bsa.run.loop.execute`: evaluation, records, checkpoints,
+  divergence, ``stop``) and write each experiment's summary."""
+  stream = stream or sys.stdout
+  start = time.perf_counter()
+  if out_dir:
+    distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
+  pre = driver.prepare(base, overrides, mesh, keep_going=keep_going,
+                       log=distributed.main_printer(stream))
+  if out_dir and not resume and distributed.is_main():
+    clear_run(out_dir)  # a previous run's or sweep's files, plots included
+  outs = [Outputs(c, out_dirs[i], tags[i])
+          for c, i in zip(pre.configs, pre.kept)]
+  if sweep_spec is not None and out_dir and distributed.is_main():
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "sweep.json"), "w") as fh:
+      json.dump(sweep_spec, fh, indent=1)
+  for i, why in sorted(pre.failed.items()):
+    print(f"failed{tags[i]}: {why}", file=sys.stderr)
+  ckpt = loop.checkpointer(out_dir, checkpoint_every, resume)
+  state, compiles = loop.execute(pre, outs, ckpt=ckpt,
+                                 checkpoint_every=checkpoint_every or 0,
+                                 progress=base.progress, start=start,
+                                 resume=resume, stop=stop,
+                                 diverged_factor=DIVERGED_FACTOR,
+                                 round_lines=round_lines)
+  wall = time.perf_counter() - start + (outs[0].wall_offset if outs else 0)
+  summaries = [dict(failed=pre.failed.get(i)) for i in range(len(overrides))]
+  E = len(pre.configs)
+  for o, x, i in zip(outs, pre.experiments, pre.kept):
+    extra = (dict(overrides=overrides[i], experiments=E)
+             if sweep_spec is not None else {})
+    summaries[i] = o.finish(compiles=compiles, lanes=pre.sim.lanes,
+                            microbatch=pre.sim.microbatch,
+                            per_slot=pre.sim.per_slot,
+                            layout=pre.layout.summary(),
+                            num_clients=x.num_clients, wall=wall,
+                            devices=[str(d) for d in jax.devices()],
+                            **extra, **regime.describe(x, o.records))
+  return Executed(pre, outs, summaries, compiles, wall, state)
+
+
 def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
               *, print_table: bool = True, stream=None, mesh: Any = "auto",
               resume: bool = False,
               checkpoint_every: int | None = None,
-              round_lines: bool = False) -> SweepResult:
+              round_lines: bool = False, stop=None) -> SweepResult:
   """Runs ``len(overrides)`` experiments as one vmapped program.
 
   Args:
@@ -113,45 +173,24 @@ def run_sweep(base: Config, overrides: list[dict], out_dir: str | None = None,
     resume: continue from ``out_dir/checkpoints``.
     checkpoint_every: as :func:`fedjax_bsa.run.runner.run`.
     round_lines: print one line per evaluated round as it comes.
+    stop: ``stop() -> bool``, polled between chunks (as in a run).
 
   Returns:
     A :class:`SweepResult`; each experiment's records equal a separate
     :func:`~fedjax_bsa.run.runner.run` with its settings (float32 tolerance).
   """
-  stream = stream or sys.stdout
-  start = time.perf_counter()
-  if out_dir:
-    distributed.check_same_everywhere(os.path.abspath(out_dir), "--out")
-  pre = driver.prepare(base, overrides, mesh, keep_going=True,
-                       log=distributed.main_printer(stream))
-  if out_dir and not resume and distributed.is_main():
-    clear_run(out_dir)  # a previous run's or sweep's files, plots included
-  E = len(pre.configs)
   names = [f"exp_{e:03d}" for e in range(len(overrides))]
-  outs = [Outputs(c, os.path.join(out_dir, names[i]) if out_dir else None,
-                  f" ({names[i]})") for c, i in zip(pre.configs, pre.kept)]
-  if out_dir and distributed.is_main():
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "sweep.json"), "w") as fh:
-      json.dump(dict(base=base.to_dict(), overrides=overrides), fh, indent=1)
-  for i, why in sorted(pre.failed.items()):
-    print(f"failed ({names[i]}): {why}", file=sys.stderr)
-  ckpt = loop.checkpointer(out_dir, checkpoint_every, resume)
-  state, compiles = loop.execute(pre, outs, ckpt=ckpt,
-                                   checkpoint_every=checkpoint_every or 0,
-                                   progress=base.progress, start=start,
-                                   resume=resume, round_lines=round_lines)
-  wall = time.perf_counter() - start + (outs[0].wall_offset if outs else 0)
-  summaries = [dict(failed=pre.failed.get(i)) for i in range(len(overrides))]
-  for o, x, i in zip(outs, pre.experiments, pre.kept):
-    summaries[i] = o.finish(compiles=compiles, lanes=pre.sim.lanes,
-                            microbatch=pre.sim.microbatch,
-                            per_slot=pre.sim.per_slot,
-                            layout=pre.layout.summary(),
-                            num_clients=x.num_clients, wall=wall,
-                            devices=[str(d) for d in jax.devices()],
-                            overrides=overrides[i], experiments=E,
-                            **regime.describe(x, o.records))
+  done = execute_experiments(
+      base, overrides,
+      [os.path.join(out_dir, n) if out_dir else None for n in names],
+      out_dir=out_dir, tags=[f" ({n})" for n in names], keep_going=True,
+      stream=stream, mesh=mesh, resume=resume,
+      checkpoint_every=checkpoint_every, stop=stop, round_lines=round_lines,
+      sweep_spec=dict(base=base.to_dict(), overrides=overrides))
+  stream = stream or sys.stdout
+  pre, outs, summaries = done.prepared, done.outputs, done.summaries
+  E, compiles, wall, state = len(pre.configs), done.compiles, done.wall, \
+      done.state
   records = [[] for _ in overrides]
   for o, i in zip(outs, pre.kept):
     records[i] = o.records
