@@ -11,7 +11,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "fedjax_bsa"
 
-# A folder may import its own modules and any folder of a lower rank.
+# A folder may import its own modules and any folder of a lower rank. Only
+# bench has subfolders (one per benchmark); they share its rank.
 RANKS = {"core": 0, "data": 1, "algorithms": 1, "kernel": 2, "plans": 3,
          "setup": 4, "report": 5, "run": 6, "bench": 7, "": 8}
 
@@ -58,6 +59,8 @@ def _resolve(mod: str, name, modules) -> str:
 
 
 def _folder(mod: str) -> str:
+  """The layer of module ``mod``: the folder under ``fedjax_bsa`` that holds
+  it (``fedjax_bsa.bench.kernel.main`` is ``bench``'s), "" at the top."""
   parts = mod.split(".")
   if len(parts) == 1:
     return ""
@@ -75,10 +78,16 @@ def _graph():
   return modules, edges
 
 
+def _packages():
+  """Every package under ``fedjax_bsa``, as its path parts below it."""
+  return {p.parent.relative_to(ROOT).parts for p in ROOT.rglob("*.py")}
+
+
 def test_every_folder_has_a_rank():
-  folders = {p.parent.name for p in ROOT.rglob("__init__.py")}
-  folders.discard("fedjax_bsa")
+  folders = {parts[0] for parts in _packages() if parts}
   assert folders <= set(RANKS), folders - set(RANKS)
+  for parts in _packages():  # a package, as a folder too (no namespaces)
+    assert (ROOT.joinpath(*parts) / "__init__.py").exists(), parts
 
 
 def test_no_import_from_a_higher_or_sibling_layer():
@@ -136,6 +145,8 @@ def test_the_checker_sees_a_bad_edge(tmp_path):
       "fedjax_bsa.run.driver"
   assert _folder("fedjax_bsa.run.driver") == "run"
   assert _folder("fedjax_bsa.cli") == ""
+  assert _folder("fedjax_bsa.bench.kernel.main") == "bench"
+  assert _folder("fedjax_bsa.bench.harness") == "bench"
   assert RANKS[_folder("fedjax_bsa.run.driver")] > RANKS[
       _folder("fedjax_bsa.kernel.lanes")]
 
