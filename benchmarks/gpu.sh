@@ -12,8 +12,9 @@
 # about 8 minutes on a GPU; every benchmark writes its JSON after each part,
 # so a step cut by its limit keeps what it measured):
 #   1. the devices and versions;
-#   2. the kernel against fedjax_bsa.kernel.reference.reference_round on the device
-#      (python -m fedjax_bsa.bench.kernel_checks): exit 1 if they differ;
+#   2. the kernel against fedjax_bsa.kernel.reference.reference_round on the
+#      device (python -m fedjax_bsa.bench.kernel.checks): exit 1 if they
+#      differ;
 #   3. the round kernel on the standard (64 clients), uniform (FedJAX's
 #      setting), large (1024), cnn1d (1-D CNN, 1024) and cnn2d (CIFAR-size
 #      2-D CNN, 64) mixes against the padded layout and the naive loop,
@@ -89,7 +90,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 fi
 
-step check "$CHECK_S" "$PY" -m fedjax_bsa.bench.kernel_checks --out "$DEST"
+step check "$CHECK_S" "$PY" -m fedjax_bsa.bench.kernel.checks --out "$DEST"
 rc=$?
 if [[ $rc == 1 ]]; then
   echo "the kernel differs from reference_round on this device: stopping" >&2
@@ -97,9 +98,9 @@ if [[ $rc == 1 ]]; then
 elif [[ $rc != 0 ]]; then
   echo "the check did not finish (exit $rc): timings follow, unchecked" >&2
 fi
-step kernel "$KERNEL_S" "$PY" -m fedjax_bsa.bench.kernel_main \
+step kernel "$KERNEL_S" "$PY" -m fedjax_bsa.bench.kernel \
     "${KERNEL_ARGS[@]}" --no-fedjax --out "$DEST" "$@"
-step sweep "$SWEEP_S" "$PY" -m fedjax_bsa.bench.sweep_bench \
+step sweep "$SWEEP_S" "$PY" -m fedjax_bsa.bench.sweep \
     "${SWEEP_ARGS[@]}" --out "$DEST"
 if [ -f benchmarks/scale.py ]; then
   step scale "$SCALE_S" "$PY" -m benchmarks.scale "${SCALE_ARGS[@]}" \
@@ -108,7 +109,7 @@ fi
 
 if [[ -n "${STUDY:-}" ]]; then
   # shellcheck disable=SC2086
-  step study "${STUDY_S:-600}" "$PY" -m benchmarks.regimes \
+  step study "${STUDY_S:-600}" "$PY" -m fedjax_bsa.bench.study \
       --datasets "$STUDY" --out "$DEST" ${STUDY_ARGS:-}
 fi
 

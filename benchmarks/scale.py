@@ -31,12 +31,16 @@ Workload (all seeded):
   :func:`fedjax_bsa.run.simulate.make_simulation` per cohort and variant, its
   :class:`~fedjax_bsa.setup.experiment.Experiment` built directly (no partition
   lists), jitted with ``chunk = 1`` so every round is timed on its own.
-* **Variants** (``--variants``): ``library`` draws cohorts as the library
-  does; ``topk`` and ``permute`` are what-ifs that draw them with
-  :func:`sample_cohort` instead (only while tracing the round; nothing
-  else changes); a ``-steps`` suffix runs ``LOCAL_STEPS = 3`` steps per
-  client instead of one epoch (equal jobs: no straggler). Variants of a
-  cohort run one round each in turn, so machine noise hits them alike.
+* **Variants** (``--variants``): each gives the round loop its cohort
+  sampler as an argument (``make_simulation(sampler=...)``, see
+  :data:`SAMPLERS`; nothing else changes, nothing is patched): ``library``
+  gives it the library's own function,
+  :func:`fedjax_bsa.run.simulate.sample_cohort` (the test checks that its
+  rounds draw the cohorts the library's simulation draws); ``choice``,
+  ``topk`` and ``permute`` are what-ifs; a ``-steps`` suffix runs
+  ``LOCAL_STEPS = 3`` steps per client instead of one epoch (equal jobs: no
+  straggler). Variants of a cohort run one round each in turn, so machine
+  noise hits them alike.
 
 Measured per cohort ``K`` and variant: compile time (``lower + compile``,
 excluded from the rounds), the compiled round's ``memory_analysis()``, then
@@ -113,7 +117,8 @@ from fedjax_bsa.setup import experiment as experiment_lib
 from fedjax_bsa.setup import models
 
 __all__ = ["Federation", "make_federation", "make_config", "make_run",
-           "data_bytes", "waterfill_pack_lanes", "bench_cohort", "main"]
+           "data_bytes", "waterfill_pack_lanes", "SAMPLERS", "sample_cohort",
+           "cohort_sampler", "bench_cohort", "main"]
 
 SIGMA = 2.0
 MEAN_EXAMPLES = 20
@@ -468,62 +473,74 @@ def _init(sim, fed: Federation, run: Run, seed: int):
   return jax.jit(sim.init)(keys, fed.data, run.inputs)
 
 
-SAMPLERS = ("library", "choice", "topk", "permute")
+def _choice(key, num_clients: int, cohort: int):
+  """``jax.random.choice(..., replace=False)``: a permutation of all ``N``
+  (a sort; the library's sampler before top-k)."""
+  return jax.random.choice(key, num_clients, (cohort,),
+                           replace=False).astype(jnp.int32)
+
+
+def _topk(key, num_clients: int, cohort: int):
+  """The indices of the ``K`` largest of ``N`` uniform keys (exactly
+  uniform, ``O(N)``, no sort), written here apart from the library's."""
+  return jax.lax.top_k(jax.random.uniform(key, (num_clients,)),
+                       cohort)[1].astype(jnp.int32)
+
+
+def _permute(key, num_clients: int, cohort: int):
+  """The first ``K`` images of the swap-or-not bijection
+  :func:`fedjax_bsa.data.federated.permute` (``O(K)``, uniform only as far
+  as that cipher mixes)."""
+  return federated.permute(jax.random.bits(key, (), jnp.uint32),
+                           jnp.arange(cohort, dtype=jnp.int32), num_clients)
+
+
+#: Variant -> the cohort sampler ``(key, N, K) -> int32 [K]`` the round loop
+#: is given. ``library`` is the library's own function object,
+#: :func:`fedjax_bsa.run.simulate.sample_cohort` (what
+#: ``make_simulation`` draws with when given no sampler); the others are
+#: what-ifs.
+SAMPLERS = {"library": simulate.sample_cohort, "choice": _choice,
+            "topk": _topk, "permute": _permute}
+
+
+def cohort_sampler(kind: str):
+  """The cohort sampler of variant ``kind`` (:data:`SAMPLERS`), passed to
+  ``simulate.make_simulation(sampler=...)``.
+
+  >>> cohort_sampler("library") is simulate.sample_cohort
+  True
+  """
+  if kind not in SAMPLERS:
+    raise ValueError(f"sampler={kind!r} is not allowed: one of "
+                     f"{tuple(SAMPLERS)}")
+  return SAMPLERS[kind]
 
 
 def sample_cohort(kind: str, key, num_clients: int, cohort: int):
-  """``cohort`` distinct clients of ``range(num_clients)``.
-
-  ``library``: :func:`fedjax_bsa.run.simulate.sample_cohort`, what the round
-  loop draws (today the ``K`` largest of ``N`` uniform keys); ``choice``:
-  ``jax.random.choice(..., replace=False)`` (a permutation of all ``N``: a
-  sort; the library's sampler before top-k); ``topk``: the indices of the
-  ``K`` largest of ``N`` uniform keys (exactly uniform, ``O(N)``, no sort);
-  ``permute``: the first ``K`` images of the
-  swap-or-not bijection :func:`fedjax_bsa.data.federated.permute` (``O(K)``,
-  uniform only as far as that cipher mixes).
+  """``cohort`` distinct clients of ``range(num_clients)``, drawn by the
+  sampler of variant ``kind`` (:func:`cohort_sampler`).
 
   >>> c = sample_cohort("topk", jax.random.key(0), 10, 4)
   >>> len(set(c.tolist())), bool((c >= 0).all() & (c < 10).all())
   (4, True)
   """
-  if kind == "library":
-    return simulate.sample_cohort(key, num_clients, cohort)
-  if kind == "choice":
-    return jax.random.choice(key, num_clients, (cohort,),
-                             replace=False).astype(jnp.int32)
-  if kind == "topk":
-    return jax.lax.top_k(jax.random.uniform(key, (num_clients,)),
-                         cohort)[1].astype(jnp.int32)
-  if kind == "permute":
-    return federated.permute(jax.random.bits(key, (), jnp.uint32),
-                             jnp.arange(cohort, dtype=jnp.int32), num_clients)
-  raise ValueError(f"sampler={kind!r} is not allowed: one of {SAMPLERS}")
-
-
-def cohort_sampler(kind: str):
-  """The round loop's cohort sampler for variant ``kind``
-  (``simulate.make_simulation(sampler=...)``): the library's own function
-  for ``library``, else :func:`sample_cohort` ``kind``."""
-  if kind == "library":
-    return simulate.sample_cohort
-  if kind not in SAMPLERS:
-    raise ValueError(f"sampler={kind!r} is not allowed: one of {SAMPLERS}")
-  return lambda key, n, k: sample_cohort(kind, key, n, k)
+  return cohort_sampler(kind)(key, num_clients, cohort)
 
 
 class _Timed:
-  """One variant at one cohort: compiled round, state and samples."""
+  """One variant at one cohort: compiled round, state and samples
+  (``cohorts``: each recorded round's cohort)."""
 
   def __init__(self, fed: Federation, cohort: int, sampler: str, seed: int,
                rounds: int, cfg_kw: dict):
     self.sampler = sampler
+    self.sample = cohort_sampler(sampler)  # what the round loop draws with
     cfg = make_config(len(fed.sizes), cohort, rounds=rounds, seed=seed,
                       **cfg_kw)
     t = time.perf_counter()
     run = make_run(cfg, fed)
-    sim = simulate.make_simulation(run.exp, 1, chunk=1,
-                                   sampler=cohort_sampler(sampler))
+    sim = simulate.make_simulation(run.exp, 1, chunk=1, sampler=self.sample)
     self.state = _init(sim, fed, run, seed)
     self.build_s = time.perf_counter() - t
     t = time.perf_counter()
@@ -535,7 +552,7 @@ class _Timed:
     self.evaluate = jax.jit(sim.evaluate)
     self.acc = [self.accuracy()]
     self.times, self.planned, self.owned, self.eff = [], [], [], []
-    self.expected = []
+    self.expected, self.cohorts = [], []
     self.first_s = None
 
   def accuracy(self) -> tuple[float, float]:
@@ -555,7 +572,8 @@ class _Timed:
       m = jax.device_get(m)
       self.times.append(dt)
       self.planned.append(int(m.examples[0, 0]))
-      n = self.fed.sizes[m.cohort[0, 0]]
+      self.cohorts.append(np.asarray(m.cohort[0, 0]))
+      n = self.fed.sizes[self.cohorts[-1]]
       self.owned.append(int(n.sum()))
       b = self.cfg.batch_size  # constant controller, memory cap above it
       s = (-(-n // b) if self.cfg.local_work == "epochs"
@@ -605,7 +623,8 @@ def bench_cohort(fed: Federation, cohort: int, variants: dict, *,
   Args:
     fed: the federation.
     cohort: ``K``.
-    variants: ``{name: (sampler, local_work)}`` (:func:`sample_cohort`).
+    variants: ``{name: (sampler, local_work)}``, sampler a key of
+      :data:`SAMPLERS`.
     rounds: timed rounds.
     warmup: untimed rounds first.
     seed: the run's seed.
@@ -640,12 +659,11 @@ def profile_round(fed: Federation, cfg: Config, run: Run, sim, state,
   key = jax.random.key(seed + 1)
   out = {}
 
-  sample = jax.jit(lambda kk: sample_cohort("library", kk, n, k))
+  sample = jax.jit(lambda kk: cohort_sampler("library")(kk, n, k))
   out["sample_library"] = _time(sample, key)
   for kind in ("choice", "topk", "permute"):
     out[f"sample_{kind}"] = _time(
-        jax.jit(functools.partial(sample_cohort, kind), static_argnums=(1, 2)),
-        key, n, k)
+        jax.jit(cohort_sampler(kind), static_argnums=(1, 2)), key, n, k)
   cohort = sample(key).astype(jnp.int32)
 
   def plan(kk, cohort, st, res, hp, n_all):
@@ -771,7 +789,7 @@ def _variant(name: str) -> tuple[str, str]:
   sampler, _, protocol = name.partition("-")
   if sampler not in SAMPLERS or protocol not in ("", "steps"):
     raise SystemExit(f"--variants {name!r} is not allowed: <sampler> or "
-                     f"<sampler>-steps, sampler one of {SAMPLERS}")
+                     f"<sampler>-steps, sampler one of {tuple(SAMPLERS)}")
   return sampler, "steps" if protocol else "epochs"
 
 

@@ -26,7 +26,7 @@ import os
 import sys
 
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench import regimes
+from fedjax_bsa.bench.study import regimes
 
 #: (local work, aggregation, alphas, devices)
 SETTINGS = [("epochs", "fedavg", [0.1], ["heterogeneous"]),

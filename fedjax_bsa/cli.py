@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
   # no options of its own: every argument, --help included, goes to the
   # study (a REMAINDER alone does not take arguments starting with "-")
   st = sub.add_parser("study", prefix_chars="+", add_help=False,
-                      help="the regime study (fedjax_bsa.bench.regimes; "
+                      help="the regime study (fedjax_bsa.bench.study; "
                       "--quick for a small one, --help for its options)")
   st.add_argument("rest", nargs=argparse.REMAINDER)
   # like study: every argument, --help included, goes to the plot command
@@ -364,15 +364,15 @@ def _settings(args) -> int:
 
 def _bench(args) -> int:
   if args.what == "sweep":
-    from fedjax_bsa.bench import sweep_bench  # pylint: disable=g-import-not-at-top
-    return sweep_bench.main(args.rest)
-  from fedjax_bsa.bench import kernel_main  # pylint: disable=g-import-not-at-top
-  return kernel_main.main(args.rest)
+    from fedjax_bsa.bench.sweep import main as sweep  # pylint: disable=g-import-not-at-top
+    return sweep.main(args.rest)
+  from fedjax_bsa.bench.kernel import main as kernel  # pylint: disable=g-import-not-at-top
+  return kernel.main(args.rest)
 
 
 def _study(args) -> int:
-  from fedjax_bsa.bench import regimes_main  # pylint: disable=g-import-not-at-top
-  return regimes_main.main(args.rest)
+  from fedjax_bsa.bench.study import main as study  # pylint: disable=g-import-not-at-top
+  return study.main(args.rest)
 
 
 def _plot(args) -> int:

@@ -4,18 +4,20 @@ hand-made plan."""
 
 import doctest
 import json
+import pathlib
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from fedjax_bsa.bench import baselines
-from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench import kernel_main
-from fedjax_bsa.bench import kernel_mixes
-from fedjax_bsa.bench import scenarios
-from fedjax_bsa.bench import sweep_bench
+from fedjax_bsa.bench.kernel import baselines
+from fedjax_bsa.bench.kernel import figures
+from fedjax_bsa.bench.kernel import main as kernel_main
+from fedjax_bsa.bench.kernel import methods
+from fedjax_bsa.bench.kernel import scenarios
+from fedjax_bsa.bench.sweep import main as sweep_main
 
 
 def test_padding_efficiency_is_exact_on_a_hand_made_plan():
@@ -25,7 +27,7 @@ def test_padding_efficiency_is_exact_on_a_hand_made_plan():
   # x 2 lanes = 8 microbatches = 128 example slots. Useful: 16 * 2 + 32 +
   # 8 * 3 = 88. Padded: K * s_max * b_max = 3 * 3 * 32 = 288.
   mix = scenarios.custom_mix([16, 32, 8], [2, 1, 3])
-  w = kernel_mixes.workload(mix)
+  w = methods.workload(mix)
   fn = jax.jit(baselines.kernel_fn(w.model, microbatch=16, lanes=2))
   out = fn(*w.args)
   assert (int(out.useful), int(out.slots)) == (88, 8)
@@ -51,11 +53,27 @@ def test_mixes_follow_the_recipe():
   assert u.useful_examples == 64 * 250
 
 
-@pytest.mark.parametrize("module", [harness, figures, scenarios,
-                                    sweep_bench])
+@pytest.mark.parametrize("module", [harness, figures, scenarios, baselines,
+                                    sweep_main])
 def test_docstring_examples(module):
   failures, tried = doctest.testmod(module, verbose=False)
   assert tried >= 1 and failures == 0
+
+
+def test_fedjax_is_skipped_without_the_repositorys_script(tmp_path,
+                                                         monkeypatch):
+  """FedJAX's runner is the repository's (the package imports neither FedJAX
+  nor Haiku): found from a checkout wherever the command runs, at a path
+  given, and when absent the baseline is skipped with one line."""
+  monkeypatch.chdir(tmp_path)
+  repo = pathlib.Path(__file__).resolve().parent.parent
+  assert baselines.fedjax_script() == str(repo / baselines.FEDJAX_SCRIPT)
+  assert baselines.fedjax_script(str(tmp_path / "none.py")) is None
+  lines = []
+  assert baselines.run_fedjax(sys.executable, None, None, 1, 8,
+                              log=lines.append) is None
+  assert len(lines) == 1 and "skipped" in lines[0], lines
+  assert "--fedjax-script" in lines[0] and "\n" not in lines[0]
 
 
 def test_quick_kernel_benchmark_report(tmp_path):
@@ -97,12 +115,12 @@ def test_quick_kernel_benchmark_report(tmp_path):
 
 
 def test_quick_sweep_benchmark_report(tmp_path):
-  rc = sweep_bench.main(["--quick", "--experiments", "2", "--rounds", "2",
-                         "--reps", "1", "--controllers", "constant",
-                         "--skip-chunks", "1",
-                         "--measures", "compiled_loop", "--set",
-                         "noise_stats=false",
-                         "--out", str(tmp_path), "--machine", "test"])
+  rc = sweep_main.main(["--quick", "--experiments", "2", "--rounds", "2",
+                        "--reps", "1", "--controllers", "constant",
+                        "--skip-chunks", "1",
+                        "--measures", "compiled_loop", "--set",
+                        "noise_stats=false",
+                        "--out", str(tmp_path), "--machine", "test"])
   assert rc == 0
   rep = json.loads((tmp_path / "sweep_test_quick.json").read_text())
   r = rep["results"]["constant"]["compiled_loop"]
@@ -115,7 +133,7 @@ def test_quick_sweep_benchmark_report(tmp_path):
   assert r["packed"]["experiment_rounds_per_s"] == pytest.approx(
       4 / r["packed"]["median"])
   assert 0 < r["packed"]["padding_efficiency"] <= 1
-  assert rep["overrides"] == sweep_bench.overrides(2)
+  assert rep["overrides"] == sweep_main.overrides(2)
 
 
 def test_cli_hands_every_argument_to_the_benchmarks():

@@ -96,15 +96,17 @@ def _parsers():
   """Every parser of the command line: cli's subcommands, plot, the
   benchmarks and the study."""
   from fedjax_bsa.report import plot  # pylint: disable=g-import-not-at-top
-  from fedjax_bsa.bench import kernel_main, regimes_main, sweep_bench  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.bench.kernel import main as kernel_main  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.bench.study import main as study_main  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.bench.sweep import main as sweep_main  # pylint: disable=g-import-not-at-top
   top = cli._parser()  # pylint: disable=protected-access
   subs = next(a for a in top._actions  # pylint: disable=protected-access
               if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
   out = {f"{n}": p for n, p in subs.choices.items()
          if n not in ("study", "plot")}  # these two hand everything on
   out.update(plot=plot._parser(), kernel=kernel_main._parser(),  # pylint: disable=protected-access
-             bench_sweep=sweep_bench._parser(),  # pylint: disable=protected-access
-             study=regimes_main._parser())  # pylint: disable=protected-access
+             bench_sweep=sweep_main._parser(),  # pylint: disable=protected-access
+             study=study_main._parser())  # pylint: disable=protected-access
   return out
 
 
@@ -298,7 +300,7 @@ def test_quick_benchmark_writes_quick_name_outside_committed_results(
     tmp_path, monkeypatch):
   """A quick run with no --out writes *_quick.* under runs/benchmarks (not
   committed), never into benchmarks/results or the package."""
-  from fedjax_bsa.bench import headroom_bound  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.bench.headroom_bound import main as headroom_bound  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   monkeypatch.setattr(headroom_bound, "search",
                       lambda box, batches, samples: (1.0, {}))
@@ -313,18 +315,18 @@ def test_quick_benchmark_writes_quick_name_outside_committed_results(
 
 
 def test_benchmark_cut_short_writes_nothing(tmp_path, monkeypatch):
-  from fedjax_bsa.bench import sweep_bench  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(sweep_bench, "compiled_loop",
+  from fedjax_bsa.bench.sweep import main as sweep_main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sweep_main, "compiled_loop",
                       lambda *a, **k: dict(speedup=1.5, experiments=2))
 
   def cut_short(*a, **k):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(sweep_bench, "end_to_end", cut_short)
+  monkeypatch.setattr(sweep_main, "end_to_end", cut_short)
   with pytest.raises(KeyboardInterrupt):
-    sweep_bench.main(["--quick", "--experiments", "2", "--controllers",
-                      "constant", "--out", str(tmp_path / "out"),
-                      "--machine", "test"])
+    sweep_main.main(["--quick", "--experiments", "2", "--controllers",
+                     "constant", "--out", str(tmp_path / "out"),
+                     "--machine", "test"])
   assert not (tmp_path / "out").exists() or not list(
       (tmp_path / "out").iterdir())
 

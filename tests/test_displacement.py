@@ -249,7 +249,7 @@ def test_guard_keeps_a_run_that_diverges_without_it():
   """The same run (the known-answer problem started at client_lr 0.8, above
   its stability limit 2 / L = 0.5): without the guard the loss goes
   non-finite; with it the rates back off and it reaches the target."""
-  from fedjax_bsa.bench import known_answer as ka
+  from fedjax_bsa.bench.known_answer import problem as ka
   p = ka.make_problem(0.0)
   off = ka.controller_time(p, lr=0.8, guard="off")
   on = ka.controller_time(p, lr=0.8, guard="backoff")
@@ -268,7 +268,7 @@ def test_known_answer_two_clients():
   With the default (no annealing) ``zeta = 3`` is reached on 2 of 5 seeds:
   the known answer's noise floor needs annealing, the pilot's noisy
   non-IID cohorts were hurt by it (docs/method.md (f))."""
-  from fedjax_bsa.bench import known_answer as ka
+  from fedjax_bsa.bench.known_answer import problem as ka
   got = {zeta: ka.seed_study(zeta, range(5), patience=3)
          for zeta in (0.0, 3.0)}
   assert got[0.0]["hits"] == 5 and got[3.0]["hits"] >= 4

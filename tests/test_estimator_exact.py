@@ -8,7 +8,8 @@ through the round kernel. The exact ``|G|^2`` and ``tr(Sigma)``
 (population normalisation) come from ``jax.vmap(jax.grad(...))`` over the
 client's rows. Standard errors are over rounds: a round's estimate is the
 mean over its steps, which share one permutation (correlated), while rounds
-have independent seeds. Shared machinery: :mod:`benchmarks.noise_estimator`.
+have independent seeds. Shared machinery:
+:mod:`fedjax_bsa.bench.noise_estimator`.
 """
 
 import jax
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_bsa.bench import noise_estimator as ne
+from fedjax_bsa.bench.noise_estimator import problem
+from fedjax_bsa.bench.noise_estimator import rounds
+from fedjax_bsa.bench.noise_estimator import stats
 from fedjax_bsa.setup import models
 
 ROUNDS = 80
@@ -25,20 +28,20 @@ ROUNDS = 80
 
 @pytest.fixture(scope="module")
 def result():
-  setup, cases, g_k, tr_k, recs, _ = ne.run(rounds=ROUNDS, chunk=ROUNDS)
-  return setup, cases, g_k, tr_k, recs, ne.summarize(setup, cases, g_k,
-                                                     tr_k, recs)
+  setup, cases, g_k, tr_k, recs, _ = rounds.run(rounds=ROUNDS, chunk=ROUNDS)
+  return setup, cases, g_k, tr_k, recs, stats.summarize(setup, cases, g_k,
+                                                        tr_k, recs)
 
 
 def test_cases_cover_the_batch_regimes():
-  for n in ne.SIZES:
-    got = ne.case_batches(n)
+  for n in problem.SIZES:
+    got = problem.case_batches(n)
     b = [bb for bb, _ in got]
-    assert any(bb < n and bb % ne.MU == 0 for bb in b), (n, b)
-    assert any(bb < n and bb % ne.MU for bb in b), (n, b)   # short last mb
+    assert any(bb < n and bb % problem.MU == 0 for bb in b), (n, b)
+    assert any(bb < n and bb % problem.MU for bb in b), (n, b)  # short last
     assert n in b, (n, b)
     assert any(bb > n and bb % n for bb in b), (n, b)
-    assert all(-(-bb // ne.MU) >= 2 and s >= 2 for bb, s in got), got
+    assert all(-(-bb // problem.MU) >= 2 and s >= 2 for bb, s in got), got
 
 
 def test_exact_values_are_the_per_example_moments(result):
@@ -47,11 +50,11 @@ def test_exact_values_are_the_per_example_moments(result):
   loss (one client per partition)."""
   setup = result[0]
   host = jax.tree.map(np.asarray, setup.data)
-  for name in ne.PARTITIONS:
+  for name in problem.PARTITIONS:
     k = setup.clients[name, 40]
     rows = host.rows[host.offset[k]:host.offset[k] + 40]
     x, y = host.x[rows], host.y[rows]
-    g = ne.per_example_grads(setup.model, setup.params, x, y)
+    g = problem.per_example_grads(setup.model, setup.params, x, y)
     mean_loss = lambda p: jnp.mean(models.example_losses(
         setup.model.apply, p, jnp.asarray(x), jnp.asarray(y)))
     full = np.asarray(ravel_pytree(jax.grad(mean_loss)(setup.params))[0])
@@ -88,7 +91,7 @@ def _fails(rows, which, fields=("g_sq", "trace", "b_simple")):
     d = r[which]
     for f in fields:
       ratio, se = d[f + "_ratio"], d[f + "_ratio_se"]
-      if not ne.agrees(ratio, se, 1.0):
+      if not stats.agrees(ratio, se, 1.0):
         out.append((r["partition"], r["n"], r["batch"], f, round(ratio, 3),
                     round(se, 3)))
   return out
@@ -115,9 +118,9 @@ def test_uncorrected_estimates_are_detected_as_biased(result):
   for r in rows:
     u = r["uncorrected"]
     for f in ("g_sq", "trace"):
-      assert ne.agrees(u[f + "_ratio"], u[f + "_ratio_se"],
-                       u[f"predicted_{f}_ratio"]), (r["partition"], r["n"],
-                                                    r["batch"], f, u)
+      assert stats.agrees(u[f + "_ratio"], u[f + "_ratio_se"],
+                          u[f"predicted_{f}_ratio"]), (r["partition"], r["n"],
+                                                       r["batch"], f, u)
   # b <= n: the predicted bias is exactly B / (n - 1), the trace n / (n - 1)
   for r in rows:
     if r["batch"] <= r["n"]:

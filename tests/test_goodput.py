@@ -294,11 +294,11 @@ def test_goodput_needs_num_examples():
 
 
 def test_headroom_bound_search_finds_above_two_and_its_point_reproduces():
-  """The headroom-bound search (benchmarks.headroom_bound): with noise
+  """The headroom-bound search (fedjax_bsa.bench.headroom_bound): with noise
   scales 1-100 across clients, batches [8, 128] leave headroom above 2; its
   reported point gives the same value again; with one shared noise scale
   the search stays below 1.6 (the IID limit the study's cells measure)."""
-  from fedjax_bsa.bench import headroom_bound
+  from fedjax_bsa.bench.headroom_bound import main as headroom_bound
   grid = np.arange(8, 129)
   h, pt = headroom_bound.search(headroom_bound.BOXES["B_1_to_100"], grid, 300)
   assert h > 2.0

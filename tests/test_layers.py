@@ -1,8 +1,11 @@
 """The package's layers (docs/design.md, "Layers"): which folder may import
 which, no import circles, no private names across folders, and the size
 rules (at most four files at the top of the package, modules of at most
-400 lines). The import graph is read from the source with ``ast``, every
-``import`` counted, those inside functions too."""
+400 lines); the benchmarks' rule (docs/design.md, section 11): one
+subpackage of ``bench`` per benchmark, sharing only ``bench.harness``, and
+nothing in the package importing FedJAX or Haiku. The import graph is read
+from the source with ``ast``, every ``import`` counted, those inside
+functions too."""
 
 import ast
 import pathlib
@@ -11,7 +14,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "fedjax_bsa"
 
-# A folder may import its own modules and any folder of a lower rank.
+# A folder may import its own modules and any folder of a lower rank. Only
+# bench has subfolders (one per benchmark); they share its rank.
 RANKS = {"core": 0, "data": 1, "algorithms": 1, "kernel": 2, "plans": 3,
          "setup": 4, "report": 5, "run": 6, "bench": 7, "": 8}
 
@@ -58,6 +62,8 @@ def _resolve(mod: str, name, modules) -> str:
 
 
 def _folder(mod: str) -> str:
+  """The layer of module ``mod``: the folder under ``fedjax_bsa`` that holds
+  it (``fedjax_bsa.bench.kernel.main`` is ``bench``'s), "" at the top."""
   parts = mod.split(".")
   if len(parts) == 1:
     return ""
@@ -75,10 +81,78 @@ def _graph():
   return modules, edges
 
 
+def _packages():
+  """Every package under ``fedjax_bsa``, as its path parts below it."""
+  return {p.parent.relative_to(ROOT).parts for p in ROOT.rglob("*.py")}
+
+
 def test_every_folder_has_a_rank():
-  folders = {p.parent.name for p in ROOT.rglob("__init__.py")}
-  folders.discard("fedjax_bsa")
+  folders = {parts[0] for parts in _packages() if parts}
   assert folders <= set(RANKS), folders - set(RANKS)
+  for parts in _packages():  # a package, as a folder too (no namespaces)
+    assert (ROOT.joinpath(*parts) / "__init__.py").exists(), parts
+
+
+def test_only_bench_has_subfolders_one_per_benchmark():
+  nested = {parts for parts in _packages() if len(parts) > 1}
+  assert all(parts[0] == "bench" and len(parts) == 2 for parts in nested), (
+      nested)
+  bench = ROOT / "bench"
+  assert sorted(p.name for p in bench.glob("*.py")) == [
+      "__init__.py", "harness.py"], "bench/ holds harness and benchmarks"
+  for parts in nested:  # python -m fedjax_bsa.bench.<name>: main.main
+    pkg = ROOT.joinpath(*parts)
+    assert (pkg / "__main__.py").exists() and (pkg / "main.py").exists(), (
+        pkg)
+    assert "def main(" in (pkg / "main.py").read_text(), pkg
+
+
+def _benchmark(mod: str) -> str | None:
+  """The benchmark of a module of bench (``fedjax_bsa.bench.kernel.main``:
+  ``kernel``); None for ``bench`` and ``bench.harness``."""
+  parts = mod.split(".")
+  if parts[:2] != ["fedjax_bsa", "bench"] or len(parts) < 3:
+    return None
+  return None if parts[2] == "harness" else parts[2]
+
+
+def test_a_benchmark_imports_no_other_benchmark():
+  _, edges = _graph()
+  bad = [f"{mod}:{line} imports {target}"
+         for mod, outs in edges.items() for target, _, line in outs
+         if _benchmark(mod) and _benchmark(target)
+         and _benchmark(target) != _benchmark(mod)]
+  assert not bad, "\n".join(bad)
+
+
+_FOREIGN = ("fedjax", "haiku")
+
+
+def _foreign_imports(source: str, name: str = "<source>"):
+  """``(module, line)`` of every import of FedJAX or Haiku in ``source``
+  (``fedjax``, ``fedjax.algorithms``, ``haiku``; not ``fedjax_bsa``)."""
+  out = []
+  for node in ast.walk(ast.parse(source, name)):
+    if isinstance(node, ast.Import):
+      mods = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level:
+      mods = [node.module or ""]
+    else:
+      continue
+    out += [(m, node.lineno) for m in mods if m.split(".")[0] in _FOREIGN]
+  return out
+
+
+def test_the_package_imports_neither_fedjax_nor_haiku():
+  assert _foreign_imports("import fedjax\nfrom fedjax.algorithms import "
+                          "fed_avg\nimport haiku as hk\nimport fedjax_bsa\n"
+                          "from fedjax_bsa import bench\n") == [
+                              ("fedjax", 1), ("fedjax.algorithms", 2),
+                              ("haiku", 3)]
+  bad = [f"{p.relative_to(ROOT.parent)}:{line} imports {m}"
+         for p in sorted(ROOT.rglob("*.py"))
+         for m, line in _foreign_imports(p.read_text(), str(p))]
+  assert not bad, "\n".join(bad)
 
 
 def test_no_import_from_a_higher_or_sibling_layer():
@@ -136,6 +210,10 @@ def test_the_checker_sees_a_bad_edge(tmp_path):
       "fedjax_bsa.run.driver"
   assert _folder("fedjax_bsa.run.driver") == "run"
   assert _folder("fedjax_bsa.cli") == ""
+  assert _folder("fedjax_bsa.bench.kernel.main") == "bench"
+  assert _folder("fedjax_bsa.bench.harness") == "bench"
+  assert _benchmark("fedjax_bsa.bench.kernel.main") == "kernel"
+  assert _benchmark("fedjax_bsa.bench.harness") is None
   assert RANKS[_folder("fedjax_bsa.run.driver")] > RANKS[
       _folder("fedjax_bsa.kernel.lanes")]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fedjax_bsa import Config
-from fedjax_bsa.bench import regimes
-from fedjax_bsa.bench import regimes_main
-from fedjax_bsa.bench import regimes_report as report
+from fedjax_bsa.bench.study import main as study_main
+from fedjax_bsa.bench.study import regimes
+from fedjax_bsa.bench.study import report
 from fedjax_bsa.run import driver
 from fedjax_bsa.run import loop
 from fedjax_bsa.run.outputs import Outputs
@@ -18,7 +18,7 @@ from fedjax_bsa.setup import experiment
 
 
 def test_quick_mode_writes_the_report(tmp_path):
-  assert regimes_main.main(["--quick", "--out", str(tmp_path)]) == 0
+  assert study_main.main(["--quick", "--out", str(tmp_path)]) == 0
   rep = json.loads((tmp_path / "regimes_quick.json").read_text())
   (cell,) = rep["cells"]
   for key in ("dataset", "alpha", "devices", "local_work", "comm_ratio",
@@ -45,7 +45,7 @@ def test_quick_mode_writes_the_report(tmp_path):
   assert cell["cohort_spread"] is not None and cell["cohort_spread"] >= 0
   # a second run reuses every cached sweep (no new cache files)
   cache = sorted(p.name for p in (tmp_path / "regimes_cache").rglob("*"))
-  assert regimes_main.main(["--quick", "--out", str(tmp_path)]) == 0
+  assert study_main.main(["--quick", "--out", str(tmp_path)]) == 0
   assert sorted(p.name for p in
                 (tmp_path / "regimes_cache").rglob("*")) == cache
   # and still reports what its sweeps took when they ran
@@ -154,21 +154,21 @@ def test_parts_of_a_dataset_merge_cell_by_cell():
     return dict(cells=cells, wall_s=wall, trends={"t": {}},
                 settings=dict(alphas=sorted({c["alpha"] for c in cells})))
 
-  a = regimes_main._merge_dataset(None, part(
+  a = study_main._merge_dataset(None, part(
       [cell(0.1, "epochs", "a"), cell(0.1, "deadline", "a")], 60.0))
-  b = regimes_main._merge_dataset(a, part([cell(1.0, "epochs", "b")], 30.0))
+  b = study_main._merge_dataset(a, part([cell(1.0, "epochs", "b")], 30.0))
   assert sorted((c["alpha"], c["tag"]) for c in b["cells"]) == [
       (0.1, "a"), (0.1, "a"), (1.0, "b")]
   assert len(b["parts"]) == 2 and b["wall_s"] == 90.0
-  c = regimes_main._merge_dataset(b, part([cell(0.1, "epochs", "c"),
-                                           cell(0.1, "deadline", "c")], 10))
+  c = study_main._merge_dataset(b, part([cell(0.1, "epochs", "c"),
+                                         cell(0.1, "deadline", "c")], 10))
   assert sorted((c_["alpha"], c_["tag"]) for c_ in c["cells"]) == [
       (0.1, "c"), (0.1, "c"), (1.0, "b")]
   assert len(c["parts"]) == 2 and c["wall_s"] == 40.0
   # c's cells replaced by two later parts, one cell each: c is dropped
-  d = regimes_main._merge_dataset(c, part([cell(0.1, "epochs", "d")], 5))
+  d = study_main._merge_dataset(c, part([cell(0.1, "epochs", "d")], 5))
   assert len(d["parts"]) == 3 and d["wall_s"] == 45.0
-  e = regimes_main._merge_dataset(d, part([cell(0.1, "deadline", "e")], 7))
+  e = study_main._merge_dataset(d, part([cell(0.1, "deadline", "e")], 7))
   assert [p["wall_s"] for p in e["parts"]] == [30.0, 5, 7]
   assert sorted((c_["alpha"], c_["tag"]) for c_ in e["cells"]) == [
       (0.1, "d"), (0.1, "e"), (1.0, "b")]
@@ -240,7 +240,7 @@ def test_cached_sweep_is_retimed_for_ratios_asked_later(tmp_path,
 
 
 def test_seed_lists_counts_ranges_and_errors():
-  from fedjax_bsa.bench import regimes_main as rm
+  from fedjax_bsa.bench.study import main as rm
   assert rm.parse_seeds("2", 0) == [0, 1]
   assert rm.parse_seeds("20-24", 0) == [20, 21, 22, 23, 24]
   assert rm.parse_seeds("30,31", 100) == [30, 31]
@@ -265,8 +265,8 @@ def test_a_seed_that_cannot_draw_its_partition_is_replaced_and_named(
   reported, tuning = study.seeds_for(0.1)
   assert reported == [20, 31] and tuning == [30]
   assert study.replaced == {"0.1": {"reported": {"21": 31}}}
-  from fedjax_bsa.bench import regimes_figures
-  (line, _) = regimes_figures._replacements(study.replaced)
+  from fedjax_bsa.bench.study import figures
+  (line, _) = figures._replacements(study.replaced)
   assert "alpha 0.1, reported seed 21 -> 31" in line
   monkeypatch.setattr(regimes, "MAX_SEED_TRIES", 2)
   hopeless = regimes.Study("digits", alphas=[0.03], seeds=[0], tuning=[1],

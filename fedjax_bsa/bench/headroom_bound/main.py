@@ -1,6 +1,6 @@
 """How large the batch lever's headroom can be at all.
 
-``python -m benchmarks.headroom_bound`` searches the synchronous round's
+``python -m fedjax_bsa.bench.headroom_bound`` searches the synchronous round's
 headroom (:func:`fedjax_bsa.plans.goodput.headroom`: the best round with one
 common batch over the best with each client at its own) over two clients
 whose noise scale ``B_k``, per-step overhead ``o_k`` and speed ``v_k`` range
@@ -21,7 +21,6 @@ on the fast device with a large per-step overhead).
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
@@ -84,8 +83,9 @@ def search(box: dict, batches, samples: int, seed: int = 0):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.headroom_bound",
-                              description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(
+      prog="python -m fedjax_bsa.bench.headroom_bound",
+      description=__doc__.split("\n\n")[0])
   p.add_argument("--samples", type=int, default=6000)
   p.add_argument("--quick", action="store_true",
                  help="a smoke test: 200 samples, written as "
@@ -110,6 +110,3 @@ def main(argv=None) -> int:
                        "headroom_bound_quick" if a.quick else "headroom_bound")
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

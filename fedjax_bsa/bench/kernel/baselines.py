@@ -9,7 +9,9 @@
   :func:`fedjax_bsa.kernel.reference.reference_round`, which also computes the
   noise statistics on the host).
 * :func:`run_fedjax`: the uniform mix through FedJAX 0.0.17 in its own
-  virtualenv (:mod:`fedjax_bsa.bench.fedjax_uniform` as a subprocess).
+  virtualenv: the repository's ``benchmarks/fedjax_uniform.py`` (which
+  imports FedJAX and Haiku, so it is not installed with the package) run
+  as a subprocess, found by :func:`fedjax_script`.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from fedjax_bsa.kernel import reference
 from fedjax_bsa.setup import models
 
 __all__ = ["loss_of", "fedavg", "kernel_fn", "padded_fn", "ceiling_fn",
-           "gather_batches", "NaiveLoop",
-           "run_fedjax", "FEDJAX_INSTALL", "DEFAULT_FEDJAX_PYTHON"]
+           "gather_batches", "NaiveLoop", "fedjax_script", "run_fedjax",
+           "FEDJAX_INSTALL", "DEFAULT_FEDJAX_PYTHON", "FEDJAX_SCRIPT"]
 
 tmap = jax.tree.map
 
@@ -42,8 +44,8 @@ FEDJAX_INSTALL = (
     'fedjax==0.0.17 "jax[cpu]==0.4.30" jaxlib==0.4.30 dm-haiku==0.0.12 '
     'optax==0.2.2 chex==0.1.86 "numpy<2" "scipy<1.13"')
 DEFAULT_FEDJAX_PYTHON = "/tmp/fjvenv/bin/python"
-FEDJAX_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                             "fedjax_uniform.py")
+#: The FedJAX runner, relative to the repository's root.
+FEDJAX_SCRIPT = os.path.join("benchmarks", "fedjax_uniform.py")
 
 
 def loss_of(model: models.Model):
@@ -167,15 +169,52 @@ def _client_arrays(data: federated.FederatedData, clients):
   return np.stack([x[r] for r in rows]), np.stack([y[r] for r in rows])
 
 
-def run_fedjax(python: str | None, mix, reps: int, hidden: int,
-               log=print) -> dict | None:
+def fedjax_script(path: str | None = None) -> str | None:
+  """The FedJAX runner script (:data:`FEDJAX_SCRIPT`), which only the
+  repository has.
+
+  Args:
+    path: where it is (``--fedjax-script``); None: the repository's, under
+      the working folder or beside the package's source (a checkout).
+
+  Returns:
+    Its absolute path, or None when there is no such file.
+
+  >>> fedjax_script("no/such/fedjax_uniform.py") is None
+  True
+  """
+  if path:
+    return os.path.abspath(path) if os.path.isfile(path) else None
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                      os.pardir, os.pardir)
+  for where in (FEDJAX_SCRIPT, os.path.join(root, FEDJAX_SCRIPT)):
+    if os.path.isfile(where):
+      return os.path.abspath(where)
+  return None
+
+
+def run_fedjax(python: str | None, script: str | None, mix, reps: int,
+               hidden: int, log=print) -> dict | None:
   """The uniform mix through FedJAX 0.0.17 in its own venv.
+
+  Args:
+    python: the venv's interpreter.
+    script: the runner (:func:`fedjax_script`); None: not found.
+    mix: the uniform mix.
+    reps: timed rounds.
+    hidden: the MLP's width.
+    log: where the one-line messages go.
 
   Returns:
     The script's JSON (per-round ``times_s``, versions, peak RSS), an
-    ``{"error": ...}`` dict when it failed, or None when ``python`` is
-    missing (install: :data:`FEDJAX_INSTALL`).
+    ``{"error": ...}`` dict when it failed, or None when the script or
+    ``python`` is missing (install: :data:`FEDJAX_INSTALL`).
   """
+  if script is None:
+    log(f"  FedJAX: skipped, no {FEDJAX_SCRIPT} (the repository's, not "
+        "installed with the package: run from the repository or pass "
+        "--fedjax-script PATH): recording null")
+    return None
   if not python or not os.path.exists(python):
     log(f"  FedJAX: no interpreter at {python!r}: recording null "
         f"(install: {FEDJAX_INSTALL})")
@@ -184,7 +223,7 @@ def run_fedjax(python: str | None, mix, reps: int, hidden: int,
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "uniform.npz")
     np.savez(path, x=x, y=y, num_classes=mix.num_classes)
-    cmd = [python, FEDJAX_SCRIPT, path, "--reps", str(reps), "--warmup", "2",
+    cmd = [python, script, path, "--reps", str(reps), "--warmup", "2",
            "--batch", str(int(mix.batch_size[0])),
            "--lr", str(float(mix.lr[0])), "--hidden", str(hidden),
            "--drop-remainder"]
@@ -201,5 +240,5 @@ def run_fedjax(python: str | None, mix, reps: int, hidden: int,
     log(f"  FedJAX failed (exit {p.returncode}): {p.stderr[-2000:]}")
     return {"error": p.stderr[-2000:], "returncode": p.returncode}
   out = json.loads(p.stdout.strip().splitlines()[-1])
-  out.update(python_path=python, install=FEDJAX_INSTALL)
+  out.update(python_path=python, script=script, install=FEDJAX_INSTALL)
   return out

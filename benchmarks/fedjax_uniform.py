@@ -1,12 +1,15 @@
 """The uniform mix through FedJAX 0.0.17 (run in FedJAX's own virtualenv).
 
 FedJAX 0.0.17 needs an older jax than fedjax_bsa, so this file imports
-neither fedjax_bsa nor flax: only numpy, jax, haiku and fedjax. The
-round-kernel benchmark (:func:`fedjax_bsa.bench.baselines.run_fedjax`)
-writes the uniform mix's client data to an ``.npz`` file and runs this file
-as a script (by path, not as a module of the package)::
+neither fedjax_bsa nor flax: only numpy, jax, haiku and fedjax. It lives in
+the repository, not in the package (which imports neither FedJAX nor
+Haiku). The round-kernel benchmark
+(:func:`fedjax_bsa.bench.kernel.baselines.run_fedjax`) writes the uniform
+mix's client data to an ``.npz`` file and runs this file as a script, by
+path (:func:`fedjax_bsa.bench.kernel.baselines.fedjax_script` finds it when
+run from the repository; ``--fedjax-script PATH`` otherwise)::
 
-    FJ_PYTHON fedjax_bsa/bench/fedjax_uniform.py DATA.npz --reps 7 \
+    FJ_PYTHON benchmarks/fedjax_uniform.py DATA.npz --reps 7 \
         --warmup 2 --drop-remainder
 
 which prints one JSON line (the last line of stdout) with the per-round times.

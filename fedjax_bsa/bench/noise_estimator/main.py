@@ -31,7 +31,7 @@ from it.
 
 Run::
 
-    python -m benchmarks.noise_estimator [--quick] [--out DIR]
+    python -m fedjax_bsa.bench.noise_estimator [--quick] [--out DIR]
 
 which writes ``noise_estimator.json`` (``--quick``:
 ``noise_estimator_quick.json``) into ``--out`` (default
@@ -39,10 +39,10 @@ which writes ``noise_estimator.json`` (``--quick``:
 
 This module holds the command and its report (:func:`main`,
 :func:`format_table`); the setup and exact values are in
-:mod:`fedjax_bsa.bench.estimator_setup`, the kernel rounds and the host
-recomputation (:func:`run`) in :mod:`fedjax_bsa.bench.estimator_rounds`, and
-the standard errors and acceptance in :mod:`fedjax_bsa.bench.estimator_stats`;
-all are re-exported here.
+:mod:`fedjax_bsa.bench.noise_estimator.problem`, the kernel rounds and the
+host recomputation (:func:`~fedjax_bsa.bench.noise_estimator.rounds.run`)
+in :mod:`fedjax_bsa.bench.noise_estimator.rounds`, and the standard errors
+and acceptance in :mod:`fedjax_bsa.bench.noise_estimator.stats`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 
 import jax
@@ -60,41 +59,17 @@ import numpy as np
 import optax
 
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench.estimator_rounds import kernel_estimates
-from fedjax_bsa.bench.estimator_rounds import local_rows
-from fedjax_bsa.bench.estimator_rounds import make_kernel
-from fedjax_bsa.bench.estimator_rounds import recompute
-from fedjax_bsa.bench.estimator_rounds import round_jobs
-from fedjax_bsa.bench.estimator_rounds import run
-from fedjax_bsa.bench.estimator_setup import ALPHA
-from fedjax_bsa.bench.estimator_setup import Case
-from fedjax_bsa.bench.estimator_setup import case_batches
-from fedjax_bsa.bench.estimator_setup import choose_clients
-from fedjax_bsa.bench.estimator_setup import exact_stats
-from fedjax_bsa.bench.estimator_setup import FROZEN_LR
-from fedjax_bsa.bench.estimator_setup import HIDDEN
-from fedjax_bsa.bench.estimator_setup import make_cases
-from fedjax_bsa.bench.estimator_setup import make_setup
-from fedjax_bsa.bench.estimator_setup import MU
-from fedjax_bsa.bench.estimator_setup import PARTITIONS
-from fedjax_bsa.bench.estimator_setup import per_example_grads
-from fedjax_bsa.bench.estimator_setup import POOL
-from fedjax_bsa.bench.estimator_setup import Setup
-from fedjax_bsa.bench.estimator_setup import SIZES
-from fedjax_bsa.bench.estimator_setup import train
-from fedjax_bsa.bench.estimator_stats import agrees
-from fedjax_bsa.bench.estimator_stats import mean_se
-from fedjax_bsa.bench.estimator_stats import overall
-from fedjax_bsa.bench.estimator_stats import predicted_uncorrected
-from fedjax_bsa.bench.estimator_stats import ratio_se
-from fedjax_bsa.bench.estimator_stats import summarize
+from fedjax_bsa.bench.noise_estimator.problem import ALPHA
+from fedjax_bsa.bench.noise_estimator.problem import FROZEN_LR
+from fedjax_bsa.bench.noise_estimator.problem import HIDDEN
+from fedjax_bsa.bench.noise_estimator.problem import MU
+from fedjax_bsa.bench.noise_estimator.problem import POOL
+from fedjax_bsa.bench.noise_estimator.problem import SIZES
+from fedjax_bsa.bench.noise_estimator.rounds import run
+from fedjax_bsa.bench.noise_estimator.stats import overall
+from fedjax_bsa.bench.noise_estimator.stats import summarize
 
-__all__ = ["MU", "SIZES", "PARTITIONS", "Case", "Setup", "choose_clients",
-           "train", "per_example_grads", "exact_stats", "make_setup",
-           "case_batches", "make_cases", "make_kernel", "round_jobs",
-           "kernel_estimates", "local_rows", "recompute",
-           "predicted_uncorrected", "mean_se", "ratio_se", "agrees",
-           "summarize", "overall", "run", "main"]
+__all__ = ["format_table", "main"]
 
 
 def _versions() -> dict:
@@ -141,7 +116,9 @@ def format_table(rows) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+      prog="python -m fedjax_bsa.bench.noise_estimator",
+      description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true",
                  help="200 rounds instead of 10000")
   p.add_argument("--rounds", type=int, default=None)
@@ -203,6 +180,3 @@ def main(argv=None) -> int:
   print(f"wrote {path} ({report['wall_s']} s)")
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -22,7 +22,8 @@ vmapped program and :func:`controller_time` runs v3 from the grid's
 middle point; each returns simulated seconds until ``F - F* <= tol (F(w_0)
 - F*)``. :func:`seed_study` compares them over several problem seeds with
 the fixed setting tuned on its median; ``python -m
-fedjax_bsa.bench.known_answer`` prints it for small and large ``zeta``.
+fedjax_bsa.bench.known_answer`` (:mod:`fedjax_bsa.bench.known_answer.main`)
+prints it for small and large ``zeta``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from fedjax_bsa.plans import controllers
 from fedjax_bsa.plans import displacement
 
 __all__ = ["Problem", "make_problem", "grid_times", "controller_time",
-           "seed_study", "GRID", "main"]
+           "seed_study", "GRID", "ANNEAL"]
 
 #: The fixed settings compared: batch x learning rate x local steps.
 GRID = dict(batch=(2, 8, 32), lr=(0.025, 0.05, 0.1, 0.2),
@@ -249,24 +250,3 @@ def seed_study(zeta: float, seeds=range(5), tol: float = TOL,
               hits=int(np.isfinite(secs).sum()),
               budget=[v["mean_budget"] for v in v3],
               batch=[v["mean_batch"] for v in v3])
-
-
-def main() -> None:
-  seeds = range(8)
-  for patience, what in ((ANNEAL, "annealing on (anneal_patience 3)"),
-                         (0, "the default (anneal_patience 0)")):
-    print(f"v3 with {what}:")
-    for zeta in (0.0, 3.0):
-      r = seed_study(zeta, seeds, patience=patience)
-      print(f"  zeta {zeta}, {len(seeds)} seeds: best fixed (b, eta, S) = "
-            f"{r['best']} (eta S = {r['best_budget']:.2f}) in a median "
-            f"{r['best_seconds']:.1f} s; v3 {r['v3_seconds']:.1f} s (target "
-            f"reached on {r['hits']}/{len(seeds)} seeds, median eta S "
-            f"{np.median(r['budget']):.2f}, batch "
-            f"{np.median(r['batch']):.1f}); best / v3 = {r['ratio']:.2f}; "
-            f"per seed, the best of the grid on that seed / v3: median "
-            f"{np.median(r['oracle']):.2f}")
-
-
-if __name__ == "__main__":
-  main()

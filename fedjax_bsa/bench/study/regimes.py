@@ -30,7 +30,7 @@ that stops resumes where it was.
 
 Writes ``regimes.json`` (every dataset run so far merged), ``regimes.md``
 and ``regimes_heatmap.png`` into ``--out`` (default
-``benchmarks/results``); see :mod:`fedjax_bsa.bench.regimes_report`.
+``benchmarks/results``); see :mod:`fedjax_bsa.bench.study.report`.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ import os
 import time
 
 
-from fedjax_bsa.bench.regimes_runs import bandwidth_for
-from fedjax_bsa.bench.regimes_runs import best_third
-from fedjax_bsa.bench.regimes_runs import listed
-from fedjax_bsa.bench.regimes_runs import log_to_stderr
-from fedjax_bsa.bench.regimes_runs import minutes
-from fedjax_bsa.bench.regimes_runs import retime_parts
-from fedjax_bsa.bench.regimes_runs import round_parts
-from fedjax_bsa.bench.regimes_runs import run_sweep_cached
+from fedjax_bsa.bench.study.runs import bandwidth_for
+from fedjax_bsa.bench.study.runs import best_third
+from fedjax_bsa.bench.study.runs import listed
+from fedjax_bsa.bench.study.runs import log_to_stderr
+from fedjax_bsa.bench.study.runs import minutes
+from fedjax_bsa.bench.study.runs import retime_parts
+from fedjax_bsa.bench.study.runs import round_parts
+from fedjax_bsa.bench.study.runs import run_sweep_cached
 from fedjax_bsa.core.config import Config, ConfigError
 from fedjax_bsa.setup import experiment as experiment_lib
 

@@ -1,11 +1,11 @@
 """The noise-estimator check's rounds: kernel estimates and their recomputation.
 
-Part of :mod:`fedjax_bsa.bench.noise_estimator` (which describes the check
-and re-exports everything here): the round kernel at frozen parameters
-(:func:`make_kernel`, :func:`round_jobs`, :func:`kernel_estimates`), the rows
-each step read (:func:`local_rows`), the same steps' statistics recomputed on
-the host from the Gram matrix (:func:`recompute`), and :func:`run`, which
-does all of it for every case.
+Part of :mod:`fedjax_bsa.bench.noise_estimator` (whose
+:mod:`~fedjax_bsa.bench.noise_estimator.main` describes the check): the
+round kernel at frozen parameters (:func:`make_kernel`, :func:`round_jobs`,
+:func:`kernel_estimates`), the rows each step read (:func:`local_rows`), the
+same steps' statistics recomputed on the host from the Gram matrix
+(:func:`recompute`), and :func:`run`, which does all of it for every case.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import numpy as np
 import optax
 
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa.bench.estimator_setup import Case
-from fedjax_bsa.bench.estimator_setup import client_sizes
-from fedjax_bsa.bench.estimator_setup import FROZEN_LR
-from fedjax_bsa.bench.estimator_setup import make_cases
-from fedjax_bsa.bench.estimator_setup import make_setup
-from fedjax_bsa.bench.estimator_setup import MU
-from fedjax_bsa.bench.estimator_setup import Setup
+from fedjax_bsa.bench.noise_estimator.problem import Case
+from fedjax_bsa.bench.noise_estimator.problem import client_sizes
+from fedjax_bsa.bench.noise_estimator.problem import FROZEN_LR
+from fedjax_bsa.bench.noise_estimator.problem import make_cases
+from fedjax_bsa.bench.noise_estimator.problem import make_setup
+from fedjax_bsa.bench.noise_estimator.problem import MU
+from fedjax_bsa.bench.noise_estimator.problem import Setup
 from fedjax_bsa.data import federated
 from fedjax_bsa.kernel import noise
 from fedjax_bsa.setup import models

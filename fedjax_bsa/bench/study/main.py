@@ -5,8 +5,8 @@
   fedjax-bsa study --datasets mnist1d --local-work deadline --comm 1,10
   fedjax-bsa study --report-only                   # tables from the cache
 
-See :mod:`fedjax_bsa.bench.regimes` (what runs) and
-:mod:`fedjax_bsa.bench.regimes_report` (definitions). ``regimes.json``
+See :mod:`fedjax_bsa.bench.study.regimes` (what runs) and
+:mod:`fedjax_bsa.bench.study.report` (definitions). ``regimes.json``
 merges every dataset and every part studied so far: a run over some axes
 replaces the cells it ran (same dataset, alpha, devices, local work and
 ratio) and keeps the others, so a dataset can be studied axis by axis
@@ -24,9 +24,9 @@ import platform
 import time
 
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench import regimes
-from fedjax_bsa.bench import regimes_figures as figures
-from fedjax_bsa.bench import regimes_report as report
+from fedjax_bsa.bench.study import figures
+from fedjax_bsa.bench.study import regimes
+from fedjax_bsa.bench.study import report
 from fedjax_bsa.report import regime
 from fedjax_bsa.setup import experiment as experiment_lib
 

@@ -1,12 +1,13 @@
 """The noise-estimator check's setup: digits, chosen clients, exact values.
 
-Part of :mod:`fedjax_bsa.bench.noise_estimator` (which describes the check
-and re-exports everything here): the settings (:data:`MU`, :data:`SIZES`,
-:data:`PARTITIONS`, ...), one client per (partition, size) drawn from the
-digits training set (:func:`choose_clients`), the MLP trained by plain SGD
-(:func:`train`), every client's per-example gradients and their Gram matrix,
-the exact ``|G|^2`` and ``tr(Sigma)`` (:func:`exact_stats`), and the
-(client, batch) cases (:func:`case_batches`, :func:`make_cases`).
+Part of :mod:`fedjax_bsa.bench.noise_estimator` (whose
+:mod:`~fedjax_bsa.bench.noise_estimator.main` describes the check): the
+settings (:data:`MU`, :data:`SIZES`, :data:`PARTITIONS`, ...), one client
+per (partition, size) drawn from the digits training set
+(:func:`choose_clients`), the MLP trained by plain SGD (:func:`train`),
+every client's per-example gradients and their Gram matrix, the exact
+``|G|^2`` and ``tr(Sigma)`` (:func:`exact_stats`), and the (client, batch)
+cases (:func:`case_batches`, :func:`make_cases`).
 """
 
 from __future__ import annotations

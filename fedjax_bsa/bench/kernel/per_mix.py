@@ -19,11 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedjax_bsa.bench import baselines
-from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench import kernel_mixes as km
-from fedjax_bsa.bench import scenarios
+from fedjax_bsa.bench.kernel import baselines
+from fedjax_bsa.bench.kernel import figures
+from fedjax_bsa.bench.kernel import methods as km
+from fedjax_bsa.bench.kernel import scenarios
 from fedjax_bsa.kernel import layout as layout_lib
 from fedjax_bsa.run import autotune
 
@@ -87,7 +87,7 @@ def bench_mix(w: km.Workload, grid, ctx: km.Ctx, *, noise_stats=True,
 
   Returns:
     ``(entry, headline)``: the mix's report entry and the headline kernel
-    (a :class:`~fedjax_bsa.bench.kernel_mixes.Counted` jitted function).
+    (a :class:`~fedjax_bsa.bench.kernel.methods.Counted` jitted function).
   """
   sweep = km.lane_sweep(w, grid, ctx)
   lanes, mu = _best_layout(sweep)
@@ -116,10 +116,13 @@ def bench_mix(w: km.Workload, grid, ctx: km.Ctx, *, noise_stats=True,
 
 
 def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
-                  fedjax_python: str | None) -> dict:
+                  fedjax_python: str | None,
+                  fedjax_script: str | None = None) -> dict:
   """The uniform mix: headline microbatch = its batch size; FedJAX (in its
-  own venv, when ``fedjax_python`` exists) timed between two halves of the
-  repetitions of the other methods, all pooled."""
+  own venv, when ``fedjax_python`` is given and it and ``fedjax_script``
+  (:func:`~fedjax_bsa.bench.kernel.baselines.fedjax_script`) exist) timed
+  between two halves of the repetitions of the other methods, all
+  pooled."""
   batch = int(w.mix.batch_size[0])
   sweep = km.lane_sweep(w, grid, ctx, headline_mu=batch)
   best = sweep["best"]
@@ -136,7 +139,8 @@ def bench_uniform(w: km.Workload, grid, ctx: km.Ctx, *,
   between = None
   if fedjax_python:
     between = lambda: baselines.run_fedjax(
-        fedjax_python, w.mix, ctx.reps, scenarios.HIDDEN, log=ctx.log)
+        fedjax_python, fedjax_script, w.mix, ctx.reps, scenarios.HIDDEN,
+        log=ctx.log)
   entries, fj = km.compare(methods, ctx, between)
   res = {"mix": w.mix.summary(), "lane_sweep": sweep["rows"],
          "headline": best, "lanes": row["lanes"], "microbatch": batch,
@@ -185,7 +189,8 @@ def default_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
 
 def ceiling_method(w: km.Workload, ctx: km.Ctx) -> km.Method:
   """The same round as a plain vmapped ``lax.scan`` over batches gathered
-  before the clock starts (:func:`fedjax_bsa.bench.baselines.ceiling_fn`)."""
+  before the clock starts (:func:`~fedjax_bsa.bench.kernel.baselines.
+  ceiling_fn`)."""
   batch, steps = int(w.mix.batch_size[0]), int(w.mix.steps[0])
   xs, ys = baselines.gather_batches(w.data, w.jobs, steps, batch)
   fn = baselines.ceiling_fn(w.model)

@@ -19,10 +19,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from fedjax_bsa.bench import baselines
-from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench import scenarios
+from fedjax_bsa.bench.kernel import baselines
+from fedjax_bsa.bench.kernel import figures
+from fedjax_bsa.bench.kernel import scenarios
 from fedjax_bsa.kernel import reference
 
 __all__ = ["Workload", "workload", "Ctx", "Method", "Counted", "counted_jit",

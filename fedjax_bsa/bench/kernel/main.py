@@ -2,23 +2,25 @@
 
   fedjax-bsa bench kernel [--quick] [--out DIR] [--mixes standard,large,...]
 
-Mixes (:mod:`fedjax_bsa.bench.scenarios`): standard (64 clients), large
-(1024), uniform (FedJAX's 64 x 256 rows, batch 10, one epoch), cnn1d and
-cnn2d. On each, in one process and after warm-up, interleaved round-robin
-(:mod:`fedjax_bsa.bench.kernel_bench`): a lane sweep of the kernel over
-``(lanes, microbatch)``, then the headline kernel against the kernel with
-noise statistics, the padded layout, the naive loop (subsets scaled up when
-too big), on the standard mix also the unquantized plan and (full runs)
-:func:`fedjax_bsa.kernel.reference.reference_round`, on the uniform mix FedJAX
-0.0.17 in its own venv (``--fedjax-python``; null when absent). Then the
-compile test (:func:`fedjax_bsa.bench.kernel_checks.compile_test`) and,
-with ``--check``, the kernel against the reference first.
+Mixes (:mod:`fedjax_bsa.bench.kernel.scenarios`): standard (64 clients),
+large (1024), uniform (FedJAX's 64 x 256 rows, batch 10, one epoch), cnn1d
+and cnn2d. On each, in one process and after warm-up, interleaved
+round-robin (:mod:`fedjax_bsa.bench.kernel.per_mix`): a lane sweep of the
+kernel over ``(lanes, microbatch)``, then the headline kernel against the
+kernel with noise statistics, the padded layout, the naive loop (subsets
+scaled up when too big), on the standard mix also the unquantized plan and
+(full runs) :func:`fedjax_bsa.kernel.reference.reference_round`, on the
+uniform mix FedJAX 0.0.17 in its own venv (``--fedjax-python``; the runner
+script is the repository's ``benchmarks/fedjax_uniform.py``, not installed
+with the package, or ``--fedjax-script``; null when either is absent).
+Then the compile test (:func:`fedjax_bsa.bench.kernel.checks.compile_test`)
+and, with ``--check``, the kernel against the reference first.
 
-Figures: :mod:`fedjax_bsa.bench.figures`; the matmul peak is measured at
-the start and at the end, the faster kept (other processes only lower it).
-Writes ``round_kernel_<machine>[_quick].json`` and ``.md`` into ``--out``
-(default ``benchmarks/results``) when it has finished; a run cut short
-writes nothing (the rule of ``benchmarks/README.md``).
+Figures: :mod:`fedjax_bsa.bench.kernel.figures`; the matmul peak is
+measured at the start and at the end, the faster kept (other processes only
+lower it). Writes ``round_kernel_<machine>[_quick].json`` and ``.md`` into
+``--out`` (default ``benchmarks/results``) when it has finished; a run cut
+short writes nothing (the rule of ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -26,19 +28,18 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 
 import jax
 import numpy as np
 
-from fedjax_bsa.bench import baselines
-from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench import kernel_bench
-from fedjax_bsa.bench import kernel_checks
-from fedjax_bsa.bench import kernel_mixes as km
-from fedjax_bsa.bench import kernel_report
-from fedjax_bsa.bench import scenarios as sc
+from fedjax_bsa.bench.kernel import baselines
+from fedjax_bsa.bench.kernel import checks
+from fedjax_bsa.bench.kernel import figures
+from fedjax_bsa.bench.kernel import methods as km
+from fedjax_bsa.bench.kernel import per_mix
+from fedjax_bsa.bench.kernel import report as kernel_report
+from fedjax_bsa.bench.kernel import scenarios as sc
 
 __all__ = ["main", "default_settings", "build_mix"]
 
@@ -108,6 +109,11 @@ def _parser():
   p.add_argument("--fedjax-python", default=None, metavar="PATH",
                  help="python of a FedJAX 0.0.17 venv (default "
                  "$FEDJAX_PYTHON or /tmp/fjvenv/bin/python)")
+  p.add_argument("--fedjax-script", default=None, metavar="PATH",
+                 help="FedJAX's runner (default: the repository's "
+                 "benchmarks/fedjax_uniform.py under the working folder or "
+                 "beside the package's source; not installed with the "
+                 "package: FedJAX is skipped without it)")
   p.add_argument("--no-fedjax", action="store_true",
                  help="do not time FedJAX 0.0.17 (never timed with "
                  "--quick)")
@@ -144,10 +150,11 @@ def default_settings(args, gpu: bool) -> dict:
     lanes, mus = _GRIDS[kind][m]
     lanes, mus = _ints(args.lanes) or lanes, _ints(args.microbatches) or mus
     grids[m] = [(L, mu) for mu in mus for L in lanes]
-  fj = None
+  fj = script = None
   if not (args.no_fedjax or quick):
     fj = (args.fedjax_python or os.environ.get("FEDJAX_PYTHON")
           or baselines.DEFAULT_FEDJAX_PYTHON)
+    script = baselines.fedjax_script(args.fedjax_script)
   return dict(
       quick=quick, kind=kind, reps=reps, mixes=mixes, grids=grids,
       large_reps=args.large_reps or (2 if quick else 3 if gpu else
@@ -159,7 +166,8 @@ def default_settings(args, gpu: bool) -> dict:
           20 if quick else 4000 if gpu else 20000),
       reference=(args.reference if args.reference is not None
                  else not (quick or gpu)),
-      fedjax_python=fj, cpu_devices=args.cpu_devices, check=args.check)
+      fedjax_python=fj, fedjax_script=script, cpu_devices=args.cpu_devices,
+      check=args.check)
 
 
 def _run_mix(name: str, st: dict, peak: float, mesh, log) -> dict:
@@ -172,19 +180,20 @@ def _run_mix(name: str, st: dict, peak: float, mesh, log) -> dict:
   ctx = km.Ctx(reps, peak, flops_ex, st["padded_max_slots"],
                st["naive_max_steps"], log)
   if name == "uniform":
-    res = kernel_bench.bench_uniform(w, st["grids"][name], ctx,
-                                     fedjax_python=st["fedjax_python"])
+    res = per_mix.bench_uniform(w, st["grids"][name], ctx,
+                                fedjax_python=st["fedjax_python"],
+                                fedjax_script=st["fedjax_script"])
   else:
     other = {}
     if name == "standard":
       other["kernel_unquantized"] = build_mix(name, st["quick"], False)
-    res, kern = kernel_bench.bench_mix(
+    res, kern = per_mix.bench_mix(
         w, st["grids"][name], ctx, other_plans=other,
         noise_stats=name == "standard" or not st["quick"],
         with_reference=st["reference"] and name == "standard",
         mesh=mesh if name == "standard" else None)
     if name == "standard":
-      res["compile_test"] = kernel_checks.compile_test(
+      res["compile_test"] = checks.compile_test(
           w, kern, mu=res["microbatch"], rounds=st["compile_test_rounds"])
       res["compiles"] = res["compile_test"]["compiles"]
       log(f"  compiles over {st['compile_test_rounds']} random plans: "
@@ -233,7 +242,7 @@ def main(argv=None) -> int:
   log(f"round-kernel benchmark on {report['machine']['name']} "
       f"({jax.devices()[0].device_kind})")
   if st["check"]:
-    report["check"] = kernel_checks.check_against_reference()
+    report["check"] = checks.check_against_reference()
     log(f"check vs reference_round: {report['check']['ok']}")
     if not report["check"]["ok"]:
       harness.write_report(report, args.out, stem)
@@ -269,6 +278,3 @@ def main(argv=None) -> int:
   log(f"wrote {path} and .md ({report['wall_s']:.0f}s)")
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

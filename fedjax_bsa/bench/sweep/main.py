@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 
 import jax
@@ -296,6 +295,3 @@ def main(argv=None) -> int:
   log(f"wrote {path} and .md")
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedjax_bsa.bench import figures
+from fedjax_bsa.bench.kernel import figures
 
 __all__ = ["headline", "markdown"]
 

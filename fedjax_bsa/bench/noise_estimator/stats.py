@@ -1,20 +1,20 @@
 """The noise-estimator check's statistics: standard errors and acceptance.
 
-Part of :mod:`fedjax_bsa.bench.noise_estimator` (which describes the check
-and re-exports everything here): the expected uncorrected estimates
-(:func:`predicted_uncorrected`), means and ratios with their standard errors
-over rounds (:func:`mean_se`, :func:`ratio_se`), the acceptance test
-(:func:`agrees`), and the per-case and overall summaries (:func:`summarize`,
-:func:`overall`).
+Part of :mod:`fedjax_bsa.bench.noise_estimator` (whose
+:mod:`~fedjax_bsa.bench.noise_estimator.main` describes the check): the
+expected uncorrected estimates (:func:`predicted_uncorrected`), means and
+ratios with their standard errors over rounds (:func:`mean_se`,
+:func:`ratio_se`), the acceptance test (:func:`agrees`), and the per-case
+and overall summaries (:func:`summarize`, :func:`overall`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedjax_bsa.bench.estimator_setup import client_sizes
-from fedjax_bsa.bench.estimator_setup import MU
-from fedjax_bsa.bench.estimator_setup import Setup
+from fedjax_bsa.bench.noise_estimator.problem import client_sizes
+from fedjax_bsa.bench.noise_estimator.problem import MU
+from fedjax_bsa.bench.noise_estimator.problem import Setup
 
 __all__ = ["predicted_uncorrected", "mean_se", "ratio_se", "agrees",
            "summarize", "overall"]

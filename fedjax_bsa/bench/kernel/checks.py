@@ -4,7 +4,7 @@
   one lane pool, noise statistics on) against
   :func:`fedjax_bsa.kernel.reference.reference_round` on a random plan, both at
   ``highest`` matmul precision (so that a GPU's TF32 default does not
-  blur the comparison); ``python -m fedjax_bsa.bench.kernel_checks`` runs
+  blur the comparison); ``python -m fedjax_bsa.bench.kernel.checks`` runs
   it and exits 1 when they differ.
 * :func:`compile_test`: the kernel, jitted once, on many fresh random
   plans; a counter in the traced function counts compiles (must be 1).
@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_bsa import kernel as kernel_lib
-from fedjax_bsa.bench import baselines
-from fedjax_bsa.bench import figures
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench import scenarios
+from fedjax_bsa.bench.kernel import baselines
+from fedjax_bsa.bench.kernel import figures
+from fedjax_bsa.bench.kernel import scenarios
 from fedjax_bsa.kernel import reference
 
 __all__ = ["check_against_reference", "compile_test", "main"]
@@ -96,7 +96,7 @@ def check_against_reference(*, clients: int = 8, mu: int = 4,
 
 def compile_test(w, kernel, *, mu: int, rounds: int, seed: int = 123
                  ) -> dict:
-  """Runs ``kernel`` (a :class:`~fedjax_bsa.bench.kernel_mixes.Counted`
+  """Runs ``kernel`` (a :class:`~fedjax_bsa.bench.kernel.methods.Counted`
   jitted kernel of the workload, already compiled once) on ``rounds``
   fresh random plans of the workload's clients and counts its traces."""
   jitted = kernel.fn
@@ -134,9 +134,9 @@ def compile_test(w, kernel, *, mu: int, rounds: int, seed: int = 123
 
 
 def main(argv=None) -> int:
-  """``python -m fedjax_bsa.bench.kernel_checks [--out DIR]``: exit 1 when
+  """``python -m fedjax_bsa.bench.kernel.checks [--out DIR]``: exit 1 when
   the kernel differs from the reference on this device."""
-  p = argparse.ArgumentParser(prog="python -m fedjax_bsa.bench.kernel_checks")
+  p = argparse.ArgumentParser(prog="python -m fedjax_bsa.bench.kernel.checks")
   p.add_argument("--out", default=None, metavar="DIR",
                  help="also write check_<machine>.json here")
   args = p.parse_args(argv)
