@@ -2,9 +2,10 @@
 experiment: dataset, partition, resources, model, algorithm. Run once,
 before the compiled loop.
 
-The built-in datasets, partitions, models and resource profiles register
-themselves here (:mod:`fedjax_bsa.core.registry`); each factory takes the config
-(and the dataset where it needs one).
+The built-in datasets, partitions and models register themselves here
+(:mod:`fedjax_bsa.core.registry`); each factory takes the config (and the
+dataset where it needs one). The resource profiles register themselves in
+:mod:`fedjax_bsa.setup.resources`.
 """
 
 from __future__ import annotations
@@ -169,30 +170,16 @@ def make_model(cfg: Config, ds: datasets.Dataset) -> models.Model:
 
 
 # --------------------------------------------------------------- resources
-
-
-def _profile(name):
-  def make(cfg, num_clients):
-    return resources_lib.make_resources(
-        name, num_clients, cfg.seed + 1, base_speed=cfg.base_speed,
-        speed_sigma=cfg.speed_sigma, step_overhead=cfg.step_overhead,
-        memory_cap=cfg.memory_cap, memory_sigma=cfg.memory_sigma,
-        bandwidth=cfg.bandwidth, availability=cfg.availability,
-        trace_path=cfg.trace_path or None)
-  make.__doc__ = f"The {name} profile of :mod:`fedjax_bsa.setup.resources`."
-  return make
-
-
-for _name in resources_lib.PROFILES:
-  reg.RESOURCE_PROFILES.register(_name, _profile(_name),
-                                 reads_file=_name == "trace")
+# The built-in profiles are registered in :mod:`fedjax_bsa.setup.resources`.
 
 
 def make_resources(cfg: Config, num_clients: int):
-  """The configured resource profile for ``num_clients`` clients."""
+  """The configured resource profile for ``num_clients`` clients. The
+  profile is given the config with ``seed + 1``: the devices' own random
+  stream, apart from the partition's."""
   return _as_user_error(f"resources={cfg.resources}",
-                        reg.RESOURCE_PROFILES.get(cfg.resources), cfg,
-                        num_clients)
+                        reg.RESOURCE_PROFILES.get(cfg.resources),
+                        cfg.replace(seed=cfg.seed + 1), num_clients)
 
 
 # ------------------------------------------------------------------- build
