@@ -23,7 +23,7 @@ def registered():
   @registry.DATASETS.register("noisy_digits", seeded=True)
   def noisy(cfg):
     LOADED.append(cfg.seed)
-    ds = datasets.load("digits")
+    ds = datasets.digits()
     rng = np.random.default_rng(cfg.seed)
     return ds._replace(name="noisy_digits", x_train=(
         ds.x_train + rng.normal(0, 0.5, ds.x_train.shape)).astype(
