@@ -7,14 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_bsa.core import registry
 from fedjax_bsa.plans import clock
-from fedjax_bsa.plans.clock import (MAX_COUNT, POLICIES, TIME_RTOL, RoundOutcome,
+from fedjax_bsa.plans.clock import (MAX_COUNT, TIME_RTOL, RoundOutcome,
                               apply_round_policy, client_time, comm_time,
                               fits_within, local_time, max_batch_within,
                               model_bytes, sample_available, steps_within)
 from fedjax_bsa.setup.resources import ClientResources, make_resources
 
 _SETTINGS = hypothesis.settings(max_examples=60, deadline=None)
+POLICIES = ("wait_all", "deadline_drop", "deadline_partial")
 
 # Hand-built cohort: comm = 1e5/1e6 * 2 + 2 * 0.05 = 0.3 s for everyone;
 # with batch 10 a step costs 0.1 + 10/speed = 0.2, 0.3, 1.1 s, so 5 steps
@@ -374,5 +376,17 @@ def test_sample_available():
   assert not np.array_equal(avail, sample_available(jax.random.PRNGKey(1), p))
 
 
-def test_module_lists_policies():
-  assert clock.POLICIES == ("wait_all", "deadline_drop", "deadline_partial")
+def test_policies_registered_with_their_properties():
+  assert registry.ROUND_POLICIES.names()[:3] == POLICIES
+  assert registry.ROUND_POLICIES.get("wait_all") is clock.wait_all
+  assert [registry.ROUND_POLICIES.prop(p, "needs_deadline")
+          for p in POLICIES] == [False, True, True]
+
+
+def test_round_outcome_with_a_policy_of_ones_own():
+  # clients over the deadline keep one step
+  out = clock.round_outcome(_cohort(), _BATCH, _STEPS, True, _MODEL_BYTES,
+                            1.6, lambda s, over, d: jnp.where(over, 1, s))
+  np.testing.assert_array_equal(out.steps, [5, 1, 1])
+  np.testing.assert_array_equal(out.participated, True)
+  assert float(out.round_time) == pytest.approx(1.6)

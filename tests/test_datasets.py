@@ -192,9 +192,18 @@ def test_synthetic_rejects_bad_arguments(kwargs, word):
 # ---------------------------------------------------------------- load
 
 
-def test_load_dispatches_and_rejects_unknown():
-  ds = datasets.load("synthetic", alpha=0.0, beta=0.0, num_clients=3)
+def test_registered_datasets_load_and_unknown_is_refused():
+  # the settings name a dataset through the registry, where
+  # setup.experiment registers each (imported with fedjax_bsa)
+  from fedjax_bsa.core import registry
+  from fedjax_bsa.core.config import Config, ConfigError
+  cfg = Config(dataset="synthetic", synthetic_alpha=0.0, synthetic_beta=0.0,
+               num_clients=3, clients_per_round=3)
+  ds = registry.DATASETS.get("synthetic")(cfg)
   assert ds.client_ids is not None and ds.num_classes == 10
-  assert datasets.load("digits").x_train.shape == (1437, 64)
-  with pytest.raises(ValueError, match="'mnist'.*digits.*npz"):
-    datasets.load("mnist")
+  want = datasets.synthetic(0.0, 0.0, 3, seed=0)
+  np.testing.assert_array_equal(ds.x_train, want.x_train)
+  assert registry.DATASETS.get("digits")(Config()).x_train.shape == (1437,
+                                                                     64)
+  with pytest.raises(ConfigError, match="'mnist'.*digits.*npz"):
+    Config(dataset="mnist")

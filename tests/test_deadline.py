@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_bsa.core import registry
 from fedjax_bsa.plans import clock
 from fedjax_bsa.plans import deadline
-from fedjax_bsa.plans.deadline import (RULES, check_deadline_seconds, check_quantile,
-                                 check_rule, compute_comm_ratio,
-                                 deadline_steps, one_epoch_time,
-                                 round_deadline)
+from fedjax_bsa.plans.deadline import (check_deadline_seconds, check_quantile,
+                                 compute_comm_ratio, deadline_steps,
+                                 one_epoch_time, round_deadline)
 from fedjax_bsa.setup.resources import make_resources
 
 
@@ -37,19 +37,34 @@ def _fedbalancer_reference(times, active):
 
 # ------------------------------------------------------------- validation ---
 
-def test_rules_listed():
-  assert RULES == ("fixed", "quantile", "fedbalancer")
-  assert [check_rule(r) for r in RULES] == list(RULES)
+BUILT_IN = ("fixed", "quantile", "fedbalancer")
+
+
+def test_rules_registered_with_their_properties():
+  assert registry.DEADLINE_RULES.names()[:3] == BUILT_IN
+  assert registry.DEADLINE_RULES.get("fixed") is deadline.fixed_deadline
+  assert [registry.DEADLINE_RULES.prop(r, "takes_deadline")
+          for r in BUILT_IN] == [True, False, False]
 
 
 @pytest.mark.parametrize("rule", ["median", "", None, 3, "Fixed"])
 def test_unknown_rule_names_setting_and_allowed(rule):
   with pytest.raises(ValueError, match="deadline_rule") as e:
-    check_rule(rule)
-  assert repr(rule) in str(e.value)
-  assert all(r in str(e.value) for r in RULES)
-  with pytest.raises(ValueError, match="deadline_rule"):
     round_deadline(rule, jnp.ones(3), True, seconds=1.0, quantile=0.5)
+  assert repr(rule) in str(e.value)
+  assert all(r in str(e.value) for r in BUILT_IN)
+  assert "\n" not in str(e.value)
+
+
+def test_a_registered_rule_is_looked_up_by_name():
+  @registry.DEADLINE_RULES.register("test_max")
+  def slowest(cfg, hp):
+    del cfg, hp
+    return lambda t, a: jnp.max(jnp.where(a, t, 0.0))
+  try:
+    assert _rd("test_max", [2.0, 7.0, 5.0], jnp.array([1, 0, 1], bool)) == 5
+  finally:
+    registry.DEADLINE_RULES._items.pop("test_max")  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize("q", [0, 0.0, -0.1, 1.5, 1.0000001, float("nan"),
@@ -78,8 +93,7 @@ def test_bad_fixed_seconds(s):
 
 
 def test_messages_are_one_line():
-  for fn, bad in ((check_rule, "x"), (check_quantile, 2.0),
-                  (check_deadline_seconds, -1.0)):
+  for fn, bad in ((check_quantile, 2.0), (check_deadline_seconds, -1.0)):
     with pytest.raises(ValueError) as e:
       fn(bad)
     assert "\n" not in str(e.value)
@@ -392,6 +406,6 @@ def test_no_recompilation_across_values():
 
 
 def test_module_all():
-  assert set(deadline.__all__) >= {"RULES", "one_epoch_time",
+  assert set(deadline.__all__) >= {"one_epoch_time", "fixed_deadline",
                                    "round_deadline", "deadline_steps",
                                    "compute_comm_ratio"}

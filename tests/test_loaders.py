@@ -7,7 +7,9 @@ import pickle
 import numpy as np
 import pytest
 
-from fedjax_bsa.data import datasets, loaders, vocab
+from fedjax_bsa.core import registry
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.data import loaders, vocab
 from fedjax_bsa.data.loaders import DataFileError
 
 
@@ -67,9 +69,14 @@ def test_leaf_test_path_and_directory_merge(tmp_path):
   assert ds.x_train.shape == (13, 784) and ds.x_test.shape == (4, 784)
   assert ds.client_ids.tolist() == [0] * 4 + [1] * 6 + [2] * 3
   assert ds.num_classes == 62
-  via_load = datasets.load("leaf", path=str(tmp_path / "train"),
-                           test_path=str(test))
-  np.testing.assert_array_equal(via_load.y_test, ds.y_test)
+  via_path = loaders.load_leaf(str(tmp_path / "train"),
+                               test_path=str(test))
+  np.testing.assert_array_equal(via_path.y_test, ds.y_test)
+  # dataset=leaf reads the files in data_path (a test fraction held out)
+  via_config = registry.DATASETS.get("leaf")(
+      Config(dataset="leaf", data_path=str(tmp_path / "train")))
+  np.testing.assert_array_equal(
+      via_config.x_train, loaders.load_leaf(tmp_path / "train").x_train)
 
 
 def test_leaf_shakespeare_text(tmp_path):
@@ -158,8 +165,10 @@ def test_cifar10_reads_subset_of_batches(tmp_path):
     assert ds.x_train[i, r, c, ch] == pytest.approx(
         data[i, ch * 1024 + r * 32 + c] / 255.0)
   assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
-  via_load = datasets.load("cifar10", path=str(tmp_path))
-  np.testing.assert_array_equal(via_load.x_test, ds.x_test)
+  # dataset=cifar10 reads the folder in data_path
+  via_config = registry.DATASETS.get("cifar10")(
+      Config(dataset="cifar10", data_path=str(tmp_path)))
+  np.testing.assert_array_equal(via_config.x_test, ds.x_test)
 
 
 def test_cifar10_missing_files(tmp_path):
@@ -222,7 +231,7 @@ def test_npz_holdout_without_test_set(tmp_path):
   x = np.arange(50, dtype=np.float64).reshape(25, 2)
   y = np.arange(25) % 3
   np.savez(tmp_path / "plain.npz", x=x, y=y)
-  ds = datasets.load("npz", path=str(tmp_path / "plain.npz"), seed=1)
+  ds = loaders.load_npz(str(tmp_path / "plain.npz"), seed=1)
   assert ds.x_train.shape == (20, 2) and ds.x_test.shape == (5, 2)
   assert ds.client_ids is None
   assert _rows(np.concatenate([ds.x_train, ds.x_test])) == _rows(x)

@@ -155,22 +155,29 @@ def test_natural_groups_by_id_in_id_order():
   assert [p.tolist() for p in parts] == [[5], [1, 4], [0, 2], [3]]
 
 
-def test_make_partition_dispatch_and_errors():
+def test_registered_partitions_dispatch_and_errors():
+  # the settings name a partition through the registry, where
+  # setup.experiment registers each (imported with fedjax_bsa)
+  from fedjax_bsa.core.config import Config, ConfigError
+  from fedjax_bsa.data.base import Dataset
+  from fedjax_bsa.setup import experiment
   ids = np.repeat(np.arange(4), 5)
   y = np.arange(20) % 3
-  assert len(partition.make_partition("natural", y, None, 0,
-                                      client_ids=ids)) == 4
-  assert len(partition.make_partition("natural", y, 4, 0,
-                                      client_ids=ids)) == 4
+  x = np.zeros((20, 1), np.float32)
+  ds = Dataset("t", x, y, x, y, 3, ids)
+  cfg = Config(num_clients=2, clients_per_round=2, min_examples=2)
+  natural = cfg.replace(partition="natural")
+  assert len(experiment.make_parts(natural, ds)) == 4   # num_clients unread
   with pytest.raises(ValueError, match="client_ids"):
-    partition.make_partition("natural", y, None, 0)
-  with pytest.raises(ValueError, match="num_clients=3"):
-    partition.make_partition("natural", y, 3, 0, client_ids=ids)
-  with pytest.raises(ValueError, match="'pathological'.*dirichlet"):
-    partition.make_partition("pathological", y, 2, 0)
+    experiment.make_parts(natural, ds._replace(client_ids=None))
+  with pytest.raises(ConfigError, match="'pathological'.*dirichlet"):
+    cfg.replace(partition="pathological")
   for name in ("iid", "dirichlet", "shards", "quantity"):
-    parts = partition.make_partition(name, y, 2, 0, min_examples=2)
+    parts = experiment.make_parts(cfg.replace(partition=name), ds)
     _assert_exact_cover(parts, 20)
+  want = partition.dirichlet(y, 2, 0.3, 0, min_examples=2)
+  got = experiment.make_parts(cfg.replace(partition="dirichlet"), ds)
+  assert [p.tolist() for p in got] == [p.tolist() for p in want]
 
 
 # ---------------------------------------------------------------- summary

@@ -1,7 +1,9 @@
 """Choices registered from Python run everywhere a built-in one does:
 validation (which asks their registered properties), a run, its summary
-(the regime's headroom asks the deadline rule) and a sweep (a seeded
-dataset is built per seed)."""
+(the regime's headroom asks the deadline rule, the local work being one
+that reads the deadline) and a sweep (a seeded dataset is built per seed);
+a round policy and a resource profile of one's own in validation and a
+run."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +12,12 @@ import pytest
 from fedjax_bsa.core import registry
 from fedjax_bsa.core.config import Config, ConfigError
 from fedjax_bsa.data import datasets
+from fedjax_bsa.plans import clock
 from fedjax_bsa.plans import deadline as deadline_lib
 from fedjax_bsa.run.runner import run
 from fedjax_bsa.run.sweep import run_sweep
+from fedjax_bsa.setup import experiment
+from fedjax_bsa.setup import resources
 
 
 LOADED = []   # the seeds noisy_digits was built for
@@ -23,7 +28,7 @@ def registered():
   @registry.DATASETS.register("noisy_digits", seeded=True)
   def noisy(cfg):
     LOADED.append(cfg.seed)
-    ds = datasets.load("digits")
+    ds = datasets.digits()
     rng = np.random.default_rng(cfg.seed)
     return ds._replace(name="noisy_digits", x_train=(
         ds.x_train + rng.normal(0, 0.5, ds.x_train.shape)).astype(
@@ -90,3 +95,57 @@ def test_a_run_its_summary_and_a_sweep(registered):
   # seeded: each experiment built its own (differently noisy) data
   assert sorted(LOADED) == [0, 1]
   assert sw.records[1][-1]["test_loss"] != sw.records[0][-1]["test_loss"]
+
+
+@pytest.fixture(scope="module")
+def policy_and_profile():
+  @registry.RESOURCE_PROFILES.register("two_speeds")
+  def two_speeds(cfg, num_clients):
+    """Every other client 10x slower than ``base_speed``."""
+    res = resources.make_resources(
+        "uniform", num_clients, cfg.seed, base_speed=cfg.base_speed,
+        step_overhead=cfg.step_overhead, memory_cap=cfg.memory_cap,
+        bandwidth=cfg.bandwidth)
+    slow = np.arange(num_clients) % 2 == 1
+    return res._replace(speed=np.where(slow, res.speed / 10,
+                                       res.speed).astype(np.float32))
+
+  @registry.ROUND_POLICIES.register("keep_one", needs_deadline=True)
+  def keep_one(cfg, hp):
+    """A client over the deadline keeps one step."""
+    del cfg, hp
+    keep = lambda steps, over, deadline: jnp.where(over, 1, steps)
+    return lambda res, batch, steps, available, model_bytes, deadline: (
+        clock.round_outcome(res, batch, steps, available, model_bytes,
+                            deadline, keep))
+
+  # 10 steps of 8 take 0.14 s on a fast client, 0.5 s on a slow one
+  return Config(resources="two_speeds", round_policy="keep_one",
+                deadline_rule="fixed", deadline=0.3, controller="constant",
+                batch_size=8, local_steps=10, base_speed=2000.0,
+                step_overhead=0.01, model="logreg", rounds=4, eval_every=1,
+                num_clients=10, clients_per_round=4, noise_stats=False,
+                progress=False)
+
+
+def test_a_round_policy_and_a_resource_profile_of_ones_own(
+    policy_and_profile):
+  cfg = policy_and_profile
+  with pytest.raises(ConfigError, match="round_policy=keep_one with "
+                     "deadline_rule=fixed needs deadline > 0"):
+    cfg.replace(deadline=0.0)
+  with pytest.raises(ConfigError, match="resources='three_speeds' is not "
+                     "allowed: choose one of .*two_speeds"):
+    cfg.replace(resources="three_speeds")
+  speeds = experiment.build(cfg).resources.speed
+  assert sorted(set(speeds.tolist())) == [200.0, 2000.0]
+  res = run(cfg, print_table=False)
+  rounds = res.records[1:]
+  assert len(rounds) == 4
+  for r in rounds:
+    assert r["participants"] == 4 and r["dropped"] == 0
+    slow = r["mean_steps"] < 10          # a slow client kept one step
+    assert r["deadline_s"] == pytest.approx(0.3)
+    assert r["round_time_s"] == pytest.approx(0.3) if slow else (
+        r["round_time_s"] < 0.3)
+  assert any(r["mean_steps"] < 10 for r in rounds)

@@ -7,9 +7,14 @@ import pickle
 import numpy as np
 import pytest
 
+from fedjax_bsa.core import registry
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.setup import experiment
 from fedjax_bsa.setup import resources
-from fedjax_bsa.setup.resources import (DEFAULT_TIERS, PROFILES, ClientResources,
+from fedjax_bsa.setup.resources import (DEFAULT_TIERS, ClientResources,
                                   describe, load_trace, make_resources)
+
+PROFILES = ("uniform", "lognormal", "tiers", "trace")
 
 _DTYPES = {"speed": np.float32, "step_overhead": np.float32,
            "memory_cap": np.int32, "bandwidth_up": np.float32,
@@ -61,8 +66,25 @@ def test_shapes_and_dtypes(profile):
     assert field.dtype == dtype, name
 
 
-def test_profiles_constant_lists_all():
-  assert PROFILES == ("uniform", "lognormal", "tiers", "trace")
+def test_profiles_registered_with_their_properties():
+  assert registry.RESOURCE_PROFILES.names()[:4] == PROFILES
+  assert registry.RESOURCE_PROFILES.get("tiers") is resources.from_tiers
+  assert [registry.RESOURCE_PROFILES.prop(p, "reads_file")
+          for p in PROFILES] == [False, False, False, True]
+
+
+@pytest.mark.parametrize("profile", ["uniform", "lognormal", "tiers"])
+def test_a_config_builds_what_the_arguments_build(profile):
+  # the simulator gives the profile the config with seed + 1
+  cfg = Config(resources=profile, seed=4, base_speed=300.0, speed_sigma=0.7,
+               memory_cap=64, memory_sigma=0.3, bandwidth=2e5,
+               availability=0.9, step_overhead=0.02)
+  got = experiment.make_resources(cfg, 23)
+  want = make_resources(profile, 23, 5, base_speed=300.0, speed_sigma=0.7,
+                        memory_cap=64, memory_sigma=0.3, bandwidth=2e5,
+                        availability=0.9, step_overhead=0.02)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_uniform_is_constant_and_uses_arguments():
@@ -276,6 +298,7 @@ def test_bad_arguments_name_the_argument(name, value):
 def test_unknown_profile_lists_allowed():
   with pytest.raises(ValueError, match="gaussian") as e:
     make_resources("gaussian", 10, 0)
+  assert "resources='gaussian'" in str(e.value)
   for p in PROFILES:
     assert p in str(e.value)
 
@@ -302,6 +325,8 @@ def test_profile_specific_arguments_are_checked():
   with pytest.raises(ValueError, match="trace_path"):
     make_resources("trace", 10, 0)
   make_resources("uniform", 10, 0, trace_path="")  # a config's unset value
+  with pytest.raises(ValueError, match="resources=lognormal: trace_path"):
+    experiment.make_resources(Config(trace_path="x.pkl"), 10)
 
 
 def test_describe():

@@ -39,7 +39,13 @@ from fedjax_bsa.core.fields import settings_table
 from fedjax_bsa.core.fields import TYPE_WORDS as _TYPE_WORDS
 
 __all__ = ["Config", "ConfigError", "load_config_file", "parse_assignments",
-           "SWEEPABLE", "TRACED", "hparams", "check_sweepable"]
+           "SWEEPABLE", "TRACED", "hparams", "check_sweepable",
+           "RATE_SCALINGS", "GUARDS"]
+
+#: The displacement controller's rate rules (``rate_scaling``) and guard
+#: modes (``guard``), which :mod:`fedjax_bsa.plans.displacement` reads.
+RATE_SCALINGS = ("linear", "adascale")
+GUARDS = ("backoff", "off")
 
 
 def resolve_microbatch(microbatch: int, batch: int, noise_stats: bool) -> int:
@@ -155,9 +161,9 @@ class Config:
                             "the user's (batch_size, client_lr): linear "
                             "(same noise temperature) or adascale (Johnson "
                             "et al. 2020), capped by max_gain",
-                            choices=("linear", "adascale"))
+                            choices=RATE_SCALINGS)
   guard: str = _plan("backoff", "displacement: back off on a bad round "
-                     "(backoff) or not (off)", choices=("backoff", "off"))
+                     "(backoff) or not (off)", choices=GUARDS)
   time_budget: float = _plan(0.0, "per-client local-time budget in s (0: "
                              "none)", lo=0.0, traced=True)
   # --- kernel

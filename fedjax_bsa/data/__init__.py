@@ -1,9 +1,7 @@
 """Datasets, file loaders and client partitioners (host-side numpy)."""
 
 from fedjax_bsa.data.datasets import Dataset
-from fedjax_bsa.data.datasets import DATASET_NAMES
 from fedjax_bsa.data.datasets import digits
-from fedjax_bsa.data.datasets import load
 from fedjax_bsa.data.datasets import mnist1d
 from fedjax_bsa.data.datasets import synthetic
 from fedjax_bsa.data.datasets import synthetic_params
@@ -15,9 +13,7 @@ from fedjax_bsa.data.loaders import load_npz
 from fedjax_bsa.data.partition import dirichlet
 from fedjax_bsa.data.partition import format_summary
 from fedjax_bsa.data.partition import iid
-from fedjax_bsa.data.partition import make_partition
 from fedjax_bsa.data.partition import natural
-from fedjax_bsa.data.partition import PARTITION_NAMES
 from fedjax_bsa.data.partition import quantity
 from fedjax_bsa.data.partition import QUANTITY_METHODS
 from fedjax_bsa.data.partition import shards

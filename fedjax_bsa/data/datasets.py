@@ -6,7 +6,9 @@ example. Nothing in this module touches the network: ``digits`` ships with
 scikit-learn, ``mnist1d`` is *generated* with the ``mnist1d`` package's
 procedural generator, and ``synthetic`` is the Synthetic(alpha, beta) generator
 of FedProx. File formats (LEAF, CIFAR-10, npz) live in
-:mod:`fedjax_bsa.data.loaders` and are reachable through :func:`load`.
+:mod:`fedjax_bsa.data.loaders`. The settings name them (``dataset=...``)
+through :data:`fedjax_bsa.core.registry.DATASETS`, where
+:mod:`fedjax_bsa.setup.experiment` registers each.
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedjax_bsa.data import loaders
 from fedjax_bsa.data.base import Dataset
-
-DATASET_NAMES = ("digits", "mnist1d", "synthetic", "leaf", "cifar10", "npz")
 
 
 class SyntheticParams(NamedTuple):
@@ -241,42 +240,3 @@ def synthetic(alpha: float, beta: float, num_clients: int, *,
                  np.concatenate(xs_te).astype(np.float32),
                  np.concatenate(ys_te).astype(np.int32),
                  int(num_classes), np.concatenate(ids_tr))
-
-
-def load(name: str, **kwargs) -> Dataset:
-  """Loads a dataset by name.
-
-  Args:
-    name: One of ``"digits"``, ``"mnist1d"``, ``"synthetic"`` (built in) or
-      ``"leaf"``, ``"cifar10"``, ``"npz"`` (user files; pass ``path=...``;
-      ``"cifar10"`` also accepts ``directory=...``).
-    **kwargs: Forwarded to :func:`digits`, :func:`mnist1d`, :func:`synthetic`,
-      :func:`fedjax_bsa.data.loaders.load_leaf`,
-      :func:`~fedjax_bsa.data.loaders.load_cifar10` or
-      :func:`~fedjax_bsa.data.loaders.load_npz`.
-
-  Returns:
-    The :class:`Dataset`.
-
-  Raises:
-    ValueError: If ``name`` is unknown.
-    fedjax_bsa.data.loaders.DataFileError: If a data file is missing or invalid.
-  """
-  if name == "digits":
-    return digits(**kwargs)
-  if name == "mnist1d":
-    return mnist1d(**kwargs)
-  if name == "synthetic":
-    return synthetic(**kwargs)
-  if name in ("leaf", "cifar10", "npz"):
-    if name == "leaf":
-      return loaders.load_leaf(**kwargs)
-    if name == "npz":
-      return loaders.load_npz(**kwargs)
-    if "path" in kwargs:
-      if "directory" in kwargs:
-        raise ValueError("cifar10: pass either path or directory, not both")
-      kwargs["directory"] = kwargs.pop("path")
-    return loaders.load_cifar10(**kwargs)
-  raise ValueError(
-      f"unknown dataset name {name!r}; allowed: {', '.join(DATASET_NAMES)}")

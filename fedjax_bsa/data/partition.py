@@ -5,7 +5,9 @@ training-example indices per client, such that every example lands in exactly
 one client. Randomness comes only from ``np.random.default_rng(seed)``, so the
 same arguments always give the same partition. Bad arguments raise
 ``ValueError`` naming the argument, its value and the allowed range (the
-checks are in :mod:`fedjax_bsa.data.partition_checks`).
+checks are in :mod:`fedjax_bsa.data.partition_checks`). The settings name
+them (``partition=...``) through :data:`fedjax_bsa.core.registry.PARTITIONS`,
+where :mod:`fedjax_bsa.setup.experiment` registers each.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from fedjax_bsa.data.partition_checks import as_labels
 from fedjax_bsa.data.partition_checks import check_clients
 from fedjax_bsa.data.partition_checks import check_min_examples
 
-PARTITION_NAMES = ("iid", "dirichlet", "shards", "quantity", "natural")
 QUANTITY_METHODS = ("dirichlet", "lognormal")
 
 
@@ -226,65 +227,6 @@ def natural(client_ids) -> list[np.ndarray]:
   order = np.argsort(ids, kind="stable")
   _, starts = np.unique(ids[order], return_index=True)
   return _finish(np.split(order, starts[1:]))
-
-
-def make_partition(name: str, labels, num_clients: int | None, seed: int, *,
-                   alpha: float = 0.3, min_examples: int = 10,
-                   shards_per_client: int = 2,
-                   quantity_method: str = "lognormal",
-                   quantity_sigma: float = 1.0,
-                   client_ids=None) -> list[np.ndarray]:
-  """Partitions a training set by name.
-
-  Args:
-    name: One of :data:`PARTITION_NAMES`.
-    labels: int ``[n]`` training labels (only their count matters for
-      ``"iid"`` and ``"quantity"``).
-    num_clients: Number of clients. For ``"natural"`` it must be ``None`` or
-      equal to the number of distinct ``client_ids``.
-    seed: RNG seed.
-    alpha: Dirichlet concentration (``"dirichlet"``; ``"quantity"`` with
-      ``quantity_method="dirichlet"``).
-    min_examples: Fewest examples per client (``"dirichlet"``, ``"quantity"``).
-    shards_per_client: Shards per client (``"shards"``).
-    quantity_method: ``"lognormal"`` or ``"dirichlet"`` (``"quantity"``).
-    quantity_sigma: Lognormal sigma (``"quantity"``).
-    client_ids: int ``[n]`` natural owners; required for ``"natural"``.
-
-  Returns:
-    One int64 index array per client.
-
-  Raises:
-    ValueError: On an unknown name or bad arguments.
-  """
-  if name not in PARTITION_NAMES:
-    raise ValueError(f"unknown partition name {name!r}; allowed: "
-                     f"{', '.join(PARTITION_NAMES)}")
-  if name == "natural":
-    if client_ids is None:
-      raise ValueError("partition 'natural' needs client_ids, got None (the "
-                       "dataset has no natural clients)")
-    if len(np.asarray(client_ids)) != len(np.asarray(labels)):
-      raise ValueError(f"client_ids has {len(client_ids)} entries, labels "
-                       f"{len(labels)}")
-    parts = natural(client_ids)
-    if num_clients is not None and int(num_clients) != len(parts):
-      raise ValueError(f"num_clients={num_clients} but the data has "
-                       f"{len(parts)} natural clients; pass None or "
-                       f"{len(parts)}")
-    return parts
-  if num_clients is None:
-    raise ValueError(f"num_clients=None is only allowed for 'natural', not "
-                     f"{name!r}")
-  if name == "iid":
-    return iid(len(as_labels(labels)), num_clients, seed)
-  if name == "dirichlet":
-    return dirichlet(labels, num_clients, alpha, seed, min_examples)
-  if name == "shards":
-    return shards(labels, num_clients, seed, shards_per_client)
-  return quantity(len(as_labels(labels)), num_clients, seed,
-                  method=quantity_method, alpha=alpha, sigma=quantity_sigma,
-                  min_examples=min_examples)
 
 
 def _norm_entropy(hist: np.ndarray, num_classes: int) -> np.ndarray:

@@ -17,22 +17,21 @@ Time model for ``s`` local steps of batch ``b`` on client ``k``::
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_bsa.core import registry as reg
 from fedjax_bsa.core.types import ClientResources
 
-__all__ = ["MAX_COUNT", "POLICIES", "TIME_RTOL", "RoundOutcome",
-           "apply_round_policy", "client_time", "comm_time", "fits_within",
-           "local_time", "max_batch_within", "model_bytes",
-           "sample_available", "steps_within"]
+__all__ = ["MAX_COUNT", "TIME_RTOL", "RoundOutcome", "apply_round_policy",
+           "client_time", "comm_time", "deadline_drop", "deadline_partial",
+           "fits_within", "local_time", "max_batch_within", "model_bytes",
+           "round_outcome", "sample_available", "steps_within", "wait_all"]
 
 ArrayLike = jax.typing.ArrayLike
-
-POLICIES = ("wait_all", "deadline_drop", "deadline_partial")
 
 # Largest count steps_within / max_batch_within report (2**24 - 1: every
 # integer up to it is exact in float32, so the search below stays exact).
@@ -232,67 +231,119 @@ def max_batch_within(res: ClientResources, steps: ArrayLike,
   return b
 
 
-def _over_and_kept(policy: str, res: ClientResources, batch_size: ArrayLike,
-                   steps: jax.Array, active: jax.Array,
-                   model_bytes: ArrayLike, deadline: Optional[ArrayLike]):
-  """``(over [K], kept [K], deadline [])`` of :func:`apply_round_policy`.
+def round_outcome(res: ClientResources, batch_size: ArrayLike,
+                  steps: ArrayLike, available: ArrayLike,
+                  model_bytes: ArrayLike, deadline: Optional[ArrayLike],
+                  keep: Optional[Callable] = None) -> RoundOutcome:
+  """Who is aggregated, with how many steps, and the round's length, once
+  a policy has said (``keep``) what a client over the deadline keeps.
 
-  ``over``: active clients that miss the deadline (none for ``wait_all``);
-  ``kept``: the steps each client keeps under the policy, before dropping
-  inactive ones; ``deadline``: float32 (0, unused, for ``wait_all``).
+  A client is active when available with ``steps > 0``; inactive clients
+  never participate, are not dropped and do not count towards the round
+  time. Without ``keep`` nobody is over (``deadline`` is ignored, may be
+  None) and the round lasts as long as its slowest participant (0 if
+  none). With ``keep``, an active client is over when ``~fits_within(res,
+  batch_size, steps, deadline, model_bytes)`` (so exactly when
+  :func:`steps_within` ``< steps``), keeps ``keep(steps, over, deadline)``
+  steps and is dropped if that is 0; the round lasts ``deadline`` if anyone
+  was over, else its slowest participant, never longer than the deadline.
+
+  Args:
+    res: cohort resources, fields [K].
+    batch_size, steps: examples per step, planned local steps (scalar or
+      [K]).
+    available: bool scalar or [K], e.g. from :func:`sample_available`.
+    model_bytes: bytes sent each way, scalar.
+    deadline: seconds, float or traced scalar (needed with ``keep``).
+    keep: ``(steps int32 [K], over bool [K], deadline float32 []) -> int
+      [K]``, the steps each client keeps (``steps`` where not over).
+
+  Raises:
+    ValueError: ``keep`` without a deadline.
   """
-  if policy == "wait_all":
+  if keep is not None and deadline is None:
+    raise ValueError("deadline=None is invalid for a round policy that cuts "
+                     "at the deadline; allowed: a float or scalar array of "
+                     "seconds.")
+  shape = jnp.broadcast_shapes(jnp.shape(res.speed), jnp.shape(batch_size),
+                               jnp.shape(steps))
+  steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), shape)
+  available = jnp.broadcast_to(jnp.asarray(available, jnp.bool_), shape)
+  planned = jnp.broadcast_to(client_time(res, batch_size, steps, model_bytes),
+                             shape)
+  active = available & (steps > 0)
+  if keep is None:
     over = jnp.zeros(steps.shape, jnp.bool_)
-    return over, steps, jnp.float32(0.0)  # deadline unused: none is over.
-  deadline = jnp.asarray(deadline, jnp.float32)
-  # Same test as steps_within: over <=> steps_within(...) < steps.
-  over = active & ~fits_within(res, batch_size, steps, deadline, model_bytes)
-  if policy == "deadline_drop":
-    return over, jnp.where(over, 0, steps), deadline
-  # deadline_partial
-  partial = jnp.minimum(
-      steps_within(res, batch_size, deadline, model_bytes), steps)
-  return over, jnp.where(over, partial, steps), deadline
+    kept, deadline = steps, jnp.float32(0.0)  # deadline unused: none is over
+  else:
+    deadline = jnp.asarray(deadline, jnp.float32)
+    over = active & ~fits_within(res, batch_size, steps, deadline,
+                                 model_bytes)
+    kept = keep(steps, over, deadline)
+  participated = active & (kept > 0)
+  dropped = over & ~participated
+  slowest = jnp.max(jnp.where(participated, planned, 0.0), initial=0.0)
+  if keep is not None:  # within fits_within's slack of the deadline
+    slowest = jnp.minimum(slowest, deadline)
+  round_time = jnp.where(jnp.any(over), deadline, slowest)
+  return RoundOutcome(
+      steps=jnp.where(participated, kept, 0).astype(jnp.int32),
+      participated=participated, dropped=dropped,
+      round_time=round_time.astype(jnp.float32), client_time=planned)
+
+
+# The policies: factories ``(cfg, hparams) -> policy(res, batch_size, steps,
+# available, model_bytes, deadline) -> RoundOutcome``, registered by name.
+
+
+@reg.ROUND_POLICIES.register("wait_all")
+def wait_all(cfg, hparams):
+  """Every available client with ``steps > 0`` participates with its
+  planned steps; the round lasts as long as its slowest participant (0 if
+  none). The deadline is ignored (may be None)."""
+  del cfg, hparams
+  return lambda res, batch_size, steps, available, model_bytes, deadline: (
+      round_outcome(res, batch_size, steps, available, model_bytes, None))
+
+
+@reg.ROUND_POLICIES.register("deadline_drop", needs_deadline=True)
+def deadline_drop(cfg, hparams):
+  """FedAvg with a deadline: clients over it are dropped; the round lasts
+  the deadline if anyone was dropped, else its slowest participant."""
+  del cfg, hparams
+  drop = lambda steps, over, deadline: jnp.where(over, 0, steps)
+  return lambda res, batch_size, steps, available, model_bytes, deadline: (
+      round_outcome(res, batch_size, steps, available, model_bytes, deadline,
+                    drop))
+
+
+@reg.ROUND_POLICIES.register("deadline_partial", needs_deadline=True)
+def deadline_partial(cfg, hparams):
+  """FedProx-style partial work: a client over the deadline keeps
+  ``steps_within(res, batch_size, deadline, model_bytes)`` steps and is
+  dropped if that is 0; the round lasts the deadline if anyone was cut, else
+  its slowest participant."""
+  del cfg, hparams
+
+  def policy(res, batch_size, steps, available, model_bytes, deadline):
+    def keep(steps, over, deadline):
+      partial = jnp.minimum(
+          steps_within(res, batch_size, deadline, model_bytes), steps)
+      return jnp.where(over, partial, steps)
+    return round_outcome(res, batch_size, steps, available, model_bytes,
+                         deadline, keep)
+  return policy
 
 
 def apply_round_policy(policy: str, res: ClientResources,
                        batch_size: ArrayLike, steps: ArrayLike,
                        available: ArrayLike, model_bytes: ArrayLike,
                        deadline: Optional[ArrayLike]) -> RoundOutcome:
-  """Decides who is aggregated, with how many steps, and the round's length.
-
-  Policies (``policy`` is static):
-    * ``"wait_all"``: every available client with ``steps > 0``
-      participates with its planned steps; the round lasts as long as its
-      slowest participant (0 if none). ``deadline`` is ignored (may be None).
-    * ``"deadline_drop"`` (FedAvg with a deadline): clients whose
-      ``client_time > deadline`` are dropped; the round lasts ``deadline`` if
-      anyone was dropped, else its slowest participant.
-    * ``"deadline_partial"`` (FedProx-style partial work): a client over the
-      deadline keeps ``steps_within(res, batch_size, deadline, model_bytes)``
-      steps and is dropped if that is 0; the round lasts ``deadline`` if
-      anyone was cut, else its slowest participant.
-  Unavailable clients never participate, are not counted as dropped and do
-  not count towards the round time; nor do clients planned with 0 steps.
-  "Over the deadline" is ``~fits_within(...)``, the test that
-  :func:`steps_within` uses, so a client is over exactly when
-  ``steps_within(res, batch_size, deadline, model_bytes) < steps``; a round
-  under a deadline policy never lasts longer than the deadline.
-
-  Args:
-    policy: one of :data:`POLICIES`.
-    res: cohort resources, fields [K].
-    batch_size: examples per step, scalar or [K].
-    steps: planned local steps, int scalar or [K].
-    available: bool scalar or [K], e.g. from :func:`sample_available`.
-    model_bytes: bytes sent each way, scalar.
-    deadline: seconds, float or traced scalar.
-
-  Returns:
-    A :class:`RoundOutcome`.
-
-  Raises:
-    ValueError: unknown policy, or no deadline for a deadline policy.
+  """The outcome (:func:`round_outcome`) of a round under the registered
+  round policy named ``policy`` (static), built with no config or settings
+  (the built-in ones read neither); ``deadline`` None: no deadline. An
+  unknown name raises a ``ValueError`` naming ``round_policy`` and the
+  registered policies.
 
   Example:
     >>> from fedjax_bsa.setup.resources import make_resources
@@ -303,30 +354,9 @@ def apply_round_policy(policy: str, res: ClientResources,
     >>> out.steps.tolist(), out.dropped.tolist(), out.round_time.tolist()
     ([1, 2, 0], [False, False, True], 3.0)
   """
-  if policy not in POLICIES:
-    raise ValueError(f"unknown round policy {policy!r}; allowed: {POLICIES}.")
-  if policy != "wait_all" and deadline is None:
-    raise ValueError(f"deadline=None is invalid for policy={policy!r}; "
-                     "allowed: a float or scalar array of seconds.")
-  shape = jnp.broadcast_shapes(jnp.shape(res.speed), jnp.shape(batch_size),
-                               jnp.shape(steps))
-  steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), shape)
-  available = jnp.broadcast_to(jnp.asarray(available, jnp.bool_), shape)
-  planned = jnp.broadcast_to(client_time(res, batch_size, steps, model_bytes),
-                             shape)
-  active = available & (steps > 0)
-  over, kept, deadline = _over_and_kept(policy, res, batch_size, steps,
-                                        active, model_bytes, deadline)
-  participated = active & (kept > 0)
-  dropped = over & ~participated
-  slowest = jnp.max(jnp.where(participated, planned, 0.0), initial=0.0)
-  if policy != "wait_all":  # within fits_within's slack of the deadline
-    slowest = jnp.minimum(slowest, deadline)
-  round_time = jnp.where(jnp.any(over), deadline, slowest)
-  return RoundOutcome(
-      steps=jnp.where(participated, kept, 0).astype(jnp.int32),
-      participated=participated, dropped=dropped,
-      round_time=round_time.astype(jnp.float32), client_time=planned)
+  make = reg.ROUND_POLICIES.get(policy)
+  return make(None, None)(res, batch_size, steps, available, model_bytes,
+                          deadline)
 
 
 def model_bytes(params: Any) -> int:

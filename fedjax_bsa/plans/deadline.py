@@ -4,22 +4,26 @@ Pure ``jax.numpy`` functions over a cohort's ``[K]`` arrays (a
 :class:`~fedjax_bsa.setup.resources.ClientResources` gathered with
 ``jax.tree.map(lambda a: a[ids], res)``), jittable and vmappable over
 experiments (e.g. over a batch of deadlines or quantiles); the caller owns the
-``jit`` boundary. The rule name is static; every number may be traced.
+``jit`` boundary. The rule is static; every number may be traced.
 
 A round under a deadline rule:
 
 1. predict each selected client's time for one local epoch with its planned
    batch (:func:`one_epoch_time`);
-2. set the deadline from the available clients' predictions
-   (:func:`round_deadline`);
+2. set the deadline from the available clients' predictions with the
+   configured rule; the built-in rules register themselves here in
+   :data:`~fedjax_bsa.core.registry.DEADLINE_RULES` (:func:`fixed_deadline`,
+   :func:`quantile_deadline`, :func:`fedbalancer_deadline`), and
+   :func:`round_deadline` looks one up by name;
 3. give each client the local steps that fit the deadline
    (:func:`deadline_steps`); a client with 0 steps is dropped, and the caller
    counts it.
 
 :func:`compute_comm_ratio` tells which regime a run is in (local compute
 versus communication time). The ``check_*`` helpers validate a
-configuration eagerly, with messages that name the setting (``deadline_rule``,
-``deadline``, ``deadline_quantile``), its value and the allowed range.
+configuration eagerly, with messages that name the setting (``deadline``,
+``deadline_quantile``), its value and the allowed range; the registry
+refuses an unknown ``deadline_rule``, naming the registered ones.
 """
 
 from __future__ import annotations
@@ -30,16 +34,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from fedjax_bsa.core import registry as reg
 from fedjax_bsa.core.types import ClientResources
 from fedjax_bsa.plans import clock
 
-__all__ = ["RULES", "check_deadline_seconds", "check_quantile", "check_rule",
-           "compute_comm_ratio", "deadline_steps", "one_epoch_time",
-           "round_deadline"]
+__all__ = ["check_deadline_seconds", "check_quantile", "compute_comm_ratio",
+           "deadline_steps", "fedbalancer_deadline", "fixed_deadline",
+           "one_epoch_time", "quantile_deadline", "round_deadline"]
 
 ArrayLike = jax.typing.ArrayLike
-
-RULES = ("fixed", "quantile", "fedbalancer")
 
 # Relative slack when turning quantile * count into an order-statistic rank:
 # q * m within 2**-20 (relative) of an integer counts as that integer, so a
@@ -54,27 +57,6 @@ def _concrete(x: Any) -> Optional[float]:
   if isinstance(x, jax.core.Tracer):
     return None
   return float(x)
-
-
-def check_rule(rule: Any) -> str:
-  """Returns ``rule`` if it is one of :data:`RULES`, else raises.
-
-  Args:
-    rule: the ``deadline_rule`` setting.
-
-  Returns:
-    ``rule``.
-
-  Raises:
-    ValueError: ``rule`` is not in :data:`RULES`.
-
-  Example:
-    >>> check_rule("quantile")
-    'quantile'
-  """
-  if not isinstance(rule, str) or rule not in RULES:
-    raise ValueError(f"deadline_rule={rule!r} is invalid; allowed: {RULES}.")
-  return rule
 
 
 def check_quantile(quantile: Any) -> float:
@@ -165,99 +147,139 @@ def one_epoch_time(res: ClientResources, batch: ArrayLike,
   return clock.client_time(res, b, steps, model_bytes)
 
 
-def _quantile_deadline(times, active, quantile):
-  """The ``ceil(q * m)``-th smallest active time (m active clients)."""
-  m = jnp.sum(active).astype(jnp.float32)
-  sorted_times = jnp.sort(jnp.where(active, times, jnp.inf))
-  q = jnp.asarray(quantile, jnp.float32)
-  rank = jnp.ceil(q * m * (1.0 - _RANK_RTOL))
-  rank = jnp.clip(rank, 1.0, jnp.maximum(m, 1.0)).astype(jnp.int32)
-  return jnp.where(m > 0, sorted_times[rank - 1], 0.0)
+# ---------------------------------------------------------------- rules ---
+# Each rule is registered in :data:`~fedjax_bsa.core.registry.DEADLINE_RULES`
+# as a factory ``(cfg, hparams) -> rule(predicted [K], active [K])``; it reads
+# the traced settings ``hparams["deadline"]`` and
+# ``hparams["deadline_quantile"]``. Clients with ``active`` false
+# (unavailable, or not selected) are ignored. A concrete setting is
+# validated when the rule is built (see :func:`check_deadline_seconds`,
+# :func:`check_quantile`); a traced one (under ``jit``/``vmap``) cannot be,
+# so validate the configuration eagerly first.
 
 
-def _fedbalancer_deadline(times, active):
-  """Argmax over active clients' times D of (#active times <= D) / D."""
-  sorted_times = jnp.sort(jnp.where(active, times, jnp.inf))
-  done = jnp.searchsorted(sorted_times, sorted_times, side="right")
-  rate = jnp.where(jnp.isfinite(sorted_times),
-                   done.astype(jnp.float32) / sorted_times, -1.0)
-  best = jnp.argmax(rate)  # first maximum: the smallest such deadline
-  return jnp.where(jnp.any(active), sorted_times[best], 0.0)
+def _cohort(predicted: ArrayLike, active: ArrayLike):
+  """``(times float32 [K], active bool [K])``."""
+  times = jnp.asarray(predicted, jnp.float32)
+  return times, jnp.broadcast_to(jnp.asarray(active, jnp.bool_), times.shape)
+
+
+@reg.DEADLINE_RULES.register("fixed", takes_deadline=True)
+def fixed_deadline(cfg, hparams):
+  """``deadline`` seconds, whatever the cohort (also with no active client).
+
+  >>> rule = fixed_deadline(None, {"deadline": 30.0})
+  >>> rule(jnp.array([2.0, 90.0]), True).tolist()
+  30.0
+  """
+  del cfg
+  seconds = hparams["deadline"]
+  if seconds is None or _concrete(seconds) is not None:
+    check_deadline_seconds(seconds)
+
+  def rule(predicted, active):
+    del predicted, active
+    return jnp.asarray(seconds, jnp.float32)
+  return rule
+
+
+@reg.DEADLINE_RULES.register("quantile")
+def quantile_deadline(cfg, hparams):
+  """The ``deadline_quantile``-quantile ``q`` of the active clients'
+  predicted times, as an order statistic: the ``ceil(q * m)``-th smallest of
+  the ``m`` active times (numpy's ``"inverted_cdf"`` quantile), so at least
+  a fraction ``q`` of the active clients are predicted to make it; ``q = 1``
+  waits for the slowest. 0.0 with no active client (nobody to wait for).
+
+  >>> rule = quantile_deadline(None, {"deadline_quantile": 0.5})
+  >>> rule(jnp.array([2.0, 3.0, 4.0, 10.0]), True).tolist()
+  3.0
+  """
+  del cfg
+  q = hparams["deadline_quantile"]
+  if q is None or _concrete(q) is not None:
+    check_quantile(q)
+
+  def rule(predicted, active):
+    times, active = _cohort(predicted, active)
+    if times.size == 0:  # an empty cohort: nobody to wait for
+      return jnp.float32(0.0)
+    m = jnp.sum(active).astype(jnp.float32)
+    sorted_times = jnp.sort(jnp.where(active, times, jnp.inf))
+    rank = jnp.ceil(jnp.asarray(q, jnp.float32) * m * (1.0 - _RANK_RTOL))
+    rank = jnp.clip(rank, 1.0, jnp.maximum(m, 1.0)).astype(jnp.int32)
+    return jnp.where(m > 0, sorted_times[rank - 1], 0.0)
+  return rule
+
+
+@reg.DEADLINE_RULES.register("fedbalancer")
+def fedbalancer_deadline(cfg, hparams):
+  """FedBalancer's deadline (Shin et al., "FedBalancer: Data and Pace
+  Control for Efficient Federated Learning on Heterogeneous Clients",
+  MobiSys 2022, Algorithm 4 ``findPeakDDLE`` in the authors' code): the
+  deadline ``D`` maximizing the number of active clients predicted to finish
+  by ``D``, divided by ``D``. 0.0 with no active client.
+
+  Between two predicted times the count is constant and ``1 / D`` falls, so
+  the maximum over all ``D > 0`` is at one of the active clients' predicted
+  times; those are the candidates, and a tie goes to the smallest ``D``. The
+  authors' code scans whole seconds ``D = 1, 2, ...`` (so its ``D`` is a
+  predicted time rounded up to a whole second) and, with ``E`` local
+  epochs, sets the deadline to ``D_1 + (D_E - D_1) * ratio`` from the peaks
+  ``D_1`` and ``D_E`` of the one-epoch and ``E``-epoch predictions,
+  ``ratio`` in [0, 1] adapted from the training loss; a caller can build
+  that from two calls to this rule.
+
+  >>> rule = fedbalancer_deadline(None, {})
+  >>> rule(jnp.array([2.0, 3.0, 4.0, 10.0]), True).tolist()  # 3/4 wins
+  4.0
+  """
+  del cfg, hparams
+
+  def rule(predicted, active):
+    times, active = _cohort(predicted, active)
+    if times.size == 0:  # an empty cohort: nobody to wait for
+      return jnp.float32(0.0)
+    sorted_times = jnp.sort(jnp.where(active, times, jnp.inf))
+    done = jnp.searchsorted(sorted_times, sorted_times, side="right")
+    rate = jnp.where(jnp.isfinite(sorted_times),
+                     done.astype(jnp.float32) / sorted_times, -1.0)
+    best = jnp.argmax(rate)  # first maximum: the smallest such deadline
+    return jnp.where(jnp.any(active), sorted_times[best], 0.0)
+  return rule
 
 
 def round_deadline(rule: str, predicted: ArrayLike, active: ArrayLike, *,
                    seconds: Optional[ArrayLike] = None,
                    quantile: Optional[ArrayLike] = None) -> jax.Array:
-  """The round's deadline under ``rule`` (static).
-
-  Rules:
-    * ``"fixed"``: ``seconds``, whatever the cohort.
-    * ``"quantile"``: the ``quantile``-quantile of the active clients'
-      ``predicted`` times, as an order statistic: the ``ceil(q * m)``-th
-      smallest of the ``m`` active times (numpy's ``"inverted_cdf"``
-      quantile), so at least a fraction ``q`` of the active clients are
-      predicted to make it; ``q = 1`` waits for the slowest.
-    * ``"fedbalancer"``: FedBalancer's deadline (Shin et al., "FedBalancer:
-      Data and Pace Control for Efficient Federated Learning on Heterogeneous
-      Clients", MobiSys 2022, Algorithm 4 ``findPeakDDLE`` in the authors'
-      code): the deadline ``D`` maximizing the number of active clients
-      predicted to finish by ``D``, divided by ``D``. Between two predicted
-      times the count is constant and ``1 / D`` falls, so the maximum over
-      all ``D > 0`` is at one of the active clients' predicted times; those
-      are the candidates, and a tie goes to the smallest ``D``. The authors'
-      code scans whole seconds ``D = 1, 2, ...`` (so its ``D`` is a predicted
-      time rounded up to a whole second) and, with ``E`` local epochs, sets
-      the deadline to ``D_1 + (D_E - D_1) * ratio`` from the peaks ``D_1`` and
-      ``D_E`` of the one-epoch and ``E``-epoch predictions, ``ratio`` in
-      [0, 1] adapted from the training loss; a caller can build that from
-      two calls to this function.
-
-  Clients with ``active`` false (unavailable, or not selected) are ignored.
-  With no active client, ``"quantile"`` and ``"fedbalancer"`` return 0.0
-  (there is nobody to wait for); ``"fixed"`` still returns ``seconds``.
-  When ``seconds`` or ``quantile`` is a concrete number it is validated here
-  (see :func:`check_deadline_seconds`, :func:`check_quantile`); a traced
-  value (under ``jit``/``vmap``) cannot be, so validate the configuration
-  eagerly first.
+  """The round's deadline under the registered rule named ``rule``
+  (static), with the settings given as arguments: the rule is built from
+  ``hparams = {"deadline": seconds, "deadline_quantile": quantile}`` (and no
+  config, so a rule that reads its config needs its factory called).
 
   Args:
-    rule: one of :data:`RULES`.
+    rule: a name in :data:`~fedjax_bsa.core.registry.DEADLINE_RULES`.
     predicted: float [K], each client's predicted time, e.g. from
       :func:`one_epoch_time`; positive for active clients.
     active: bool [K], e.g. selected and available.
-    seconds: the fixed rule's deadline, > 0 (only for ``"fixed"``).
-    quantile: the quantile rule's ``q`` in (0, 1] (only for ``"quantile"``).
+    seconds: the ``deadline`` setting (``"fixed"``: > 0).
+    quantile: the ``deadline_quantile`` setting (``"quantile"``: in (0, 1]).
 
   Returns:
     float32 scalar, simulated seconds.
 
   Raises:
-    ValueError: unknown rule, or a missing or out-of-range ``seconds`` /
-      ``quantile``.
+    ValueError: unknown rule (naming ``deadline_rule`` and the registered
+      rules), or a missing or out-of-range setting the rule reads.
 
   Example:
     >>> t = jnp.array([2.0, 3.0, 4.0, 10.0])
-    >>> on = jnp.array([True, True, True, True])
-    >>> round_deadline("quantile", t, on, quantile=0.5).tolist()
+    >>> round_deadline("quantile", t, True, quantile=0.5).tolist()
     3.0
-    >>> round_deadline("fedbalancer", t, on).tolist()  # 3/4 beats 1/2, 4/10
-    4.0
   """
-  check_rule(rule)
-  times = jnp.asarray(predicted, jnp.float32)
-  active = jnp.broadcast_to(jnp.asarray(active, jnp.bool_), times.shape)
-  if rule == "fixed":
-    if seconds is None or _concrete(seconds) is not None:
-      check_deadline_seconds(seconds)
-    return jnp.asarray(seconds, jnp.float32)
-  if rule == "quantile":
-    if quantile is None or _concrete(quantile) is not None:
-      check_quantile(quantile)
-  if times.size == 0:  # an empty cohort: nobody to wait for
-    return jnp.float32(0.0)
-  if rule == "quantile":
-    return _quantile_deadline(times, active, quantile)
-  return _fedbalancer_deadline(times, active)
+  make = reg.DEADLINE_RULES.get(rule)
+  return make(None, {"deadline": seconds,
+                     "deadline_quantile": quantile})(predicted, active)
 
 
 def deadline_steps(res: ClientResources, batch: ArrayLike,

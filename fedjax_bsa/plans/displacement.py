@@ -60,6 +60,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_bsa import kernel as kernel_lib
+from fedjax_bsa.core.config import GUARDS
+from fedjax_bsa.core.config import RATE_SCALINGS
 from fedjax_bsa.kernel import noise
 from fedjax_bsa.plans import controllers
 from fedjax_bsa.plans.displacement_rules import batch_for_budget
@@ -72,18 +74,13 @@ from fedjax_bsa.plans.displacement_rules import path_coherence
 from fedjax_bsa.plans.displacement_rules import survival
 from fedjax_bsa.plans.noise_state import NoiseState
 
-__all__ = ["GUARDS", "SCALINGS", "LOSS_RISE", "INCOHERENT",
+__all__ = ["LOSS_RISE", "INCOHERENT",
            "DisplacementState", "survival", "path_coherence",
            "drift_scale", "budget_step",
            "batch_for_budget", "guard_step", "displacement"]
 
 Plan = controllers.Plan
 
-#: The guard modes: ``backoff`` (back off on a bad round) or ``off``.
-GUARDS = ("backoff", "off")
-#: How a client's rate follows its batch: ``linear`` (the user's noise
-#: temperature ``eta_0 c_eff(b_0) / c_eff(b)``) or ``adascale``.
-SCALINGS = ("linear", "adascale")
 #: Rounds the gain stays at 1 and the budget may not grow after a back-off.
 COOLDOWN = 5
 #: Per-round decay of the survival's running peak ``sigma_0``.
@@ -129,10 +126,13 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     max_gain: cap on ``eta_k / eta_0`` (>= 1).
     budget: the first round's ``Lambda`` (0: ``eta_0 S_0``).
     band: ``Lambda`` stays within ``[Lambda_0 / band, Lambda_0 band]``.
-    guard: ``backoff`` or ``off``.
+    guard: ``backoff`` or ``off``
+      (:data:`~fedjax_bsa.core.config.GUARDS`).
     patience: rounds without a 1% (``improve``) fall of the smoothed cohort
       loss before the temperature halves (0: never; may be traced).
-    scaling: ``linear`` or ``adascale`` (:data:`SCALINGS`).
+    scaling: ``linear`` (the user's noise temperature ``eta_0 c_eff(b_0) /
+      c_eff(b)``) or ``adascale``
+      (:data:`~fedjax_bsa.core.config.RATE_SCALINGS`).
     temp_min: the lowest temperature factor.
     improve: the relative fall that counts as progress.
 
@@ -148,9 +148,9 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
   >>> plan.batch_size.tolist(), plan.steps.tolist()   # nothing known yet
   ([8, 8], [10, 10])
   """
-  if scaling not in SCALINGS:
+  if scaling not in RATE_SCALINGS:
     raise ValueError(f"rate_scaling={scaling!r} is not allowed: choose one "
-                     f"of {', '.join(SCALINGS)}")
+                     f"of {', '.join(RATE_SCALINGS)}")
   if guard not in GUARDS:
     raise ValueError(f"guard={guard!r} is not allowed: choose one of "
                      f"{', '.join(GUARDS)}")

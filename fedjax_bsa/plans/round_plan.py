@@ -16,8 +16,11 @@ loop):
 4. the **round policy** (:data:`~fedjax_bsa.core.registry.ROUND_POLICIES`)
    decides who is aggregated with how many steps, and the round's length.
 
-Every choice is registered by name here; factories take ``(cfg, hparams)``
-with ``hparams`` the traced settings (:func:`fedjax_bsa.core.config.hparams`).
+The controllers, schedules and local-work protocols are registered by name
+here, the deadline rules in :mod:`fedjax_bsa.plans.deadline` and the round
+policies in :mod:`fedjax_bsa.plans.clock`, each beside its definition;
+factories take ``(cfg, hparams)`` with ``hparams`` the traced settings
+(:func:`fedjax_bsa.core.config.hparams`).
 """
 
 from __future__ import annotations
@@ -145,26 +148,6 @@ def make_controller(cfg, hp) -> controllers.Controller:
       time_budget=hp["time_budget"])
 
 
-# ---------------------------------------------------------- deadline rules
-
-
-def _rule(name):
-  def make(cfg, hp):
-    del cfg
-
-    def rule(predicted, active):
-      return deadline_lib.round_deadline(
-          name, predicted, active, seconds=hp["deadline"],
-          quantile=hp["deadline_quantile"])
-    return rule
-  return make
-
-
-for _name in deadline_lib.RULES:
-  reg.DEADLINE_RULES.register(_name, _rule(_name),
-                              takes_deadline=_name == "fixed")
-
-
 # -------------------------------------------------------------- local work
 
 
@@ -202,25 +185,6 @@ def _deadline(cfg, hp):
     return deadline_lib.deadline_steps(res, plan.batch_size, deadline,
                                        model_bytes, plan.steps)
   return steps
-
-
-# ----------------------------------------------------------- round policies
-
-
-def _policy(name):
-  def make(cfg, hp):
-    del cfg, hp
-
-    def policy(res, batch, steps, available, model_bytes, deadline):
-      return clock.apply_round_policy(name, res, batch, steps, available,
-                                      model_bytes, deadline)
-    return policy
-  return make
-
-
-for _name in clock.POLICIES:
-  reg.ROUND_POLICIES.register(_name, _policy(_name),
-                              needs_deadline=_name != "wait_all")
 
 
 # ------------------------------------------------------------- the pipeline

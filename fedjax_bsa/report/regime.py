@@ -57,8 +57,9 @@ def describe(exp, records) -> dict:
 
 def headroom(exp, b_simple: float) -> float:
   """The batch lever's largest possible gain for ``exp`` at noise scale
-  ``b_simple``, under its protocol: with ``local_work=deadline`` the
-  progress a deadline round gains (:func:`fedjax_bsa.plans.goodput.
+  ``b_simple``, under its protocol: with a local work that reads the
+  deadline (registered with ``needs_deadline``, as ``local_work=deadline``)
+  the progress a deadline round gains (:func:`fedjax_bsa.plans.goodput.
   deadline_headroom`, the deadline from the configured rule over every
   client's predicted one-epoch time at the reference batch), otherwise the
   time a synchronous round saves for the same progress
@@ -67,7 +68,7 @@ def headroom(exp, b_simple: float) -> float:
   sizes = np.array([len(p) for p in exp.parts], np.float64)
   comm = np.asarray(clock.comm_time(res, exp.model_bytes), np.float64)
   batches = np.arange(1, cfg.batch_max + 1)
-  if cfg.local_work != "deadline":
+  if not reg.LOCAL_WORK.prop(cfg.local_work, "needs_deadline"):
     steps = float(np.median(reference_steps(cfg, sizes)))
     return goodput.headroom(b_simple, sizes, res.step_overhead, res.speed,
                             comm, steps, batches)

@@ -2,9 +2,12 @@
 experiment: dataset, partition, resources, model, algorithm. Run once,
 before the compiled loop.
 
-The built-in datasets, partitions, models and resource profiles register
-themselves here (:mod:`fedjax_bsa.core.registry`); each factory takes the config
-(and the dataset where it needs one).
+The built-in datasets and partitions register themselves here
+(:mod:`fedjax_bsa.core.registry`), each once, by a factory of the config
+(and the dataset) that calls its loader or partitioner in
+:mod:`fedjax_bsa.data`; so do the models, a factory for each name
+:func:`fedjax_bsa.setup.models.make_model` knows. The resource profiles
+register themselves in :mod:`fedjax_bsa.setup.resources`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from fedjax_bsa import algorithms
 from fedjax_bsa.core import registry as reg
 from fedjax_bsa.core.config import Config, ConfigError
 from fedjax_bsa.data import datasets
+from fedjax_bsa.data import loaders
 from fedjax_bsa.data import partition as partition_lib
 from fedjax_bsa.plans import clock
 from fedjax_bsa.setup import models
@@ -61,7 +65,7 @@ def _as_user_error(what: str, build, *args):
 def _digits(cfg):
   """scikit-learn's bundled 8x8 digits, fixed 80/20 split."""
   del cfg
-  return datasets.load("digits")
+  return datasets.digits()
 
 
 @reg.DATASETS.register("mnist1d", seeded=True)
@@ -74,27 +78,33 @@ def _mnist1d(cfg):
 def _mnist1d_cached(num_examples: int, seed: int):
   # generating 40,000 examples takes ~15 s; sweeps and studies rebuild the
   # same ones (the arrays are never written to)
-  return datasets.load("mnist1d", num_examples=num_examples, seed=seed)
+  return datasets.mnist1d(num_examples=num_examples, seed=seed)
 
 
 @reg.DATASETS.register("synthetic", seeded=True)
 def _synthetic(cfg):
   """Synthetic(alpha, beta) of Li et al. (FedProx), natural clients."""
-  return datasets.load("synthetic", alpha=cfg.synthetic_alpha,
-                       beta=cfg.synthetic_beta, num_clients=cfg.num_clients,
-                       seed=cfg.seed)
+  return datasets.synthetic(alpha=cfg.synthetic_alpha,
+                            beta=cfg.synthetic_beta,
+                            num_clients=cfg.num_clients, seed=cfg.seed)
 
 
-def _file_dataset(name):
-  def load(cfg):
-    return datasets.load(name, path=cfg.data_path)
-  load.__doc__ = f"The {name} files in ``data_path``."
-  return load
+@reg.DATASETS.register("leaf", reads_file=True)
+def _leaf(cfg):
+  """LEAF JSON files (FEMNIST, Shakespeare, ...) in ``data_path``."""
+  return loaders.load_leaf(cfg.data_path)
 
 
-for _name in ("leaf", "cifar10", "npz"):
-  reg.DATASETS.register(_name, _file_dataset(_name), reads_file=True)
-FILE_DATASETS = ("leaf", "cifar10", "npz")
+@reg.DATASETS.register("cifar10", reads_file=True)
+def _cifar10(cfg):
+  """CIFAR-10's pickled batches in the folder ``data_path``."""
+  return loaders.load_cifar10(cfg.data_path)
+
+
+@reg.DATASETS.register("npz", reads_file=True)
+def _npz(cfg):
+  """A numpy ``.npz`` archive in ``data_path``."""
+  return loaders.load_npz(cfg.data_path)
 
 
 def load_dataset(cfg: Config) -> datasets.Dataset:
@@ -109,21 +119,52 @@ def load_dataset(cfg: Config) -> datasets.Dataset:
 
 
 # -------------------------------------------------------------- partitions
+# Seeded by ``seed``; see :mod:`fedjax_bsa.data.partition`.
 
 
-def _partition(name):
-  def make(cfg, ds):
-    return partition_lib.make_partition(
-        name, ds.y_train, None if name == "natural" else cfg.num_clients,
-        cfg.seed, alpha=cfg.alpha, min_examples=cfg.min_examples,
-        shards_per_client=cfg.shards_per_client,
-        quantity_sigma=cfg.quantity_sigma, client_ids=ds.client_ids)
-  make.__doc__ = f"The {name} partition of :mod:`fedjax_bsa.data.partition`."
-  return make
+@reg.PARTITIONS.register("iid")
+def _iid(cfg, ds):
+  """Uniformly random, near-equal shards."""
+  return partition_lib.iid(len(ds.y_train), cfg.num_clients, cfg.seed)
 
 
-for _name in partition_lib.PARTITION_NAMES:
-  reg.PARTITIONS.register(_name, _partition(_name))
+@reg.PARTITIONS.register("dirichlet")
+def _dirichlet(cfg, ds):
+  """Label skew with Dirichlet(``alpha``) class proportions (NIID-Bench),
+  every client with at least ``min_examples``."""
+  return partition_lib.dirichlet(ds.y_train, cfg.num_clients, cfg.alpha,
+                                 cfg.seed, cfg.min_examples)
+
+
+@reg.PARTITIONS.register("shards")
+def _shards(cfg, ds):
+  """McMahan et al.'s label shards, ``shards_per_client`` each."""
+  return partition_lib.shards(ds.y_train, cfg.num_clients, cfg.seed,
+                              cfg.shards_per_client)
+
+
+@reg.PARTITIONS.register("quantity")
+def _quantity(cfg, ds):
+  """Quantity skew: lognormal(``quantity_sigma``) client sizes, at least
+  ``min_examples``, labels IID."""
+  return partition_lib.quantity(len(ds.y_train), cfg.num_clients, cfg.seed,
+                                method="lognormal", alpha=cfg.alpha,
+                                sigma=cfg.quantity_sigma,
+                                min_examples=cfg.min_examples)
+
+
+@reg.PARTITIONS.register("natural")
+def _natural(cfg, ds):
+  """One client per natural owner of the data (``num_clients`` is not
+  read)."""
+  del cfg
+  if ds.client_ids is None:
+    raise ValueError("partition 'natural' needs client_ids, got None (the "
+                     "dataset has no natural clients)")
+  if len(ds.client_ids) != len(ds.y_train):
+    raise ValueError(f"client_ids has {len(ds.client_ids)} entries, labels "
+                     f"{len(ds.y_train)}")
+  return partition_lib.natural(ds.client_ids)
 
 
 def make_parts(cfg: Config, ds: datasets.Dataset) -> list:
@@ -169,30 +210,16 @@ def make_model(cfg: Config, ds: datasets.Dataset) -> models.Model:
 
 
 # --------------------------------------------------------------- resources
-
-
-def _profile(name):
-  def make(cfg, num_clients):
-    return resources_lib.make_resources(
-        name, num_clients, cfg.seed + 1, base_speed=cfg.base_speed,
-        speed_sigma=cfg.speed_sigma, step_overhead=cfg.step_overhead,
-        memory_cap=cfg.memory_cap, memory_sigma=cfg.memory_sigma,
-        bandwidth=cfg.bandwidth, availability=cfg.availability,
-        trace_path=cfg.trace_path or None)
-  make.__doc__ = f"The {name} profile of :mod:`fedjax_bsa.setup.resources`."
-  return make
-
-
-for _name in resources_lib.PROFILES:
-  reg.RESOURCE_PROFILES.register(_name, _profile(_name),
-                                 reads_file=_name == "trace")
+# The built-in profiles are registered in :mod:`fedjax_bsa.setup.resources`.
 
 
 def make_resources(cfg: Config, num_clients: int):
-  """The configured resource profile for ``num_clients`` clients."""
+  """The configured resource profile for ``num_clients`` clients. The
+  profile is given the config with ``seed + 1``: the devices' own random
+  stream, apart from the partition's."""
   return _as_user_error(f"resources={cfg.resources}",
-                        reg.RESOURCE_PROFILES.get(cfg.resources), cfg,
-                        num_clients)
+                        reg.RESOURCE_PROFILES.get(cfg.resources),
+                        cfg.replace(seed=cfg.seed + 1), num_clients)
 
 
 # ------------------------------------------------------------------- build

@@ -1,42 +1,21 @@
 """Per-client system resources (compute, memory, network, availability).
 
 Host-side numpy code that builds a :class:`ClientResources` pytree for a
-population of ``N`` clients from one of the profiles in :data:`PROFILES`
-(:func:`make_resources`). Every function returns numpy arrays; the caller
-moves them to the device (e.g. ``jax.device_put(res)``) and gathers a cohort
-with ``jax.tree.map(lambda a: a[ids], res)``. The simulated clock in
+population of ``N`` clients from a resource profile. Every function returns
+numpy arrays; the caller moves them to the device (e.g.
+``jax.device_put(res)``) and gathers a cohort with
+``jax.tree.map(lambda a: a[ids], res)``. The simulated clock in
 :mod:`fedjax_bsa.plans.clock` consumes these arrays.
 
-Profiles:
-  * ``"uniform"``: every client has ``speed=base_speed``, ``memory_cap``,
-    ``bandwidth`` (up and down), ``step_overhead``, ``latency`` and
-    ``availability``.
-  * ``"lognormal"``: ``speed = base_speed * exp(N(0, speed_sigma))``; the
-    link gets an independent factor ``exp(N(0, speed_sigma))`` (same factor
-    for up and down): ``bandwidth_{up,down} = bandwidth * factor``;
-    ``memory_cap = max(1, round(memory_cap * exp(N(0, memory_sigma))))``
-    (constant when ``memory_sigma == 0``).
-  * ``"tiers"``: device classes from ``tiers`` (default
-    :data:`DEFAULT_TIERS`, from published measurements: docs/devices.md).
-    Each tier dict has ``name``, ``share`` (normalized over tiers),
-    ``speed`` (multiplier of ``base_speed``), ``memory_cap`` (examples),
-    ``bandwidth`` (bytes/s, both ways) and optionally: ``bandwidth_up`` /
-    ``bandwidth_down`` (bytes/s, override ``bandwidth`` one way);
-    ``overhead_scale`` (the tier's step overhead is
-    ``overhead_scale * step_overhead``) or ``step_overhead`` (absolute
-    seconds, overriding the argument), not both; ``latency`` and
-    ``availability`` overriding the arguments; ``device`` (free text).
-    Tier sizes are ``share * num_clients`` rounded by largest remainder (so
-    they sum to ``num_clients``), and clients are assigned to tiers by a
-    seeded random permutation. Clients within a tier are identical;
-    ``tier`` holds the tier index.
-  * ``"trace"``: a FedScale device trace (see :func:`load_trace`):
-    ``speed = 1000 / computation`` (ms/sample -> examples/s) and
-    ``bandwidth_{up,down} = communication * 1000 / 8`` (kbps -> bytes/s).
-    Rows are sorted by client id and client ``i`` gets row ``i % R``
-    (cyclic reuse when ``num_clients > R``). A per-client ``availability``
-    in the file wins over the argument. Memory cap, step overhead and
-    latency come from the arguments.
+The built-in profiles register themselves here in
+:data:`~fedjax_bsa.core.registry.RESOURCE_PROFILES`, each a function
+``(cfg, num_clients)`` that reads its settings from ``cfg`` by the names of
+:class:`ResourceSettings`: ``uniform`` (:func:`uniform`: every client
+alike), ``lognormal`` (:func:`lognormal`: lognormal speeds, links and
+memory), ``tiers`` (:func:`from_tiers`: device classes from a tier table)
+and ``trace`` (:func:`from_trace`: a FedScale device trace, registered with
+``reads_file``). :func:`make_resources` builds a population from a profile's
+name and the settings as arguments.
 
 This module holds the profiles and :func:`make_resources`; the pytree, its
 range checks and :func:`describe` are in :mod:`fedjax_bsa.setup.client_resources`,
@@ -51,6 +30,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from fedjax_bsa.core import registry as reg
 from fedjax_bsa.setup.client_resources import assemble
 from fedjax_bsa.setup.client_resources import checked
 from fedjax_bsa.setup.client_resources import ClientResources
@@ -68,11 +48,9 @@ from fedjax_bsa.setup.fedscale_trace import load_trace
 __all__ = ["ClientResources", "DEFAULT_TIERS", "FEMNIST_CNN_PARAMS",
            "FLASH_CLASS_WEIGHTS", "FLASH_FEMNIST_BATCH",
            "FLASH_FEMNIST_MS_PER_BATCH", "FLASH_MEDIAN_DOWN_KBPS",
-           "FLASH_MEDIAN_UP_KBPS", "PROFILES", "describe", "load_trace",
-           "make_resources"]
-
-PROFILES = ("uniform", "lognormal", "tiers", "trace")
-
+           "FLASH_MEDIAN_UP_KBPS", "ResourceSettings", "describe",
+           "from_tiers", "from_trace", "load_trace", "lognormal",
+           "make_resources", "profile_settings", "uniform"]
 
 # ------------------------------------------------------------ tier tables ---
 
@@ -126,25 +104,69 @@ def _tier_counts(shares: np.ndarray, n: int) -> np.ndarray:
 
 # --------------------------------------------------------------- profiles ---
 
-class _Settings(NamedTuple):
-  """The checked scalar arguments of :func:`make_resources`."""
-  base_speed: float
-  speed_sigma: float
-  step_overhead: float
-  memory_cap: int
-  memory_sigma: float
-  bandwidth: float
-  availability: float
-  latency: float
+class ResourceSettings(NamedTuple):
+  """What a resource profile reads, by the names of the
+  :class:`~fedjax_bsa.core.config.Config` settings (a config has no
+  ``latency`` or ``tiers``: they take these defaults). :func:`make_resources`
+  gives a profile its arguments as one of these; the simulator gives it the
+  config, its ``seed`` raised by 1."""
+  seed: Any = 0
+  base_speed: float = 1000.0
+  speed_sigma: float = 0.5
+  step_overhead: float = 0.01
+  memory_cap: int = 256
+  memory_sigma: float = 0.0
+  bandwidth: float = 1e6
+  availability: float = 1.0
+  latency: float = 0.0
+  tiers: Optional[Sequence[Mapping[str, Any]]] = None
+  trace_path: Optional[str] = None
 
 
-def _uniform(n: int, s: _Settings) -> ClientResources:
+_CHECKS = (("base_speed", "positive"), ("speed_sigma", "nonneg"),
+           ("step_overhead", "nonneg"), ("memory_cap", "count"),
+           ("memory_sigma", "nonneg"), ("bandwidth", "positive"),
+           ("availability", "probability"), ("latency", "nonneg"))
+
+
+def profile_settings(cfg, num_clients: int, *, tiers: bool = False,
+                     trace: bool = False) -> tuple[int, ResourceSettings]:
+  """``(N, the checked settings)`` of a profile given ``cfg`` (a config or
+  a :class:`ResourceSettings`): each error names the setting, its value and
+  the allowed range. ``tiers``, ``trace``: whether the profile reads a tier
+  table, a trace file (the others refuse them; ``trace_path=""``, a
+  config's unset value, is no trace)."""
+  get = lambda name: getattr(cfg, name, ResourceSettings._field_defaults[name])
+  n = checked("num_clients", num_clients, "count")
+  values = {name: checked(name, get(name), rule) for name, rule in _CHECKS}
+  table, path = get("tiers"), get("trace_path") or None
+  if table is not None and not tiers:
+    raise ValueError(f"tiers={table!r} is only allowed with profile='tiers'.")
+  if path is not None and not trace:
+    raise ValueError(f"trace_path={path!r} is only allowed with "
+                     "profile='trace'.")
+  return n, ResourceSettings(seed=get("seed"), tiers=table, trace_path=path,
+                             **values)
+
+
+@reg.RESOURCE_PROFILES.register("uniform")
+def uniform(cfg, num_clients: int) -> ClientResources:
+  """Every client has ``speed=base_speed``, ``memory_cap``, ``bandwidth``
+  (up and down), ``step_overhead``, ``latency`` and ``availability``."""
+  n, s = profile_settings(cfg, num_clients)
   return assemble(n, s.base_speed, s.step_overhead, s.memory_cap,
-                   s.bandwidth, s.bandwidth, s.latency, s.availability, 0)
+                  s.bandwidth, s.bandwidth, s.latency, s.availability, 0)
 
 
-def _lognormal(n: int, seed: Any, s: _Settings) -> ClientResources:
-  rng = np.random.default_rng(seed)
+@reg.RESOURCE_PROFILES.register("lognormal")
+def lognormal(cfg, num_clients: int) -> ClientResources:
+  """``speed = base_speed * exp(N(0, speed_sigma))``; the link gets an
+  independent factor ``exp(N(0, speed_sigma))`` (same factor for up and
+  down): ``bandwidth_{up,down} = bandwidth * factor``; ``memory_cap =
+  max(1, round(memory_cap * exp(N(0, memory_sigma))))`` (constant when
+  ``memory_sigma == 0``). Seeded by ``seed``."""
+  n, s = profile_settings(cfg, num_clients)
+  rng = np.random.default_rng(s.seed)
   z_speed, z_bw, z_mem = rng.standard_normal((3, n))
   speed = s.base_speed * np.exp(s.speed_sigma * z_speed)
   bw = s.bandwidth * np.exp(s.speed_sigma * z_bw)
@@ -153,14 +175,28 @@ def _lognormal(n: int, seed: Any, s: _Settings) -> ClientResources:
     mem = np.rint(s.memory_cap * np.exp(s.memory_sigma * z_mem))
     mem = np.clip(mem, 1, INT32_MAX).astype(np.int64)
   return assemble(n, speed, s.step_overhead, mem, bw, bw, s.latency,
-                   s.availability, 0)
+                  s.availability, 0)
 
 
-def _from_tiers(n: int, seed: Any, s: _Settings,
-                tiers: Sequence[Mapping[str, Any]]) -> ClientResources:
-  table = _validate_tiers(tiers)
+@reg.RESOURCE_PROFILES.register("tiers")
+def from_tiers(cfg, num_clients: int) -> ClientResources:
+  """Device classes from ``tiers`` (default :data:`DEFAULT_TIERS`, from
+  published measurements: docs/devices.md). Each tier dict has ``name``,
+  ``share`` (normalized over tiers), ``speed`` (multiplier of
+  ``base_speed``), ``memory_cap`` (examples), ``bandwidth`` (bytes/s, both
+  ways) and optionally: ``bandwidth_up`` / ``bandwidth_down`` (bytes/s,
+  override ``bandwidth`` one way); ``overhead_scale`` (the tier's step
+  overhead is ``overhead_scale * step_overhead``) or ``step_overhead``
+  (absolute seconds, overriding the setting), not both; ``latency`` and
+  ``availability`` overriding the settings; ``device`` (free text). Tier
+  sizes are ``share * num_clients`` rounded by largest remainder (so they
+  sum to ``num_clients``), and clients are assigned to tiers by a permutation
+  seeded by ``seed``. Clients within a tier are identical; ``tier`` holds the
+  tier index."""
+  n, s = profile_settings(cfg, num_clients, tiers=True)
+  table = _validate_tiers(DEFAULT_TIERS if s.tiers is None else s.tiers)
   counts = _tier_counts(np.array([t["share"] for t in table]), n)
-  rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(s.seed)
   tier = rng.permutation(np.repeat(np.arange(len(table)), counts))
   per_client = lambda values: np.array(values, np.float64)[tier]
   col = lambda key, default: per_client([t.get(key, default) for t in table])
@@ -171,24 +207,32 @@ def _from_tiers(n: int, seed: Any, s: _Settings,
   bw_down = per_client([t.get("bandwidth_down", t["bandwidth"])
                         for t in table])
   return assemble(n, s.base_speed * col("speed", None), overhead,
-                   col("memory_cap", None), bw_up, bw_down,
-                   col("latency", s.latency),
-                   col("availability", s.availability), tier)
+                  col("memory_cap", None), bw_up, bw_down,
+                  col("latency", s.latency),
+                  col("availability", s.availability), tier)
 
 
-def _from_trace(n: int, s: _Settings,
-                trace_path: Optional[str]) -> ClientResources:
-  if trace_path is None:
+@reg.RESOURCE_PROFILES.register("trace", reads_file=True)
+def from_trace(cfg, num_clients: int) -> ClientResources:
+  """A FedScale device trace in ``trace_path`` (see :func:`load_trace`):
+  ``speed = 1000 / computation`` (ms/sample -> examples/s) and
+  ``bandwidth_{up,down} = communication * 1000 / 8`` (kbps -> bytes/s).
+  Rows are sorted by client id and client ``i`` gets row ``i % R`` (cyclic
+  reuse when ``num_clients > R``). A per-client ``availability`` in the file
+  wins over the setting. Memory cap, step overhead and latency come from
+  the settings."""
+  n, s = profile_settings(cfg, num_clients, trace=True)
+  if s.trace_path is None:
     raise ValueError("trace_path=None is invalid for profile='trace'; "
                      "allowed: a path to a FedScale device trace file.")
-  trace = load_trace(trace_path)
+  trace = load_trace(s.trace_path)
   rows = np.arange(n) % trace["client_id"].shape[0]
   speed = 1000.0 / trace["computation"][rows]
   bw = trace["communication"][rows] * 1000.0 / 8.0
   av = trace["availability"][rows]
   av = np.where(np.isnan(av), s.availability, av)
   return assemble(n, speed, s.step_overhead, s.memory_cap, bw, bw,
-                   s.latency, av, 0)
+                  s.latency, av, 0)
 
 
 def make_resources(profile: str, num_clients: int, seed: Any, *,
@@ -198,13 +242,16 @@ def make_resources(profile: str, num_clients: int, seed: Any, *,
                    availability: float = 1.0, latency: float = 0.0,
                    tiers: Optional[Sequence[Mapping[str, Any]]] = None,
                    trace_path: Optional[str] = None) -> ClientResources:
-  """Builds the resources of ``num_clients`` clients.
+  """Builds the resources of ``num_clients`` clients with the registered
+  profile named ``profile``, given these arguments (as a
+  :class:`ResourceSettings`).
 
-  The profiles (``uniform``, ``lognormal``, ``tiers``, ``trace``) are
-  described in the module docstring (``help(fedjax_bsa.setup.resources)``).
+  The built-in profiles (``uniform``, ``lognormal``, ``tiers``, ``trace``)
+  are :func:`uniform`, :func:`lognormal`, :func:`from_tiers` and
+  :func:`from_trace`.
 
   Args:
-    profile: one of :data:`PROFILES`.
+    profile: a name in :data:`~fedjax_bsa.core.registry.RESOURCE_PROFILES`.
     num_clients: ``N >= 1``.
     seed: seed for ``np.random.default_rng`` (used by lognormal and tiers).
     base_speed: examples per second, > 0.
@@ -223,8 +270,9 @@ def make_resources(profile: str, num_clients: int, seed: Any, *,
     A :class:`ClientResources` of numpy ``[N]`` arrays.
 
   Raises:
-    ValueError: unknown profile, invalid argument (the message names the
-      argument, its value and the allowed range), or bad trace file.
+    ValueError: unknown profile (naming ``resources`` and the registered
+      profiles), invalid argument (the message names the argument, its value
+      and the allowed range), or bad trace file.
 
   Example:
     >>> res = make_resources("tiers", 10, seed=0)
@@ -239,30 +287,7 @@ def make_resources(profile: str, num_clients: int, seed: Any, *,
     >>> res.speed.tolist(), res.step_overhead.tolist(), res.bandwidth_up[0]
     ([50.0, 50.0, 50.0], [1.0, 1.0, 1.0], np.float32(200000.0))
   """
-  if profile not in PROFILES:
-    raise ValueError(f"unknown profile {profile!r}; allowed: {PROFILES}.")
-  n = checked("num_clients", num_clients, "count")
-  s = _Settings(*(checked(name, value, rule) for name, value, rule in (
-      ("base_speed", base_speed, "positive"),
-      ("speed_sigma", speed_sigma, "nonneg"),
-      ("step_overhead", step_overhead, "nonneg"),
-      ("memory_cap", memory_cap, "count"),
-      ("memory_sigma", memory_sigma, "nonneg"),
-      ("bandwidth", bandwidth, "positive"),
-      ("availability", availability, "probability"),
-      ("latency", latency, "nonneg"))))
-  if not trace_path:  # None or "" (a config's unset value): no trace.
-    trace_path = None
-  if tiers is not None and profile != "tiers":
-    raise ValueError(f"tiers={tiers!r} is only allowed with profile='tiers' "
-                     f"(got profile={profile!r}).")
-  if trace_path is not None and profile != "trace":
-    raise ValueError(f"trace_path={trace_path!r} is only allowed with "
-                     f"profile='trace' (got profile={profile!r}).")
-  if profile == "uniform":
-    return _uniform(n, s)
-  if profile == "lognormal":
-    return _lognormal(n, seed, s)
-  if profile == "tiers":
-    return _from_tiers(n, seed, s, DEFAULT_TIERS if tiers is None else tiers)
-  return _from_trace(n, s, trace_path)
+  given = ResourceSettings(seed, base_speed, speed_sigma, step_overhead,
+                           memory_cap, memory_sigma, bandwidth, availability,
+                           latency, tiers, trace_path)
+  return reg.RESOURCE_PROFILES.get(profile)(given, num_clients)
