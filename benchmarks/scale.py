@@ -312,8 +312,7 @@ def make_run(cfg: Config, fed: Federation) -> Run:
   exp = experiment_lib.Experiment(cfg, ds, _Parts(fed.sizes), res, model,
                                   algorithms.make_algorithm(cfg),
                                   clock.model_bytes(params))
-  hp = config_lib.hparams(cfg)
-  hp["reference_speed"] = experiment_lib.reference_speed(res)
+  hp = config_lib.hparams(cfg, experiment_lib.reference_speed(res))
   one = simulate.Inputs(res, hp, np.int32(0),
                         np.asarray(fed.sizes, np.int32))
   inputs = jax.device_put(jax.tree.map(lambda a: np.asarray(a)[None], one))

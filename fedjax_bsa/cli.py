@@ -364,14 +364,14 @@ def _settings(args) -> int:
 
 def _bench(args) -> int:
   if args.what == "sweep":
-    from fedjax_bsa.bench.sweep import main as sweep  # pylint: disable=g-import-not-at-top
+    from fedjax_bsa.bench.sweep import main as sweep
     return sweep.main(args.rest)
-  from fedjax_bsa.bench.kernel import main as kernel  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.bench.kernel import main as kernel
   return kernel.main(args.rest)
 
 
 def _study(args) -> int:
-  from fedjax_bsa.bench.study import main as study  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.bench.study import main as study
   return study.main(args.rest)
 
 

@@ -209,5 +209,5 @@ def test_round_time_and_weights_wiring():
     steps = SIZES[cohort] // 3
     np.testing.assert_array_equal(m.steps[r], steps)
     slowest = max(steps) * (0.01 + 3 / 100.0) + 2 * model_bytes / 1000.0
-    np.testing.assert_allclose(m.round_time[r], slowest, rtol=1e-5)
-  np.testing.assert_allclose(m.sim_time[1], m.round_time.sum(), rtol=1e-5)
+    np.testing.assert_allclose(m.round_time_s[r], slowest, rtol=1e-5)
+  np.testing.assert_allclose(m.sim_time_s[1], m.round_time_s.sum(), rtol=1e-5)

@@ -21,12 +21,13 @@ that names the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
 from fedjax_bsa.core import registry as reg
 from fedjax_bsa.core.fields import check_type as _check_type
+from fedjax_bsa.core.fields import coerce as _coerce
 from fedjax_bsa.core.fields import choices as _choices
 from fedjax_bsa.core.fields import ConfigError
 from fedjax_bsa.core.fields import data_field as _data
@@ -36,9 +37,9 @@ from fedjax_bsa.core.fields import load_config_file
 from fedjax_bsa.core.fields import plan_field as _plan
 from fedjax_bsa.core.fields import res_field as _res
 from fedjax_bsa.core.fields import settings_table
-from fedjax_bsa.core.fields import TYPE_WORDS as _TYPE_WORDS
 
-__all__ = ["Config", "ConfigError", "load_config_file", "parse_assignments",
+__all__ = ["Config", "ConfigError", "HParams", "load_config_file",
+  "parse_assignments",
            "SWEEPABLE", "TRACED", "hparams", "check_sweepable",
            "RATE_SCALINGS", "GUARDS"]
 
@@ -308,35 +309,8 @@ def _fields() -> dict[str, dataclasses.Field]:
   return {f.name: f for f in dataclasses.fields(Config)}
 
 
-def _coerce(name: str, value: Any) -> Any:
-  fields = _fields()
-  if name not in fields:
-    raise ConfigError(f"unknown setting {name!r}: known settings are "
-                      f"{', '.join(sorted(fields))}")
-  want = type(fields[name].default)
-  if not isinstance(value, str) or want is str:
-    if want is float and isinstance(value, int) and not isinstance(value,
-                                                                    bool):
-      return float(value)
-    return value
-  text = value.strip()
-  try:
-    if want is bool:
-      if text.lower() in ("1", "true", "yes", "on"):
-        return True
-      if text.lower() in ("0", "false", "no", "off"):
-        return False
-      raise ValueError(text)
-    if want is int:
-      return int(text)
-    return float(text)
-  except ValueError:
-    raise ConfigError(f"{name}={value!r} is not allowed: expected "
-                      f"{_TYPE_WORDS[want]}") from None
-
-
 def _coerce_all(changes: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: _coerce(k, v) for k, v in changes.items()}
+  return {k: _coerce(_fields(), k, v) for k, v in changes.items()}
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
@@ -350,7 +324,7 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
       raise ConfigError(f"--set {item!r} is not allowed: expected key=value")
     key, value = item.split("=", 1)
     key = key.strip().split(".")[-1]
-    _coerce(key, value)  # names an unknown key early
+    _coerce(_fields(), key, value)  # names an unknown key early
     out[key] = value
   return out
 
@@ -365,20 +339,40 @@ SWEEPABLE = TRACED + tuple(f.name for f in dataclasses.fields(Config)
                            if f.metadata["host"])
 
 
-def hparams(cfg: Config) -> dict[str, np.ndarray]:
-  """The traced settings as numpy scalars (float32 or int32), by name.
+class HParams(NamedTuple("_HParams", [(n, Any) for n in TRACED
+                                      + ("reference_speed",)])):
+  """The traced settings of one experiment (``[E]`` once a sweep stacks
+  them), a field per :data:`TRACED` setting, generated from the config's
+  metadata, plus ``reference_speed`` (the median client speed, set by the
+  driver from the experiment's devices; None until then). Read as
+  ``hp.client_lr`` or ``hp["client_lr"]`` (the name's the same either way);
+  a pytree, so ``vmap`` and ``tree.map`` see its arrays."""
+  __slots__ = ()
+
+  def __getitem__(self, key):
+    if isinstance(key, str):
+      if key not in self._fields:
+        raise KeyError(f"{key!r} is not a traced setting (traced: "
+                       f"{', '.join(self._fields)})")
+      return getattr(self, key)
+    return super().__getitem__(key)
+
+
+def hparams(cfg: Config, reference_speed=None) -> HParams:
+  """The traced settings as numpy scalars (float32 or int32).
 
   Consumers in compiled code read ``hparams[name]``; a sweep stacks these
-  dicts over experiments and ``vmap``s them.
+  over experiments and ``vmap``s them.
 
-  >>> sorted(hparams(Config()))[:3]
-  ['anneal_patience', 'batch_size', 'budget']
+  >>> hp = hparams(Config(client_lr=0.3))
+  >>> round(float(hp.client_lr), 6), hp["local_steps"].dtype.name
+  (0.3, 'int32')
   """
-  out = {}
+  values = {}
   for name in TRACED:
     v = getattr(cfg, name)
-    out[name] = np.int32(v) if isinstance(v, int) else np.float32(v)
-  return out
+    values[name] = np.int32(v) if isinstance(v, int) else np.float32(v)
+  return HParams(**values, reference_speed=reference_speed)
 
 
 def check_sweepable(keys) -> None:

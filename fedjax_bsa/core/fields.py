@@ -16,8 +16,8 @@ from typing import Any
 from fedjax_bsa.core import registry as reg
 
 __all__ = ["ConfigError", "field", "data_field", "fed_field", "plan_field",
-           "res_field", "choices", "range_text", "check_type", "TYPE_WORDS", "load_config_file",
-           "settings_table"]
+           "res_field", "choices", "range_text", "check_type", "TYPE_WORDS",
+           "load_config_file", "settings_table", "coerce"]
 
 
 class ConfigError(ValueError):
@@ -67,8 +67,8 @@ def range_text(meta) -> str:
          f"{hi if hi is not None else 'inf'}]"
 
 
-TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false",
-               str: "a string"}
+TYPE_WORDS = {int: "an integer", float: "a finite number",
+              bool: "true or false", str: "a string"}
 
 
 def check_type(f: dataclasses.Field, value) -> None:
@@ -155,3 +155,31 @@ def settings_table(fields) -> str:
                             meaning).rstrip())
     lines += [fmt.format("", "", "", a, "").rstrip() for a in allowed[1:]]
   return "\n".join(lines)
+
+
+def coerce(fields: dict, name: str, value: Any) -> Any:
+  """``value`` (text from ``--set`` or a file, or a Python value) as the
+  type of setting ``name`` of ``fields`` (name -> dataclass field)."""
+  if name not in fields:
+    raise ConfigError(f"unknown setting {name!r}: known settings are "
+                      f"{', '.join(sorted(fields))}")
+  want = type(fields[name].default)
+  if not isinstance(value, str) or want is str:
+    if want is float and isinstance(value, int) and not isinstance(value,
+                                                                    bool):
+      return float(value)
+    return value
+  text = value.strip()
+  try:
+    if want is bool:
+      if text.lower() in ("1", "true", "yes", "on"):
+        return True
+      if text.lower() in ("0", "false", "no", "off"):
+        return False
+      raise ValueError(text)
+    if want is int:
+      return int(text)
+    return float(text)
+  except ValueError:
+    raise ConfigError(f"{name}={value!r} is not allowed: expected "
+                      f"{TYPE_WORDS[want]}") from None

@@ -22,9 +22,9 @@ work of all experiments together.
 The kernel is blind to algorithms: it runs any client transformation whose
 state ``client_init(server_params, client_input)`` rebuilds per job.
 
-Semantics equal :func:`fedjax_bsa.kernel.reference.reference_round`, a per-client
-loop with exact shapes: step ``t`` of job ``j`` on client ``c`` uses the
-rows at stream positions ``t * b_j + i`` (``i < b_j``, taken mod ``n_c``) of
+Semantics equal :func:`fedjax_bsa.kernel.reference.reference_round`, a
+per-client loop with exact shapes: step ``t`` of job ``j`` on client ``c`` uses
+the rows at stream positions ``t * b_j + i`` (``i < b_j``, taken mod ``n_c``) of
 the client's shuffle this round (:func:`fedjax_bsa.data.federated.
 example_rows`).
 

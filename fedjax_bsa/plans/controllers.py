@@ -157,13 +157,13 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
   noise estimate; memory caps and the time budget come from
   :func:`clamp`), with
   ``b_crit_k = effective_critical_batch(B_k, n_k)`` (the critical batch of
-  a client of ``n_k`` rows, :func:`fedjax_bsa.kernel.noise.effective_critical_batch`;
-  ``B_k`` itself when the context has no ``num_examples``). The learning rate
-  is ``client_lr * min(r_k, max_gain)`` with the AdaScale gain ``r_k`` of
-  ``b_k`` over ``batch_size`` (:func:`adascale_gain`), and local steps come
-  from the time budget (if any). ``B_k`` comes from
-  :func:`cohort_noise_scale`; before any estimate exists the batch is
-  ``batch_size`` and the gain 1.
+  a client of ``n_k`` rows,
+  :func:`fedjax_bsa.kernel.noise.effective_critical_batch`; ``B_k`` itself when
+  the context has no ``num_examples``). The learning rate is ``client_lr *
+  min(r_k, max_gain)`` with the AdaScale gain ``r_k`` of ``b_k`` over
+  ``batch_size`` (:func:`adascale_gain`), and local steps come from the time
+  budget (if any). ``B_k`` comes from :func:`cohort_noise_scale`; before any
+  estimate exists the batch is ``batch_size`` and the gain 1.
 
   Args:
     batch_size: reference batch ``b_0`` (the learning rate is tuned for it).

@@ -64,6 +64,7 @@ from fedjax_bsa.core.config import GUARDS
 from fedjax_bsa.core.config import RATE_SCALINGS
 from fedjax_bsa.kernel import noise
 from fedjax_bsa.plans import controllers
+from fedjax_bsa.plans import pieces
 from fedjax_bsa.plans.displacement_rules import batch_for_budget
 from fedjax_bsa.plans.displacement_rules import budget_step
 from fedjax_bsa.plans.displacement_rules import drift_scale
@@ -72,14 +73,11 @@ from fedjax_bsa.plans.displacement_rules import INCOHERENT
 from fedjax_bsa.plans.displacement_rules import LOSS_RISE
 from fedjax_bsa.plans.displacement_rules import path_coherence
 from fedjax_bsa.plans.displacement_rules import survival
-from fedjax_bsa.plans.noise_state import NoiseState
 
 __all__ = ["LOSS_RISE", "INCOHERENT",
            "DisplacementState", "survival", "path_coherence",
            "drift_scale", "budget_step",
            "batch_for_budget", "guard_step", "displacement"]
-
-Plan = controllers.Plan
 
 #: Rounds the gain stays at 1 and the budget may not grow after a back-off.
 COOLDOWN = 5
@@ -90,8 +88,8 @@ STEPS_FACTOR = 4
 
 
 class DisplacementState(NamedTuple):
-  """The v3 controller's state."""
-  noise: NoiseState          # per-client EMAs of |G|^2 and tr(Sigma)
+  """The state of v3's budget piece (the noise EMAs are the state of the
+  chain's first piece, :func:`~fedjax_bsa.plans.pieces.noise_estimate`)."""
   budget: jax.Array          # float32 [], Lambda for the coming round
   survival: noise.EmaState   # [1] EMA of the survival sigma
   peak: jax.Array            # float32 [], its recent maximum
@@ -137,8 +135,10 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     improve: the relative fall that counts as progress.
 
   Returns:
-    A :class:`~fedjax_bsa.plans.controllers.Controller`; its plan's steps are
-    ``ceil(Lambda / eta_k)`` (a deadline may cut them later).
+    A :class:`~fedjax_bsa.plans.controllers.Controller`, the chain
+    (:mod:`fedjax_bsa.plans.pieces`) of the shared noise estimate and v3's
+    budget piece (state: ``(NoiseState, DisplacementState)``); its plan's
+    steps are ``ceil(Lambda / eta_k)`` (a deadline may cut them later).
 
   >>> ctrl = displacement(8, 1, 64, 10, 0.1, 0.9)
   >>> ctx = controllers.Context(jnp.int32(0), jnp.array([0, 1]),
@@ -163,8 +163,7 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                      * jnp.asarray(local_steps, jnp.float32))
 
   def init(num_clients):
-    return DisplacementState(controllers.noise_state_init(num_clients),
-                             initial_budget(), noise.ema_init(1),
+    return DisplacementState(initial_budget(), noise.ema_init(1),
                              jnp.float32(0.0),
                              noise.ema_init(1), jnp.float32(1.0),
                              jnp.int32(0), jnp.int32(0),
@@ -174,7 +173,7 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                              jnp.asarray(max_gain, jnp.float32),
                              jnp.float32(1.0))
 
-  def update(feedback, state, ctx):
+  def update(d: pieces.Draft, state, feedback, ctx):
     if ctx.num_examples is None:
       raise ValueError("displacement needs Context.num_examples (rows per "
                        "client), got None")
@@ -185,9 +184,8 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     st = feedback.stats
     ran = st.steps > 0
     anyran = ran.any()
-    # 1. noise
-    ns = controllers.noise_state_update(state.noise, feedback, ctx,
-                                        ema_decay)
+    # 1. noise (the chain's noise_estimate piece folded it in)
+    ns = d.noise
     own_t = noise.ema_value(ns.trace)[feedback.cohort]
     coh_t = noise.ema_value(ns.cohort_trace)[0]
     known = ns.trace.weight[feedback.cohort] > 0
@@ -218,7 +216,7 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
                                (anyran & ~bad & jnp.isfinite(loss))[None],
                                ema_decay)
     # 3. the batch each client would use, and what a unit of Lambda costs
-    b_simple, estimated = controllers.cohort_noise_scale(ns, ctx.cohort)
+    b_simple, estimated = d.b_simple, d.estimated
     n = ctx.num_examples.astype(jnp.float32)
     cool = jnp.maximum(state.cool - 1, 0)
     cool = jnp.where(bad, COOLDOWN, cool)
@@ -265,14 +263,16 @@ def displacement(batch_size, batch_min, batch_max: int, local_steps,
     lam = jnp.where(bad, jnp.maximum(0.5 * state.budget, low_lam), lam)
     max_steps = jnp.maximum(STEPS_FACTOR * band * s0, 1.0)
     steps = jnp.clip(jnp.ceil(lam / lr - 1e-4), 1.0, max_steps)
-    new = DisplacementState(ns, lam, surv, peak, lossema, rate, cool,
+    new = DisplacementState(lam, surv, peak, lossema, rate, cool,
                             state.backoffs + bad.astype(jnp.int32),
                             state.rows.at[ctx.cohort].set(n),
                             jnp.where(anyran & ~bad & jnp.isfinite(loss),
                                       jnp.maximum(state.loss_peak, loss),
                                       state.loss_peak), temp, best, since,
                             ceiling, jnp.max(gain * rate))
-    return Plan(b, steps.astype(jnp.int32), lr.astype(jnp.float32)), new
+    return d._replace(batch=b, steps=steps.astype(jnp.int32),
+                      lr=lr.astype(jnp.float32)), new
 
-  return controllers.Controller(init, update)
+  return pieces.chain(pieces.noise_estimate(ema_decay),
+                      pieces.Piece(init, update))
 

@@ -38,13 +38,13 @@ def survival(stats, update_sum_sq, trace, num_examples):
   ``sigma = (|mean_k h_k|^2 - mean_k nu_k / K') / mean_k |G_k|^2``: ``h_k``
   is a client's mean applied gradient (its update over ``eta_k S_k``),
   ``nu_k = tr_k c_eff(b_k S_k, n_k)`` the sampling noise in it (the
-  ``b_k S_k`` rows its round drew, :func:`fedjax_bsa.kernel.noise.fpc_coefficient`)
-  and ``|G_k|^2`` the mean over its steps of the squared full-gradient norm
-  (``ClientStats.grad_sq``, over the clients that estimated it). It is 1
-  when every step of every client pointed the same way, and falls both
-  when a client's path bends (its steps stop agreeing with each other) and
-  when the clients' moves cancel in the average (client drift). Clipped to
-  ``[0, 1]``.
+  ``b_k S_k`` rows its round drew,
+  :func:`fedjax_bsa.kernel.noise.fpc_coefficient`) and ``|G_k|^2`` the mean
+  over its steps of the squared full-gradient norm (``ClientStats.grad_sq``,
+  over the clients that estimated it). It is 1 when every step of every client
+  pointed the same way, and falls both when a client's path bends (its steps
+  stop agreeing with each other) and when the clients' moves cancel in the
+  average (client drift). Clipped to ``[0, 1]``.
 
   Args:
     stats: the last round's :class:`~fedjax_bsa.kernel.ClientStats` [K].

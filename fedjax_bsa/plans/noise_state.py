@@ -6,8 +6,8 @@ of each client's and the cohort's ``|G|^2`` and ``tr(Sigma)`` estimates):
 :class:`~fedjax_bsa.plans.controllers.Feedback` in), :func:`cohort_noise_scale`
 (each cohort client's smoothed ``B_simple``) and :func:`adascale_gain` (the
 learning-rate gain of a batch over the reference batch).
-:func:`fedjax_bsa.plans.controllers.noise_scale` is the controller built on them;
-everything here is re-exported by :mod:`fedjax_bsa.plans.controllers`.
+:func:`fedjax_bsa.plans.controllers.noise_scale` is the controller built on
+them; everything here is re-exported by :mod:`fedjax_bsa.plans.controllers`.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ five-line compositions::
         adascale_rate(client_lr, b0, max_gain),
         budget_steps(time_budget, local_steps))
 
-Every piece is jittable and ``vmap``-able over experiments (its settings
-may be traced scalars).
+and v3 (:func:`~fedjax_bsa.plans.displacement.displacement`) is the noise
+estimate followed by its own budget piece. Every piece is jittable and
+``vmap``-able over experiments (its settings may be traced scalars).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Draft(NamedTuple):
   steps: jax.Array      # int32, local steps
   b_simple: jax.Array   # float32, each client's noise scale B_k
   estimated: jax.Array  # bool, B_k rests on an estimate
+  noise: Any = None     # the NoiseState behind them (noise_estimate's)
 
 
 class Piece(NamedTuple):
@@ -132,7 +134,8 @@ def noise_estimate(ema_decay) -> Piece:
   def update(d: Draft, state, feedback, ctx):
     state = noise_state_update(state, feedback, ctx, ema_decay)
     b_simple, estimated = cohort_noise_scale(state, ctx.cohort)
-    return d._replace(b_simple=b_simple, estimated=estimated), state
+    return d._replace(b_simple=b_simple, estimated=estimated,
+                      noise=state), state
 
   return Piece(noise_state_init, update)
 

@@ -6,8 +6,8 @@ loop):
 
 1. the **controller** (:data:`~fedjax_bsa.core.registry.CONTROLLERS`) picks
    each cohort client's batch and learning rate from what the last round
-   reported, bounded by the client's memory (:func:`~fedjax_bsa.plans.controllers.
-   clamp`);
+   reported, bounded by the client's memory
+   (:func:`~fedjax_bsa.plans.controllers. clamp`);
 2. the **deadline rule** (:data:`~fedjax_bsa.core.registry.DEADLINE_RULES`) sets
    the round's deadline ``D`` from the cohort's predicted one-epoch times;
 3. the **local work** protocol (:data:`~fedjax_bsa.core.registry.LOCAL_WORK`)

@@ -1,8 +1,8 @@
 """Figures of finished runs, from the files a run writes (no display needed).
 
-A run directory (``fedjax-bsa run --out DIR``, :func:`fedjax_bsa.run.runner.run`)
-holds ``config.json``, ``metrics.jsonl``, ``clients.npz`` and
-``summary.json``. :func:`plot_run` turns one into PNGs:
+A run directory (``fedjax-bsa run --out DIR``,
+:func:`fedjax_bsa.run.runner.run`) holds ``config.json``, ``metrics.jsonl``,
+``clients.npz`` and ``summary.json``. :func:`plot_run` turns one into PNGs:
 
 * ``accuracy.png``: test accuracy against simulated time and against rounds;
 * ``batch_size.png``: every participating client's batch size per round, and

@@ -3,8 +3,8 @@
 One run (a :class:`~fedjax_bsa.report.run_files.Run`): :func:`accuracy_figure`,
 :func:`batch_figure`, :func:`noise_figure`, :func:`padding_figure`; several
 runs: :func:`compare_figure`. Figures are built without pyplot state and
-drawn by the Agg renderer (no window). :mod:`fedjax_bsa.report.plot` writes them to
-PNG files and re-exports everything here.
+drawn by the Agg renderer (no window). :mod:`fedjax_bsa.report.plot` writes
+them to PNG files and re-exports everything here.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Reading a finished run's directory, and the device groups of its clients.
 
-A run directory (``fedjax-bsa run --out DIR``, :func:`fedjax_bsa.run.runner.run`)
-holds ``config.json``, ``metrics.jsonl``, ``clients.npz`` and
-``summary.json``; :func:`load_run` reads them into a :class:`Run`, and
-:func:`client_groups` gives every client's device group (the resource tiers
-for ``resources=tiers``, otherwise speed terciles). The figures are in
-:mod:`fedjax_bsa.report.run_figures`; everything here is re-exported by
+A run directory (``fedjax-bsa run --out DIR``,
+:func:`fedjax_bsa.run.runner.run`) holds ``config.json``, ``metrics.jsonl``,
+``clients.npz`` and ``summary.json``; :func:`load_run` reads them into a
+:class:`Run`, and :func:`client_groups` gives every client's device group (the
+resource tiers for ``resources=tiers``, otherwise speed terciles). The figures
+are in :mod:`fedjax_bsa.report.run_figures`; everything here is re-exported by
 :mod:`fedjax_bsa.report.plot`.
 """
 
@@ -140,7 +140,7 @@ def series(records: list, x: str, y: str):
 def _config_of(values: Mapping):
   """A :class:`~fedjax_bsa.core.config.Config` from ``config.json`` (keys this
   version does not know are dropped)."""
-  from fedjax_bsa.core.config import Config  # pylint: disable=g-import-not-at-top
+  from fedjax_bsa.core.config import Config
   known = {f.name for f in dataclasses.fields(Config)}
   return Config.from_dict({k: v for k, v in values.items() if k in known})
 

@@ -102,8 +102,8 @@ def _host_inputs(exps, first_client):
 
   def build(e):
     x = exps[e]
-    hp = config_lib.hparams(x.cfg)
-    hp["reference_speed"] = experiment_lib.reference_speed(x.resources)
+    hp = config_lib.hparams(
+        x.cfg, experiment_lib.reference_speed(x.resources))
     sizes = np.array([len(p) for p in x.parts], np.int32)
     inputs = simulate.Inputs(x.resources, hp, np.int32(first_client[e]),
                              sizes)

@@ -20,18 +20,20 @@ __all__ = ["RoundMetrics", "round_metrics", "round_train_loss",
 
 
 class RoundMetrics(NamedTuple):
-  """Per-round scalars (stacked over a chunk) and per-client plans."""
+  """Per-round scalars (stacked over a chunk) and per-client plans; a
+  scalar has the name its chunk aggregate has in ``metrics.jsonl``."""
   train_loss: jax.Array
-  round_time: jax.Array
-  sim_time: jax.Array
-  deadline: jax.Array
-  mean_batch: jax.Array
-  min_batch: jax.Array
-  max_batch: jax.Array
-  over_cap: jax.Array         # clients whose batch exceeded their memory cap
+  round_time_s: jax.Array
+  sim_time_s: jax.Array
+  deadline_s: jax.Array
+  mean_batch_size: jax.Array
+  min_batch_size: jax.Array
+  max_batch_size: jax.Array
+  batch_over_memory_cap: jax.Array  # clients whose batch exceeded their
+                                    # memory cap
   noise_scale: jax.Array      # median within-client B_simple of reporters
   cohort_noise_scale: jax.Array  # B_simple across clients (mean updates)
-  mean_gain: jax.Array        # mean lr_k / client_lr over participants
+  mean_adascale_gain: jax.Array  # mean lr_k / client_lr over participants
   mean_lr: jax.Array          # client learning rates over participants
   min_lr: jax.Array
   max_lr: jax.Array
@@ -68,8 +70,8 @@ def round_train_loss(stats):
 
   A client whose model went non-finite (``update_sq`` or its loss not
   finite) was left out of the round's average by the kernel
-  (:func:`fedjax_bsa.kernel.lanes.job_end`); the loss is the example-weighted mean
-  over the clients that ran and did not fail, and NaN when every client
+  (:func:`fedjax_bsa.kernel.lanes.job_end`); the loss is the example-weighted
+  mean over the clients that ran and did not fail, and NaN when every client
   that ran failed (the experiment then diverges).
 
   >>> from fedjax_bsa.kernel import ClientStats
@@ -108,15 +110,16 @@ def round_metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
   train_loss, failed = round_train_loss(stats)
   return RoundMetrics(
       train_loss=train_loss, failed=failed.sum(),
-      round_time=outcome.round_time, sim_time=sim_time, deadline=rp.deadline,
-      mean_batch=jnp.sum(bf * ftook) / nt,
-      min_batch=jnp.min(jnp.where(took, bf, jnp.inf)),
-      max_batch=jnp.max(jnp.where(took, bf, 0.0)),
-      over_cap=jnp.sum(took & (run.batch_size > rc.memory_cap)),
+      round_time_s=outcome.round_time, sim_time_s=sim_time,
+      deadline_s=rp.deadline,
+      mean_batch_size=jnp.sum(bf * ftook) / nt,
+      min_batch_size=jnp.min(jnp.where(took, bf, jnp.inf)),
+      max_batch_size=jnp.max(jnp.where(took, bf, 0.0)),
+      batch_over_memory_cap=jnp.sum(took & (run.batch_size > rc.memory_cap)),
       noise_scale=masked_median(b_simple, reporting),
       cohort_noise_scale=jnp.where(took.sum() >= 2,
                                    noise.noise_scale(c_g, c_t), jnp.nan),
-      mean_gain=jnp.sum(run.lr / hp["client_lr"] * ftook) / nt,
+      mean_adascale_gain=jnp.sum(run.lr / hp["client_lr"] * ftook) / nt,
       mean_lr=jnp.sum(run.lr * ftook) / nt,
       min_lr=jnp.min(jnp.where(took, run.lr, jnp.inf)),
       max_lr=jnp.max(jnp.where(took, run.lr, 0.0)),

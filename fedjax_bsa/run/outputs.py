@@ -101,28 +101,28 @@ def chunk_records(m: dict, n: int) -> dict:
   b_simple = m["noise_scale"][:n][took & (m["noise_scale"][:n] > 0)]
   cohort_b = m["cohort_noise_scale"][:n]
   cohort_b = cohort_b[took & np.isfinite(cohort_b) & (cohort_b > 0)]
-  mins = m["min_batch"][:n][took]
-  maxs = m["max_batch"][:n][took]
+  mins = m["min_batch_size"][:n][took]
+  maxs = m["max_batch_size"][:n][took]
   return dict(
       train_loss=_f(m["train_loss"][n - 1]),
-      mean_batch_size=_f(np.mean(m["mean_batch"][:n][took])) if took.any()
+      mean_batch_size=_f(np.mean(m["mean_batch_size"][:n][took])) if took.any()
       else None,
       min_batch_size=_f(mins.min()) if mins.size else None,
       max_batch_size=_f(maxs.max()) if maxs.size else None,
-      batch_over_memory_cap=int(m["over_cap"][:n].sum()),
+      batch_over_memory_cap=int(m["batch_over_memory_cap"][:n].sum()),
       noise_scale=_f(np.median(b_simple)) if b_simple.size else None,
       cohort_noise_scale=_f(np.median(cohort_b)) if cohort_b.size else None,
       **_spread(m, n, took, "lr"), **_spread(m, n, took, "steps"),
-      mean_adascale_gain=_f(np.mean(m["mean_gain"][:n][took]))
+      mean_adascale_gain=_f(np.mean(m["mean_adascale_gain"][:n][took]))
       if took.any() else None,
       heterogeneity=_f(np.mean(m["heterogeneity"][:n])),
-      round_time_s=_f(m["round_time"][n - 1]),
+      round_time_s=_f(m["round_time_s"][n - 1]),
       participants=int(m["participants"][n - 1]),
       dropped=int(m["dropped"][:n].sum()),
       failed=int(m["failed"][:n].sum()),
       no_fit=int(m["no_fit"][:n].sum()),
       empty_rounds=int((~took).sum()),
-      deadline_s=_f(m["deadline"][n - 1]),
+      deadline_s=_f(m["deadline_s"][n - 1]),
       partial=int(m["partial"][:n].sum()),
       examples=int(m["examples"][:n].sum()),
       padding_efficiency=_f(np.mean(m["padding_efficiency"][:n][took]))

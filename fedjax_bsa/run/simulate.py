@@ -57,7 +57,7 @@ class SimState(NamedTuple):
 class Inputs(NamedTuple):
   """Per-experiment inputs (leaves ``[E, ...]``) besides the shared data."""
   resources: Any       # ClientResources [E, N]
-  hparams: dict        # traced settings [E]
+  hparams: Any         # config.HParams, the traced settings [E]
   first_client: jax.Array  # int32 [E], experiment's client 0 in the data
   num_examples: jax.Array  # int32 [E, N], rows of each client
 
@@ -119,7 +119,8 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
     num_experiments: ``E``.
     chunk: rounds per ``run_chunk`` call (default ``cfg.eval_every``).
     lanes: the kernel's lane pool (default: the ``lanes`` setting, else
-      :func:`fedjax_bsa.kernel.layout.choose` for ``E x K`` jobs on this backend).
+      :func:`fedjax_bsa.kernel.layout.choose` for ``E x K`` jobs on this
+      backend).
     mesh: if given, the kernel's lanes are split over its ``axis_name``
       axis and the data may be sharded over rows (``max_rows`` is then the
       static bound of a round's rows, see :func:`fedjax_bsa.kernel.
@@ -149,7 +150,8 @@ def make_simulation(exp: Experiment, num_experiments: int = 1, *,
       microbatch=mu, lanes=lanes, per_slot=per_slot, num_experiments=E,
       noise_stats=cfg.noise_stats, client_deltas=exp.algorithm.client_deltas,
       mesh=mesh, axis_name=axis_name)
-  sv = _Static(static_view(cfg), exp.model, exp.algorithm, exp.model_bytes, E, K,
+  sv = _Static(static_view(cfg), exp.model, exp.algorithm, exp.model_bytes, E,
+    K,
                exp.num_clients, kern, mesh, max_rows,
                sample_cohort if sampler is None else sampler, mu)
   traces = []

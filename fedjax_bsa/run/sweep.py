@@ -4,8 +4,8 @@ Each experiment's host-side pieces (partition, resources, traced settings,
 key, test set) are built on the host; the round loop steps every
 experiment's model together, and the client jobs of all experiments share
 one pool of kernel lanes, so a sweep costs its total work
-(:mod:`fedjax_bsa.run.simulate`, :mod:`fedjax_bsa.run.driver`). Only settings that
-keep shapes and the program's structure can vary
+(:mod:`fedjax_bsa.run.simulate`, :mod:`fedjax_bsa.run.driver`). Only settings
+that keep shapes and the program's structure can vary
 (:data:`~fedjax_bsa.core.config.SWEEPABLE`, declared in the config's metadata);
 anything else is rejected naming the key.
 

@@ -1,8 +1,8 @@
 """The published device-class table behind the ``"tiers"`` profile.
 
 :data:`DEFAULT_TIERS` is the tier table that
-:func:`fedjax_bsa.setup.resources.make_resources` uses when ``profile="tiers"`` is
-given no ``tiers``; the constants are the published per-device measurements
+:func:`fedjax_bsa.setup.resources.make_resources` uses when ``profile="tiers"``
+is given no ``tiers``; the constants are the published per-device measurements
 it is derived from (``docs/devices.md`` says where each number comes from
 and how it was converted). Everything here is re-exported by
 :mod:`fedjax_bsa.setup.resources`.

@@ -16,7 +16,8 @@ from jax import lax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["evaluate_model", "Model", "MLP", "CNN1D", "CNN", "PatchConv", "conv_patches",
+__all__ = ["evaluate_model", "Model", "MLP", "CNN1D", "CNN", "PatchConv",
+  "conv_patches",
            "patch_conv", "slice_max_pool", "make_model", "example_losses"]
 
 
@@ -328,9 +329,10 @@ def example_losses(apply, params, x, y):
 
 def evaluate_model(apply, params, x, y, batch: int = 512):
   """Test accuracy and mean loss of ``apply(params, .)`` on ``(x, y)``, in
-  batches of ``batch`` (one experiment; :class:`fedjax_bsa.run.simulate.Simulation` vmaps it). Rows
-  labelled ``-1`` are padding (a sweep's test sets padded to one shape) and
-  are left out of both."""
+  batches of ``batch`` (one experiment;
+  :class:`fedjax_bsa.run.simulate.Simulation` vmaps it). Rows labelled ``-1``
+  are padding (a sweep's test sets padded to one shape) and are left out of
+  both."""
   n = x.shape[0]
   pad = (-n) % batch
   xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])

@@ -18,9 +18,9 @@ and ``trace`` (:func:`from_trace`: a FedScale device trace, registered with
 name and the settings as arguments.
 
 This module holds the profiles and :func:`make_resources`; the pytree, its
-range checks and :func:`describe` are in :mod:`fedjax_bsa.setup.client_resources`,
-the published tier table and its measurements in
-:mod:`fedjax_bsa.setup.device_tiers`, and :func:`load_trace` in
+range checks and :func:`describe` are in
+:mod:`fedjax_bsa.setup.client_resources`, the published tier table and its
+measurements in :mod:`fedjax_bsa.setup.device_tiers`, and :func:`load_trace` in
 :mod:`fedjax_bsa.setup.fedscale_trace`. All are re-exported here.
 """
 

@@ -82,8 +82,9 @@ def bench_mix(w: km.Workload, grid, ctx: km.Ctx, *, noise_stats=True,
     noise_stats: also time the kernel with noise statistics.
     other_plans: ``{name: Mix}``, other plans of the same clients run by the
       headline kernel (same compile).
-    with_reference: also time :func:`fedjax_bsa.kernel.reference.reference_round`.
-    mesh: also time the kernel's lanes over this mesh.
+    with_reference: also time
+    :func:`fedjax_bsa.kernel.reference.reference_round`. mesh: also time the
+    kernel's lanes over this mesh.
 
   Returns:
     ``(entry, headline)``: the mix's report entry and the headline kernel

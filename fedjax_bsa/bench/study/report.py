@@ -25,7 +25,8 @@ them):
 * **cohort spread** of a cell: the median over its tuning runs' evaluations
   of the cohort's between-client spread of mean applied gradients (the
   ``heterogeneity`` metric; None before runs recorded it);
-* **headroom**: :func:`fedjax_bsa.plans.goodput.headroom` for the cell's clients,
+* **headroom**: :func:`fedjax_bsa.plans.goodput.headroom` for the cell's
+clients,
   devices and links, at the median noise scale the cell's tuning runs
   measured;
 * **diverged**: a method's runs in a cell whose training loss became

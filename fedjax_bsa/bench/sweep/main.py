@@ -81,8 +81,8 @@ def _chunk_call(pre, run_chunk, left, skip: int = 0):
 def _metrics_of(out) -> dict:
   m = out[1]
   return {"padding_efficiency": float(np.mean(m.padding_efficiency)),
-          "mean_batch": float(np.mean(m.mean_batch)),
-          "max_batch": float(np.max(m.max_batch)),
+          "mean_batch": float(np.mean(m.mean_batch_size)),
+          "max_batch": float(np.max(m.max_batch_size)),
           "examples_per_round": float(np.mean(np.sum(
               np.asarray(m.examples), axis=0)))}
 
