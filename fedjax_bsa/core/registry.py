@@ -123,8 +123,11 @@ LOCAL_WORK = Registry("local_work", dict(needs_deadline=False))
 DEADLINE_RULES = Registry("deadline_rule", dict(takes_deadline=False))
 ROUND_POLICIES = Registry("round_policy", dict(needs_deadline=False))
 #: reads_file: the dataset reads ``data_path``; seeded: its data depend on
-#: ``seed`` (a sweep over seeds loads it per seed)
-DATASETS = Registry("dataset", dict(reads_file=False, seeded=False))
+#: ``seed`` (a sweep over seeds loads it per seed); auto_model: the model
+#: ``model=auto`` gives it (None: cnn for examples of two or more axes, mlp
+#: otherwise)
+DATASETS = Registry("dataset", dict(reads_file=False, seeded=False,
+                                    auto_model=None))
 PARTITIONS = Registry("partition")
 MODELS = Registry("model")
 #: reads_file: the profile reads ``trace_path``
