@@ -128,10 +128,17 @@ ROUND_POLICIES = Registry("round_policy", dict(needs_deadline=False))
 #: otherwise)
 DATASETS = Registry("dataset", dict(reads_file=False, seeded=False,
                                     auto_model=None))
-PARTITIONS = Registry("partition")
+#: natural: its clients are the data's own owners (``client_ids``), so their
+#: count is the dataset's and ``num_clients`` is not read
+PARTITIONS = Registry("partition", dict(natural=False))
 MODELS = Registry("model")
-#: reads_file: the profile reads ``trace_path``
-RESOURCE_PROFILES = Registry("resources", dict(reads_file=False))
+#: reads_file: the profile reads ``trace_path``; tier_table: the tier table
+#: (a sequence of dicts with ``name`` and ``speed``, as
+#: ``resources.DEFAULT_TIERS``) whose rows its ``ClientResources.tier``
+#: indexes under a config, None when its clients are not in tiers (the
+#: report then groups them by speed)
+RESOURCE_PROFILES = Registry("resources", dict(reads_file=False,
+                                               tier_table=None))
 
 
 def all_registries() -> dict[str, Registry]:

@@ -153,7 +153,7 @@ def _quantity(cfg, ds):
                                 min_examples=cfg.min_examples)
 
 
-@reg.PARTITIONS.register("natural")
+@reg.PARTITIONS.register("natural", natural=True)
 def _natural(cfg, ds):
   """One client per natural owner of the data (``num_clients`` is not
   read)."""
