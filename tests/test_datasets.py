@@ -207,3 +207,15 @@ def test_registered_datasets_load_and_unknown_is_refused():
                                                                      64)
   with pytest.raises(ConfigError, match="'mnist'.*digits.*npz"):
     Config(dataset="mnist")
+
+
+def test_datasets_and_partitions_registered_with_their_properties():
+  from fedjax_bsa.core import registry
+  names = ("digits", "mnist1d", "synthetic", "leaf", "cifar10", "npz")
+  assert registry.DATASETS.names()[:6] == names
+  assert [registry.DATASETS.prop(d, "auto_model") for d in names] == [
+      None, "cnn1d", "logreg", None, None, None]
+  parts = ("iid", "dirichlet", "shards", "quantity", "natural")
+  assert registry.PARTITIONS.names()[:5] == parts
+  assert [registry.PARTITIONS.prop(p, "natural") for p in parts] == [
+      False, False, False, False, True]

@@ -1,6 +1,8 @@
 """Tests for fedjax_bsa.setup.models: patch convolutions and slice max-pooling
 against flax's ``nn.Conv`` / ``nn.max_pool``, whole models against their
-flax-conv variants, and per-lane ``vmap`` against a loop over lanes."""
+flax-conv variants, per-lane ``vmap`` against a loop over lanes, and the
+models registered once, looked up by name (``make_model``, the experiment,
+``model=auto``), a user's too."""
 
 import doctest
 
@@ -11,7 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_bsa.core import registry
+from fedjax_bsa.core.config import Config
+from fedjax_bsa.data import datasets
+from fedjax_bsa.setup import experiment
 from fedjax_bsa.setup import models
+from fedjax_bsa.setup import patch_layers
 
 
 def _close(a, b, rtol=1e-5):
@@ -261,7 +268,74 @@ def test_vmap_over_lanes_equals_loop_over_lanes(name, shape):
   assert "select_and_scatter" not in jaxpr and "reduce_window" not in jaxpr
 
 
+# ---------------------------------------------------------- registration
+
+BUILT_IN = ("mlp", "logreg", "cnn1d", "cnn")
+
+
+def test_models_registered_once_where_defined():
+  assert registry.MODELS.names()[:4] == BUILT_IN
+  for name in BUILT_IN:
+    assert registry.MODELS.get(name) is getattr(models, name)
+
+
+def test_make_model_looks_the_name_up():
+  with pytest.raises(ValueError, match="model='nope' is not allowed: choose "
+                     "one of mlp, logreg, cnn1d, cnn"):
+    models.make_model("nope", (64,), 10)
+  with pytest.raises(ValueError, match="conv='grouped' is not allowed: "
+                     "choose one of patches, flax"):
+    models.make_model("mlp", (64,), 10, conv="grouped")
+  m = models.make_model("mlp", (64,), 10, hidden=8)
+  shapes = jax.tree.map(jnp.shape, m.init(jax.random.key(0)))
+  assert shapes["Dense_0"]["kernel"] == (64, 8)
+  assert (m.name, m.input_shape, m.num_classes) == ("mlp", (64,), 10)
+  m = models.make_model("logreg", (64,), 10)
+  assert list(m.init(jax.random.key(0))) == ["Dense_0"]
+
+
+def test_experiment_model_is_make_models():
+  cfg = Config(hidden=16)
+  ds = datasets.digits()
+  got = experiment.make_model(cfg, ds)
+  want = models.make_model("mlp", ds.x_train.shape[1:], ds.num_classes,
+                           hidden=16)
+  key = jax.random.key(3)
+  jax.tree.map(np.testing.assert_array_equal, got.init(key), want.init(key))
+  assert got.name == "mlp"
+
+
+def test_auto_model_asks_the_dataset():
+  digits = datasets.digits()
+  images = digits._replace(x_train=digits.x_train.reshape(-1, 8, 8))
+  pick = lambda ds, **kw: experiment.model_name(Config(**kw), ds)
+  assert pick(digits) == "mlp" and pick(images) == "cnn"
+  assert pick(digits, dataset="mnist1d") == "cnn1d"
+  assert pick(digits, dataset="synthetic") == "logreg"
+  assert pick(digits, model="logreg") == "logreg"
+  registry.DATASETS.register("digits_logreg", lambda cfg: digits,
+                             auto_model="logreg")
+  assert pick(digits, dataset="digits_logreg") == "logreg"
+
+
+def test_a_users_model_is_built_by_name():
+  @registry.MODELS.register("linear_no_bias")
+  def linear_no_bias(cfg, input_shape, num_classes):
+    del cfg
+    dim = int(np.prod(input_shape))
+    return models.Model(lambda key: {"w": jnp.zeros((dim, num_classes))},
+                        lambda p, x: x.reshape(x.shape[0], -1) @ p["w"],
+                        tuple(input_shape), num_classes, "linear_no_bias")
+
+  m = models.make_model("linear_no_bias", (8, 8), 10)
+  assert m.apply(m.init(None), jnp.ones((2, 8, 8))).shape == (2, 10)
+  cfg = Config(model="linear_no_bias")
+  ds = datasets.digits()
+  assert experiment.make_model(cfg, ds).input_shape == ds.x_train.shape[1:]
+
+
 def test_docstring_examples():
-  failures, tried = doctest.testmod(
-      models, extraglobs={"jax": jax, "jnp": jnp}, verbose=False)
-  assert tried >= 4 and failures == 0
+  for module in (models, patch_layers):
+    failures, tried = doctest.testmod(
+        module, extraglobs={"jax": jax, "jnp": jnp}, verbose=False)
+    assert tried >= 4 and failures == 0, module.__name__

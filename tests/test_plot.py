@@ -7,8 +7,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from fedjax_bsa.core import registry
 from fedjax_bsa.core.config import Config
 from fedjax_bsa.report import plot
+from fedjax_bsa.setup import resources
 
 NAMES = ["accuracy.png", "batch_size.png", "noise_scale.png",
          "padding_efficiency.png"]
@@ -134,6 +136,36 @@ def test_client_groups_tiers_and_terciles():
                  {"num_clients": 60})
   group, names, caps = plot.client_groups(uni)
   assert names == ["all"] and not group.any() and caps == [128]
+
+
+def test_client_groups_ask_the_registered_properties():
+  """A profile of one's own registered with a tier table is grouped by its
+  tiers, named by the table; a partition of one's own registered as
+  natural, as ``natural``, does not count ``num_clients`` clients."""
+  table = [dict(name="slow", share=1, speed=0.5, memory_cap=16,
+                bandwidth=1e5),
+           dict(name="fast", share=1, speed=2.0, memory_cap=64,
+                bandwidth=1e6)]
+
+  @registry.RESOURCE_PROFILES.register("two_tiers", tier_table=table)
+  def two_tiers(cfg, num_clients):
+    return resources.from_tiers(
+        resources.ResourceSettings(seed=cfg.seed, tiers=table), num_clients)
+
+  @registry.PARTITIONS.register("by_owner", natural=True)
+  def by_owner(cfg, ds):
+    return registry.PARTITIONS.get("natural")(cfg, ds)
+
+  base = Config(num_clients=60, clients_per_round=4).to_dict()
+  run = plot.Run("x", dict(base, resources="two_tiers"), [], None,
+                 {"num_clients": 60})
+  group, names, caps = plot.client_groups(run)
+  assert names == ["slow (0.5x speed)", "fast (2x speed)"]
+  assert np.bincount(group).tolist() == [30, 30] and caps == [16, 64]
+  cohorts = {"cohort": np.array([[0, 7]])}   # no summary: count from these
+  for partition, n in (("natural", 8), ("by_owner", 8), ("iid", 60)):
+    run = plot.Run("x", dict(base, partition=partition), [], cohorts, None)
+    assert plot.client_groups(run)[0].shape == (n,), partition
 
 
 def test_main(run_dir, tmp_path, capsys):

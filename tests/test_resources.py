@@ -71,6 +71,8 @@ def test_profiles_registered_with_their_properties():
   assert registry.RESOURCE_PROFILES.get("tiers") is resources.from_tiers
   assert [registry.RESOURCE_PROFILES.prop(p, "reads_file")
           for p in PROFILES] == [False, False, False, True]
+  assert [registry.RESOURCE_PROFILES.prop(p, "tier_table")
+          for p in PROFILES] == [None, None, resources.DEFAULT_TIERS, None]
 
 
 @pytest.mark.parametrize("profile", ["uniform", "lognormal", "tiers"])

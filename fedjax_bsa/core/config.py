@@ -27,8 +27,8 @@ import numpy as np
 
 from fedjax_bsa.core import registry as reg
 from fedjax_bsa.core.fields import check_type as _check_type
-from fedjax_bsa.core.fields import coerce as _coerce
 from fedjax_bsa.core.fields import choices as _choices
+from fedjax_bsa.core.fields import coerce as _coerce
 from fedjax_bsa.core.fields import ConfigError
 from fedjax_bsa.core.fields import data_field as _data
 from fedjax_bsa.core.fields import fed_field as _fed

@@ -117,18 +117,31 @@ SERVER_OPTIMIZERS = Registry("server_optimizer")
 #: (so the microbatch is part of its plans, never a layout choice)
 CONTROLLERS = Registry("controller", dict(quantized=False))
 SCHEDULES = Registry("schedule")
-#: needs_deadline: the protocol reads the round's deadline
-LOCAL_WORK = Registry("local_work", dict(needs_deadline=False))
+#: needs_deadline: the protocol reads the round's deadline;
+#: steps_from_epochs: a client's steps are ``ceil(local_epochs n_k / b_k)``
+#: (the run summary's reference steps follow its data)
+LOCAL_WORK = Registry("local_work", dict(needs_deadline=False,
+                                         steps_from_epochs=False))
 #: takes_deadline: the rule's deadline is the ``deadline`` setting
 DEADLINE_RULES = Registry("deadline_rule", dict(takes_deadline=False))
 ROUND_POLICIES = Registry("round_policy", dict(needs_deadline=False))
 #: reads_file: the dataset reads ``data_path``; seeded: its data depend on
-#: ``seed`` (a sweep over seeds loads it per seed)
-DATASETS = Registry("dataset", dict(reads_file=False, seeded=False))
-PARTITIONS = Registry("partition")
+#: ``seed`` (a sweep over seeds loads it per seed); auto_model: the model
+#: ``model=auto`` gives it (None: cnn for examples of two or more axes, mlp
+#: otherwise)
+DATASETS = Registry("dataset", dict(reads_file=False, seeded=False,
+                                    auto_model=None))
+#: natural: its clients are the data's own owners (``client_ids``), so their
+#: count is the dataset's and ``num_clients`` is not read
+PARTITIONS = Registry("partition", dict(natural=False))
 MODELS = Registry("model")
-#: reads_file: the profile reads ``trace_path``
-RESOURCE_PROFILES = Registry("resources", dict(reads_file=False))
+#: reads_file: the profile reads ``trace_path``; tier_table: the tier table
+#: (a sequence of dicts with ``name`` and ``speed``, as
+#: ``resources.DEFAULT_TIERS``) whose rows its ``ClientResources.tier``
+#: indexes under a config, None when its clients are not in tiers (the
+#: report then groups them by speed)
+RESOURCE_PROFILES = Registry("resources", dict(reads_file=False,
+                                               tier_table=None))
 
 
 def all_registries() -> dict[str, Registry]:

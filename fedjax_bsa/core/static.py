@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedjax_bsa.core.config import TRACED
 from fedjax_bsa.core.config import Config
 from fedjax_bsa.core.config import ConfigError
+from fedjax_bsa.core.config import TRACED
 
 __all__ = ["StaticConfig", "TracedSettingError", "static_view"]
 

@@ -34,11 +34,11 @@ from fedjax_bsa.core.types import Controller
 from fedjax_bsa.core.types import EmptyState
 from fedjax_bsa.core.types import Feedback
 from fedjax_bsa.core.types import Plan
+from fedjax_bsa.plans import pieces
 from fedjax_bsa.plans.noise_state import adascale_gain
 from fedjax_bsa.plans.noise_state import cohort_noise_scale
 from fedjax_bsa.plans.noise_state import noise_state_init
 from fedjax_bsa.plans.noise_state import noise_state_update
-from fedjax_bsa.plans import pieces
 from fedjax_bsa.plans.noise_state import NoiseState
 from fedjax_bsa.plans.pieces import quantize
 from fedjax_bsa.plans.pieces import steps_for_budget

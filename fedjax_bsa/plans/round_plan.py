@@ -158,7 +158,7 @@ def _steps(cfg, hp):
   return lambda plan, ctx, res, deadline, model_bytes: plan.steps
 
 
-@reg.LOCAL_WORK.register("epochs")
+@reg.LOCAL_WORK.register("epochs", steps_from_epochs=True)
 def _epochs(cfg, hp):
   """``ceil(local_epochs * n_k / b_k)`` steps (McMahan et al. 2017)."""
   del cfg

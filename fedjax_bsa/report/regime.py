@@ -24,9 +24,10 @@ __all__ = ["describe", "reference_steps", "headroom"]
 
 def reference_steps(cfg, sizes: np.ndarray) -> np.ndarray:
   """Each client's local steps at the reference batch ``batch_size`` under
-  the configured local-work protocol (``local_steps`` for ``steps`` and
-  ``deadline``, ``ceil(local_epochs n_k / b_0)`` for ``epochs``)."""
-  if cfg.local_work == "epochs":
+  the configured local-work protocol: ``ceil(local_epochs n_k / b_0)`` for
+  one registered with ``steps_from_epochs`` (``epochs``), else
+  ``local_steps`` (``steps``, ``deadline``)."""
+  if reg.LOCAL_WORK.prop(cfg.local_work, "steps_from_epochs"):
     return np.maximum(np.ceil(cfg.local_epochs * sizes / cfg.batch_size), 1)
   return np.full(sizes.shape, float(cfg.local_steps))
 

@@ -3,9 +3,10 @@
 A run directory (``fedjax-bsa run --out DIR``,
 :func:`fedjax_bsa.run.runner.run`) holds ``config.json``, ``metrics.jsonl``,
 ``clients.npz`` and ``summary.json``; :func:`load_run` reads them into a
-:class:`Run`, and :func:`client_groups` gives every client's device group (the
-resource tiers for ``resources=tiers``, otherwise speed terciles). The figures
-are in :mod:`fedjax_bsa.report.run_figures`; everything here is re-exported by
+:class:`Run`, and :func:`client_groups` gives every client's device group
+(the resource tiers for a profile registered with a ``tier_table``, as
+``resources=tiers``, otherwise speed terciles). The figures are in
+:mod:`fedjax_bsa.report.run_figures`; everything here is re-exported by
 :mod:`fedjax_bsa.report.plot`.
 """
 
@@ -19,6 +20,8 @@ import warnings
 from typing import Mapping, NamedTuple
 
 import numpy as np
+
+from fedjax_bsa.core import registry as reg
 
 __all__ = ["Run", "load_run", "client_groups", "is_sweep", "load_sweep"]
 
@@ -148,7 +151,8 @@ def _config_of(values: Mapping):
 def _num_clients(run: Run) -> int | None:
   if run.summary and run.summary.get("num_clients"):
     return int(run.summary["num_clients"])
-  if run.config and run.config.get("partition") != "natural":
+  if run.config and not reg.PARTITIONS.prop(run.config.get("partition"),
+                                            "natural"):
     n = run.config.get("num_clients")
     if n:
       return int(n)
@@ -162,12 +166,14 @@ def client_groups(run: Run):
   """Device group of every client: ``(group[N] int array, names, caps)``.
 
   The resources are rebuilt from ``config.json`` (host numpy, seeded as in the
-  run). With ``resources=tiers`` the groups are the tiers; otherwise clients
-  are split into speed terciles ``slow / mid / fast`` (one group ``all``
-  when speeds do not vary). ``caps`` gives each group's memory cap when it is
-  shared by the whole group (else ``None``). Falls back to one group when the
-  resources cannot be rebuilt (e.g. a trace file that is not here); a
-  ``tier`` array saved in ``clients.npz`` wins over the rebuild.
+  run). With a profile registered with a ``tier_table`` (as
+  ``resources=tiers``) the groups are its tiers, named by the table;
+  otherwise clients are split into speed terciles ``slow / mid / fast``
+  (one group ``all`` when speeds do not vary). ``caps`` gives each group's
+  memory cap when it is shared by the whole group (else ``None``). Falls
+  back to one group when the resources cannot be rebuilt (e.g. a trace file
+  that is not here); a ``tier`` array saved in ``clients.npz`` wins over the
+  rebuild.
   """
   n = _num_clients(run)
   if n is None:
@@ -180,8 +186,8 @@ def client_groups(run: Run):
     names = [f"tier {i}" for i in range(int(tier.max()) + 1)]
     return tier, names, [None] * len(names)
   try:
-    from fedjax_bsa.setup import experiment  # pylint: disable=g-import-not-at-top
-    from fedjax_bsa.setup import resources as resources_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from fedjax_bsa.setup import experiment
     cfg = _config_of(run.config or {})
     res = experiment.make_resources(cfg, n)
   except Exception as e:  # pylint: disable=broad-except
@@ -193,9 +199,9 @@ def client_groups(run: Run):
       if (g == i).any() and np.all(res.memory_cap[g == i] ==
                                    res.memory_cap[g == i][0]) else None
       for i in range(k)]
-  if cfg.resources == "tiers":
+  table = reg.RESOURCE_PROFILES.prop(cfg.resources, "tier_table")
+  if table is not None:
     tier = np.asarray(res.tier, np.int32)
-    table = resources_lib.DEFAULT_TIERS
     names = [f"{t['name']} ({t['speed']:g}x speed)" for t in table]
     k = max(len(names), int(tier.max()) + 1)
     names += [f"tier {i}" for i in range(len(names), k)]

@@ -5,9 +5,9 @@ before the compiled loop.
 The built-in datasets and partitions register themselves here
 (:mod:`fedjax_bsa.core.registry`), each once, by a factory of the config
 (and the dataset) that calls its loader or partitioner in
-:mod:`fedjax_bsa.data`; so do the models, a factory for each name
-:func:`fedjax_bsa.setup.models.make_model` knows. The resource profiles
-register themselves in :mod:`fedjax_bsa.setup.resources`.
+:mod:`fedjax_bsa.data`. The models register themselves in
+:mod:`fedjax_bsa.setup.models`, the resource profiles in
+:mod:`fedjax_bsa.setup.resources`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _digits(cfg):
   return datasets.digits()
 
 
-@reg.DATASETS.register("mnist1d", seeded=True)
+@reg.DATASETS.register("mnist1d", seeded=True, auto_model="cnn1d")
 def _mnist1d(cfg):
   """MNIST-1D from the ``mnist1d`` package's offline generator."""
   return _mnist1d_cached(cfg.num_examples, cfg.seed)
@@ -81,7 +81,7 @@ def _mnist1d_cached(num_examples: int, seed: int):
   return datasets.mnist1d(num_examples=num_examples, seed=seed)
 
 
-@reg.DATASETS.register("synthetic", seeded=True)
+@reg.DATASETS.register("synthetic", seeded=True, auto_model="logreg")
 def _synthetic(cfg):
   """Synthetic(alpha, beta) of Li et al. (FedProx), natural clients."""
   return datasets.synthetic(alpha=cfg.synthetic_alpha,
@@ -153,7 +153,7 @@ def _quantity(cfg, ds):
                                 min_examples=cfg.min_examples)
 
 
-@reg.PARTITIONS.register("natural")
+@reg.PARTITIONS.register("natural", natural=True)
 def _natural(cfg, ds):
   """One client per natural owner of the data (``num_clients`` is not
   read)."""
@@ -179,34 +179,27 @@ def make_parts(cfg: Config, ds: datasets.Dataset) -> list:
 
 
 # ------------------------------------------------------------------ models
-
-
-def _model(name):
-  def make(cfg, ds):
-    return models.make_model(name, ds.x_train.shape[1:], ds.num_classes,
-                             hidden=cfg.hidden)
-  make.__doc__ = f"The {name} model of :mod:`fedjax_bsa.setup.models`."
-  return make
-
-
-for _name in ("mlp", "logreg", "cnn1d", "cnn"):
-  reg.MODELS.register(_name, _model(_name))
-
-_AUTO_MODEL = {"mnist1d": "cnn1d", "synthetic": "logreg"}
+# The built-in models are registered in :mod:`fedjax_bsa.setup.models`.
 
 
 def model_name(cfg: Config, ds: datasets.Dataset) -> str:
-  """The model ``auto`` picks: cnn1d for mnist1d, logreg for synthetic,
-  cnn for images, mlp otherwise."""
+  """The model the config names; ``auto`` picks the dataset's own (its
+  registered ``auto_model``: cnn1d for mnist1d, logreg for synthetic), else
+  cnn for examples of two or more axes (images), mlp otherwise."""
   if cfg.model != "auto":
     return cfg.model
-  if cfg.dataset in _AUTO_MODEL:
-    return _AUTO_MODEL[cfg.dataset]
+  own = reg.DATASETS.prop(cfg.dataset, "auto_model")
+  if own is not None:
+    return own
   return "cnn" if ds.x_train.ndim >= 3 else "mlp"
 
 
 def make_model(cfg: Config, ds: datasets.Dataset) -> models.Model:
-  return reg.MODELS.get(model_name(cfg, ds))(cfg, ds)
+  """The configured model for ``ds``'s examples and classes: the registered
+  model is given the config, the shape of one example and the class
+  count."""
+  return reg.MODELS.get(model_name(cfg, ds))(cfg, ds.x_train.shape[1:],
+                                             ds.num_classes)
 
 
 # --------------------------------------------------------------- resources

@@ -12,7 +12,8 @@ The built-in profiles register themselves here in
 ``(cfg, num_clients)`` that reads its settings from ``cfg`` by the names of
 :class:`ResourceSettings`: ``uniform`` (:func:`uniform`: every client
 alike), ``lognormal`` (:func:`lognormal`: lognormal speeds, links and
-memory), ``tiers`` (:func:`from_tiers`: device classes from a tier table)
+memory), ``tiers`` (:func:`from_tiers`: device classes from a tier table,
+registered with ``tier_table``, the :data:`DEFAULT_TIERS` a config gets)
 and ``trace`` (:func:`from_trace`: a FedScale device trace, registered with
 ``reads_file``). :func:`make_resources` builds a population from a profile's
 name and the settings as arguments.
@@ -178,7 +179,7 @@ def lognormal(cfg, num_clients: int) -> ClientResources:
                   s.availability, 0)
 
 
-@reg.RESOURCE_PROFILES.register("tiers")
+@reg.RESOURCE_PROFILES.register("tiers", tier_table=DEFAULT_TIERS)
 def from_tiers(cfg, num_clients: int) -> ClientResources:
   """Device classes from ``tiers`` (default :data:`DEFAULT_TIERS`, from
   published measurements: docs/devices.md). Each tier dict has ``name``,
