@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from fedjax_bsa.core import registry
-from fedjax_bsa.plans import clock
-from fedjax_bsa.plans.clock import (MAX_COUNT, TIME_RTOL, RoundOutcome,
-                              apply_round_policy, client_time, comm_time,
-                              fits_within, local_time, max_batch_within,
-                              model_bytes, sample_available, steps_within)
+from fedjax_bsa.plans import policies
+from fedjax_bsa.plans.clock import (MAX_COUNT, TIME_RTOL, client_time,
+                                   comm_time, fits_within, local_time,
+                                   max_batch_within, model_bytes,
+                                   sample_available, steps_within)
+from fedjax_bsa.plans.policies import RoundOutcome, apply_round_policy
 from fedjax_bsa.setup.resources import ClientResources, make_resources
 
 _SETTINGS = hypothesis.settings(max_examples=60, deadline=None)
@@ -378,14 +379,14 @@ def test_sample_available():
 
 def test_policies_registered_with_their_properties():
   assert registry.ROUND_POLICIES.names()[:3] == POLICIES
-  assert registry.ROUND_POLICIES.get("wait_all") is clock.wait_all
+  assert registry.ROUND_POLICIES.get("wait_all") is policies.wait_all
   assert [registry.ROUND_POLICIES.prop(p, "needs_deadline")
           for p in POLICIES] == [False, True, True]
 
 
 def test_round_outcome_with_a_policy_of_ones_own():
   # clients over the deadline keep one step
-  out = clock.round_outcome(_cohort(), _BATCH, _STEPS, True, _MODEL_BYTES,
+  out = policies.round_outcome(_cohort(), _BATCH, _STEPS, True, _MODEL_BYTES,
                             1.6, lambda s, over, d: jnp.where(over, 1, s))
   np.testing.assert_array_equal(out.steps, [5, 1, 1])
   np.testing.assert_array_equal(out.participated, True)

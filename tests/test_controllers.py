@@ -37,7 +37,7 @@ def _feedback(seed=1, g=0.5, tr=20.0):
 
 
 def _controllers(time_budget=0.0):
-  ns = C.noise_scale(8, 8, 128, 1.0, 10, 0.1, 0.9, MU, time_budget)
+  ns = C.noise_scale(8, 8, 128, 1.0, 10, 0.1, 0.9, MU)
   return {
       "constant": C.clamp(C.constant(32, 10, 0.1), time_budget=time_budget),
       "random": C.clamp(C.random(1, 300, 10, 0.1), time_budget=time_budget),
@@ -147,13 +147,10 @@ def test_plans_respect_memory_budget_and_quantization(name, budget):
       s = np.asarray(plan.steps)
       assert (b >= 1).all() and (s >= 1).all()
       cap = np.asarray(ctx.memory_cap)
-      if budget:
-        by_time = np.maximum(np.floor((budget - 0.01) * np.asarray(ctx.speed)),
-                             1)
+      if budget:  # one step of the batch fits the budget (the clock's slack)
+        by_time = np.maximum(np.floor(
+            (budget * (1 + 1e-6) - 0.01) * np.asarray(ctx.speed)), 1)
         cap = np.minimum(cap, by_time)
-        # more than one step only while the steps fit the budget
-        per_step = 0.01 + b / np.asarray(ctx.speed)
-        assert ((s == 1) | (s * per_step <= budget * (1 + 1e-6))).all()
       assert (b <= cap).all(), (b, cap)
       if name == "noise_scale":
         assert (b[cap >= MU] % MU == 0).all(), b
@@ -278,3 +275,34 @@ def test_adascale_gain_reference_batch():
   # a client of 20 rows: b = 20 removes all noise
   np.testing.assert_allclose(C.adascale_gain(big_b, 20, 4, n=20),
                              1 + big_b * 16 / (4 * 19), rtol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.05, 0.5])
+def test_the_time_budget_cuts_steps_once_after_local_work(budget):
+  """The time budget sets the steps in one place, after the local-work
+  rule (``plan_round``): the most steps of the bounded batch that fit it
+  (at least one), never more than the rule's; none without a budget."""
+  from fedjax_bsa.core.config import Config, hparams
+  from fedjax_bsa.core.types import ClientResources
+  from fedjax_bsa.plans import round_plan
+  cfg = Config(controller="constant", batch_size=32, local_steps=10,
+               time_budget=budget)
+  hp = hparams(cfg, np.float32(500.0))
+  ctrl = round_plan.make_controller(cfg, hp)
+  ctx = _ctx()._replace(num_examples=jnp.full((K,), 100, jnp.int32))
+  ones = jnp.ones((K,), jnp.float32)
+  res = ClientResources(ctx.speed, ctx.step_overhead, ctx.memory_cap,
+                        ones * 1e9, ones * 1e9, 0.0 * ones, ones,
+                        jnp.zeros((K,), jnp.int32))
+  rp, _ = round_plan.plan_round(cfg, hp, ctrl, C.empty_feedback(K),
+                                ctrl.init(N), ctx, res,
+                                jnp.ones((K,), bool), 0)
+  b = np.asarray(rp.plan.batch_size, np.float64)
+  s = np.asarray(rp.planned_steps)
+  per_step = 0.01 + b / np.asarray(ctx.speed, np.float64)
+  if not budget:
+    assert (s == 10).all()
+    return
+  want = np.clip(np.floor(budget / per_step * (1 + 1e-6)), 1, 10)
+  np.testing.assert_array_equal(s, want)
+  assert ((s == 1) | (s * per_step <= budget * (1 + 1e-6))).all()

@@ -12,7 +12,7 @@ import pytest
 from fedjax_bsa.core import registry
 from fedjax_bsa.core.config import Config, ConfigError
 from fedjax_bsa.data import datasets
-from fedjax_bsa.plans import clock
+from fedjax_bsa.plans import policies
 from fedjax_bsa.plans import deadline as deadline_lib
 from fedjax_bsa.run.runner import run
 from fedjax_bsa.run.sweep import run_sweep
@@ -116,7 +116,7 @@ def policy_and_profile():
     del cfg, hp
     keep = lambda steps, over, deadline: jnp.where(over, 1, steps)
     return lambda res, batch, steps, available, model_bytes, deadline: (
-        clock.round_outcome(res, batch, steps, available, model_bytes,
+        policies.round_outcome(res, batch, steps, available, model_bytes,
                             deadline, keep))
 
   # 10 steps of 8 take 0.14 s on a fast client, 0.5 s on a slow one

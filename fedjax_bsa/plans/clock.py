@@ -1,4 +1,7 @@
-"""The simulated clock: how long a round takes under each round policy.
+"""The simulated clock: how long a client's work and transfers take, and
+what fits a time budget (every such decision goes through
+:func:`fits_within`). The round policies built on it are in
+:mod:`fedjax_bsa.plans.policies`.
 
 Pure ``jax.numpy`` functions over a cohort's :class:`ClientResources` (every
 field ``[K]``, gathered with ``jax.tree.map(lambda a: a[ids], res)``). They
@@ -17,19 +20,18 @@ Time model for ``s`` local steps of batch ``b`` on client ``k``::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_bsa.core import registry as reg
 from fedjax_bsa.core.types import ClientResources
 
-__all__ = ["MAX_COUNT", "TIME_RTOL", "RoundOutcome", "apply_round_policy",
-           "client_time", "comm_time", "deadline_drop", "deadline_partial",
-           "fits_within", "local_time", "max_batch_within", "model_bytes",
-           "round_outcome", "sample_available", "steps_within", "wait_all"]
+__all__ = ["MAX_COUNT", "TIME_RTOL", "batch_within_compute", "client_time",
+           "comm_time", "fits_within", "local_time", "max_batch_within",
+           "model_bytes", "sample_available", "steps_within",
+           "steps_within_compute"]
 
 ArrayLike = jax.typing.ArrayLike
 
@@ -39,25 +41,6 @@ MAX_COUNT = 2**24 - 1
 _SEARCH_BITS = 24
 # Relative slack of every "fits the budget" test (see fits_within).
 TIME_RTOL = 2.0**-20
-
-
-class RoundOutcome(NamedTuple):
-  """What one round's policy decided for a cohort of ``K`` clients.
-
-  Attributes:
-    steps: int32 [K], local steps kept for aggregation (0 if not aggregated).
-    participated: bool [K], the client's update is aggregated.
-    dropped: bool [K], the client was selected and available but dropped
-      (missed the deadline with no usable work).
-    round_time: float32 [], simulated seconds of this round.
-    client_time: float32 [K], each client's own time as planned (before the
-      policy), for all clients including unavailable ones.
-  """
-  steps: jax.Array
-  participated: jax.Array
-  dropped: jax.Array
-  round_time: jax.Array
-  client_time: jax.Array
 
 
 def local_time(res: ClientResources, batch_size: ArrayLike,
@@ -231,132 +214,47 @@ def max_batch_within(res: ClientResources, steps: ArrayLike,
   return b
 
 
-def round_outcome(res: ClientResources, batch_size: ArrayLike,
-                  steps: ArrayLike, available: ArrayLike,
-                  model_bytes: ArrayLike, deadline: Optional[ArrayLike],
-                  keep: Optional[Callable] = None) -> RoundOutcome:
-  """Who is aggregated, with how many steps, and the round's length, once
-  a policy has said (``keep``) what a client over the deadline keeps.
+def _compute_only(res: ClientResources) -> ClientResources:
+  """``res`` with no latency: with ``model_bytes=0`` its communication
+  costs nothing, so :func:`fits_within` judges compute alone."""
+  return res._replace(latency=jnp.zeros_like(
+      jnp.asarray(res.latency, jnp.float32)))
 
-  A client is active when available with ``steps > 0``; inactive clients
-  never participate, are not dropped and do not count towards the round
-  time. Without ``keep`` nobody is over (``deadline`` is ignored, may be
-  None) and the round lasts as long as its slowest participant (0 if
-  none). With ``keep``, an active client is over when ``~fits_within(res,
-  batch_size, steps, deadline, model_bytes)`` (so exactly when
-  :func:`steps_within` ``< steps``), keeps ``keep(steps, over, deadline)``
-  steps and is dropped if that is 0; the round lasts ``deadline`` if anyone
-  was over, else its slowest participant, never longer than the deadline.
 
-  Args:
-    res: cohort resources, fields [K].
-    batch_size, steps: examples per step, planned local steps (scalar or
-      [K]).
-    available: bool scalar or [K], e.g. from :func:`sample_available`.
-    model_bytes: bytes sent each way, scalar.
-    deadline: seconds, float or traced scalar (needed with ``keep``).
-    keep: ``(steps int32 [K], over bool [K], deadline float32 []) -> int
-      [K]``, the steps each client keeps (``steps`` where not over).
+def batch_within_compute(res: ClientResources,
+                         time_budget: ArrayLike) -> jax.Array:
+  """The largest batch one step of which fits ``time_budget`` seconds of
+  compute (at least 1); :data:`MAX_COUNT` where the budget is 0 (none).
 
-  Raises:
-    ValueError: ``keep`` without a deadline.
+  >>> from fedjax_bsa.setup.resources import make_resources
+  >>> res = make_resources("uniform", 1, 0, base_speed=100.0,
+  ...                      step_overhead=0.5)
+  >>> batch_within_compute(res, 2.0).tolist()    # (2 - 0.5) * 100
+  [150]
   """
-  if keep is not None and deadline is None:
-    raise ValueError("deadline=None is invalid for a round policy that cuts "
-                     "at the deadline; allowed: a float or scalar array of "
-                     "seconds.")
-  shape = jnp.broadcast_shapes(jnp.shape(res.speed), jnp.shape(batch_size),
-                               jnp.shape(steps))
-  steps = jnp.broadcast_to(jnp.asarray(steps, jnp.int32), shape)
-  available = jnp.broadcast_to(jnp.asarray(available, jnp.bool_), shape)
-  planned = jnp.broadcast_to(client_time(res, batch_size, steps, model_bytes),
-                             shape)
-  active = available & (steps > 0)
-  if keep is None:
-    over = jnp.zeros(steps.shape, jnp.bool_)
-    kept, deadline = steps, jnp.float32(0.0)  # deadline unused: none is over
-  else:
-    deadline = jnp.asarray(deadline, jnp.float32)
-    over = active & ~fits_within(res, batch_size, steps, deadline,
-                                 model_bytes)
-    kept = keep(steps, over, deadline)
-  participated = active & (kept > 0)
-  dropped = over & ~participated
-  slowest = jnp.max(jnp.where(participated, planned, 0.0), initial=0.0)
-  if keep is not None:  # within fits_within's slack of the deadline
-    slowest = jnp.minimum(slowest, deadline)
-  round_time = jnp.where(jnp.any(over), deadline, slowest)
-  return RoundOutcome(
-      steps=jnp.where(participated, kept, 0).astype(jnp.int32),
-      participated=participated, dropped=dropped,
-      round_time=round_time.astype(jnp.float32), client_time=planned)
+  budget = jnp.asarray(time_budget, jnp.float32)
+  b = max_batch_within(_compute_only(res), 1, budget, 0)
+  return jnp.where(budget > 0, jnp.maximum(b, 1), MAX_COUNT).astype(
+      jnp.int32)
 
 
-# The policies: factories ``(cfg, hparams) -> policy(res, batch_size, steps,
-# available, model_bytes, deadline) -> RoundOutcome``, registered by name.
+def steps_within_compute(res: ClientResources, batch_size: ArrayLike,
+                         time_budget: ArrayLike,
+                         max_steps: ArrayLike) -> jax.Array:
+  """The local steps of ``batch_size`` that fit ``time_budget`` seconds of
+  compute, in ``[1, max_steps]`` (0 where ``max_steps`` is 0);
+  ``max_steps`` where the budget is 0 (none).
 
-
-@reg.ROUND_POLICIES.register("wait_all")
-def wait_all(cfg, hparams):
-  """Every available client with ``steps > 0`` participates with its
-  planned steps; the round lasts as long as its slowest participant (0 if
-  none). The deadline is ignored (may be None)."""
-  del cfg, hparams
-  return lambda res, batch_size, steps, available, model_bytes, deadline: (
-      round_outcome(res, batch_size, steps, available, model_bytes, None))
-
-
-@reg.ROUND_POLICIES.register("deadline_drop", needs_deadline=True)
-def deadline_drop(cfg, hparams):
-  """FedAvg with a deadline: clients over it are dropped; the round lasts
-  the deadline if anyone was dropped, else its slowest participant."""
-  del cfg, hparams
-  drop = lambda steps, over, deadline: jnp.where(over, 0, steps)
-  return lambda res, batch_size, steps, available, model_bytes, deadline: (
-      round_outcome(res, batch_size, steps, available, model_bytes, deadline,
-                    drop))
-
-
-@reg.ROUND_POLICIES.register("deadline_partial", needs_deadline=True)
-def deadline_partial(cfg, hparams):
-  """FedProx-style partial work: a client over the deadline keeps
-  ``steps_within(res, batch_size, deadline, model_bytes)`` steps and is
-  dropped if that is 0; the round lasts the deadline if anyone was cut, else
-  its slowest participant."""
-  del cfg, hparams
-
-  def policy(res, batch_size, steps, available, model_bytes, deadline):
-    def keep(steps, over, deadline):
-      partial = jnp.minimum(
-          steps_within(res, batch_size, deadline, model_bytes), steps)
-      return jnp.where(over, partial, steps)
-    return round_outcome(res, batch_size, steps, available, model_bytes,
-                         deadline, keep)
-  return policy
-
-
-def apply_round_policy(policy: str, res: ClientResources,
-                       batch_size: ArrayLike, steps: ArrayLike,
-                       available: ArrayLike, model_bytes: ArrayLike,
-                       deadline: Optional[ArrayLike]) -> RoundOutcome:
-  """The outcome (:func:`round_outcome`) of a round under the registered
-  round policy named ``policy`` (static), built with no config or settings
-  (the built-in ones read neither); ``deadline`` None: no deadline. An
-  unknown name raises a ``ValueError`` naming ``round_policy`` and the
-  registered policies.
-
-  Example:
-    >>> from fedjax_bsa.setup.resources import make_resources
-    >>> res = make_resources("uniform", 3, 0, base_speed=100.0,
-    ...                      step_overhead=0.0, bandwidth=1e9)
-    >>> out = apply_round_policy("deadline_drop", res, 100, jnp.array([1, 2,
-    ...                          5]), True, model_bytes=0, deadline=3.0)
-    >>> out.steps.tolist(), out.dropped.tolist(), out.round_time.tolist()
-    ([1, 2, 0], [False, False, True], 3.0)
+  >>> from fedjax_bsa.setup.resources import make_resources
+  >>> res = make_resources("uniform", 1, 0, base_speed=100.0,
+  ...                      step_overhead=0.5)
+  >>> steps_within_compute(res, 50, 3.0, 10).tolist()   # 3 / (0.5 + 0.5)
+  [3]
   """
-  make = reg.ROUND_POLICIES.get(policy)
-  return make(None, None)(res, batch_size, steps, available, model_bytes,
-                          deadline)
+  budget = jnp.asarray(time_budget, jnp.float32)
+  fit = steps_within(_compute_only(res), batch_size, budget, 0)
+  cut = jnp.clip(fit, 1, max_steps)
+  return jnp.where(budget > 0, cut, max_steps).astype(jnp.int32)
 
 
 def model_bytes(params: Any) -> int:

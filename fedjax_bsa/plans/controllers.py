@@ -28,12 +28,14 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_bsa.core import registry
+from fedjax_bsa.core.types import ClientResources
 from fedjax_bsa.core.types import ClientStats
 from fedjax_bsa.core.types import Context
 from fedjax_bsa.core.types import Controller
 from fedjax_bsa.core.types import EmptyState
 from fedjax_bsa.core.types import Feedback
 from fedjax_bsa.core.types import Plan
+from fedjax_bsa.plans import clock
 from fedjax_bsa.plans import pieces
 from fedjax_bsa.plans.noise_state import adascale_gain
 from fedjax_bsa.plans.noise_state import cohort_noise_scale
@@ -41,13 +43,12 @@ from fedjax_bsa.plans.noise_state import noise_state_init
 from fedjax_bsa.plans.noise_state import noise_state_update
 from fedjax_bsa.plans.noise_state import NoiseState
 from fedjax_bsa.plans.pieces import quantize
-from fedjax_bsa.plans.pieces import steps_for_budget
 
 __all__ = ["Plan", "Context", "Feedback", "Controller", "EmptyState",
            "NoiseState",
            "constant", "random", "schedule", "resource_proportional",
            "noise_scale", "clamp", "adascale_gain", "quantize",
-           "empty_feedback", "steps_for_budget",
+           "empty_feedback",
            "noise_state_init", "noise_state_update", "cohort_noise_scale"]
 
 
@@ -148,7 +149,7 @@ def resource_proportional(batch_size, reference_speed, local_steps: int,
 
 
 def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
-                client_lr, ema_decay, microbatch: int, time_budget=0.0,
+                client_lr, ema_decay, microbatch: int,
                 use_gain: bool = True, max_gain=4.0) -> Controller:
   """Ours (v1): batch from each client's own critical batch.
 
@@ -161,8 +162,8 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
   :func:`fedjax_bsa.kernel.noise.effective_critical_batch`; ``B_k`` itself when
   the context has no ``num_examples``). The learning rate is ``client_lr *
   min(r_k, max_gain)`` with the AdaScale gain ``r_k`` of ``b_k`` over
-  ``batch_size`` (:func:`adascale_gain`), and local steps come from the time
-  budget (if any). ``B_k`` comes from :func:`cohort_noise_scale`; before any
+  ``batch_size`` (:func:`adascale_gain`); steps are ``local_steps`` (a
+  time budget cuts them later, once). ``B_k`` comes from :func:`cohort_noise_scale`; before any
   estimate exists the batch is ``batch_size`` and the gain 1.
 
   Args:
@@ -170,11 +171,10 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
     batch_min: smallest batch (raised to two microbatches).
     batch_max: largest batch.
     kappa: target batch in units of the critical batch.
-    local_steps: local steps (the maximum, with a time budget).
+    local_steps: local steps.
     client_lr: learning rate at ``b_0``.
     ema_decay: EMA decay of the per-client estimates.
     microbatch: the kernel's ``mu``.
-    time_budget: local compute seconds per round (0: fixed steps).
     use_gain: scale the learning rate by the AdaScale gain.
     max_gain: cap on the gain: local SGD with many steps tolerates less than
       the single-step analysis of AdaScale assumes.
@@ -185,38 +185,42 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
       pieces.critical_batch_target(kappa, batch_size),
       pieces.round_batch(low, batch_max, microbatch),
       pieces.adascale_rate(client_lr, batch_size, max_gain, use_gain),
-      pieces.budget_steps(time_budget, local_steps))
+      pieces.fixed_steps(local_steps))
 
 
 def clamp(inner: Controller, *, microbatch: int | None = None,
-          time_budget=0.0, max_steps: int | None = None) -> Controller:
-  """Bounds any controller's plan by each client's memory and time budget.
+          time_budget=0.0) -> Controller:
+  """Bounds any controller's batches by each client's memory and, with a
+  time budget, by the largest batch one step of which fits it
+  (:func:`fedjax_bsa.plans.clock.batch_within_compute`).
+
+  The batch is the one decision made here; the steps that fit the budget
+  are set once, after the local-work rule, by
+  :func:`fedjax_bsa.plans.round_plan.plan_round`.
 
   Args:
     inner: the controller to bound.
     microbatch: if given, batches are also quantized to multiples of it.
-    time_budget: local compute seconds per round (0: none); a batch is
-      lowered until one step fits, and steps are cut to what fits.
-    max_steps: upper bound on local steps (default: the inner plan's).
+    time_budget: local compute seconds per round (0: none).
   """
 
   def update(feedback, state, ctx):
     plan, state = inner.update(feedback, state, ctx)
     cap = ctx.memory_cap.astype(jnp.int32)
-    budget = jnp.asarray(time_budget, jnp.float32)
-    by_time = jnp.floor((budget - ctx.step_overhead) * ctx.speed)
-    by_time = jnp.where(budget > 0, jnp.maximum(by_time, 1.0), jnp.inf)
-    cap = jnp.minimum(cap, jnp.minimum(by_time, 2**30).astype(jnp.int32))
+    cap = jnp.minimum(cap, clock.batch_within_compute(_compute(ctx),
+                                                      time_budget))
     b = jnp.minimum(plan.batch_size, cap)
     if microbatch is not None:
       b = quantize(b, microbatch, cap)
     b = jnp.maximum(b, 1).astype(jnp.int32)
-    steps = plan.steps
-    per_step = ctx.step_overhead + b.astype(jnp.float32) / ctx.speed
-    fit = jnp.maximum(jnp.floor(budget / per_step), 1).astype(jnp.int32)
-    steps = jnp.where(budget > 0, jnp.minimum(steps, fit), steps)
-    if max_steps is not None:
-      steps = jnp.minimum(steps, max_steps)
-    return plan._replace(batch_size=b, steps=steps.astype(jnp.int32)), state
+    return plan._replace(batch_size=b), state
 
   return Controller(inner.init, update)
+
+
+def _compute(ctx: Context):
+  """The compute side of a cohort's resources, from its context (the clock's
+  functions read ``speed`` and ``step_overhead``; links are unused)."""
+  ones = jnp.ones(ctx.cohort.shape, jnp.float32)
+  return ClientResources(ctx.speed, ctx.step_overhead, ctx.memory_cap, ones,
+                         ones, 0.0 * ones, ones, 0 * ctx.cohort)

@@ -5,7 +5,9 @@ but it refines a :class:`Draft` of the coming cohort's plan instead of
 making one: one piece folds the last round's noise estimates into its
 state, another turns them into a batch target, another rounds the target
 to the kernel's microbatch within each client's caps, another sets the
-learning rate, another the local steps. :func:`chain` runs pieces in order
+learning rate, another the local steps (which the local-work rule and
+the time budget may cut later, once, in :func:`fedjax_bsa.plans.round_plan.
+plan_round`). :func:`chain` runs pieces in order
 and is a :class:`~fedjax_bsa.plans.controllers.Controller` (its state is
 the tuple of the pieces' states), so ``noise_scale`` and ``goodput`` are
 five-line compositions::
@@ -14,7 +16,7 @@ five-line compositions::
         critical_batch_target(kappa, b0),     # or goodput's time-optimal
         round_batch(low, batch_max, mu),      # clip, quantize, caps
         adascale_rate(client_lr, b0, max_gain),
-        budget_steps(time_budget, local_steps))
+        fixed_steps(local_steps))
 
 and v3 (:func:`~fedjax_bsa.plans.displacement.displacement`) is the noise
 estimate followed by its own budget piece. Every piece is jittable and
@@ -41,7 +43,7 @@ from fedjax_bsa.plans.noise_state import noise_state_update
 
 __all__ = ["Draft", "Piece", "chain", "noise_estimate",
            "critical_batch_target", "round_batch", "adascale_rate",
-           "budget_steps", "fixed_steps", "quantize", "steps_for_budget",
+           "fixed_steps", "quantize",
            "rows"]
 
 
@@ -96,18 +98,6 @@ def rows(ctx: Context):
   if ctx.num_examples is None:
     return jnp.full(ctx.cohort.shape, jnp.inf, jnp.float32)
   return ctx.num_examples.astype(jnp.float32)
-
-
-def steps_for_budget(batch, ctx: Context, time_budget, max_steps):
-  """Local steps that fit ``time_budget`` s of compute: ``[1, max_steps]``.
-
-  A step of batch ``b`` costs ``overhead_k + b / speed_k`` (the clock's
-  model); a budget of 0 means "no budget": ``max_steps`` steps.
-  """
-  per_step = ctx.step_overhead + batch.astype(jnp.float32) / ctx.speed
-  fit = jnp.floor(time_budget / per_step).astype(jnp.int32)
-  fit = jnp.clip(fit, 1, max_steps)
-  return jnp.where(time_budget > 0, fit, max_steps).astype(jnp.int32)
 
 
 def quantize(batch, microbatch: int, cap):
@@ -188,13 +178,6 @@ def adascale_rate(client_lr, batch_size, max_gain, use_gain=True) -> Piece:
     return d._replace(lr=(client_lr * gain).astype(jnp.float32))
 
   return _stateless(update)
-
-
-def budget_steps(time_budget, local_steps: int) -> Piece:
-  """Local steps that fit ``time_budget`` s of compute at the drafted
-  batch (:func:`steps_for_budget`); ``local_steps`` without a budget."""
-  return _stateless(lambda d, ctx: d._replace(
-      steps=steps_for_budget(d.batch, ctx, time_budget, local_steps)))
 
 
 def fixed_steps(local_steps: int) -> Piece:

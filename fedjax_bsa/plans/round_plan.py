@@ -18,7 +18,7 @@ loop):
 
 The controllers, schedules and local-work protocols are registered by name
 here, the deadline rules in :mod:`fedjax_bsa.plans.deadline` and the round
-policies in :mod:`fedjax_bsa.plans.clock`, each beside its definition;
+policies in :mod:`fedjax_bsa.plans.policies`, each beside its definition;
 factories take ``(cfg, hparams)`` with ``hparams`` the traced settings
 (:func:`fedjax_bsa.core.config.hparams`).
 """
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_bsa.core import registry as reg
+from fedjax_bsa.plans import policies
 from fedjax_bsa.plans import clock
 from fedjax_bsa.plans import controllers
 from fedjax_bsa.plans import deadline as deadline_lib
@@ -194,7 +195,7 @@ class RoundPlan(NamedTuple):
   """One experiment's decisions for one round (cohort of ``K``)."""
   plan: Plan                 # what runs (steps 0: not aggregated)
   planned_steps: jax.Array   # int32 [K], steps before the round policy
-  outcome: clock.RoundOutcome
+  outcome: policies.RoundOutcome
   deadline: jax.Array        # float32 [], the round's deadline (s)
   no_fit: jax.Array          # bool [K], available, but no step fits D
 
@@ -243,7 +244,7 @@ def plan_round(cfg, hp, controller, feedback, ctrl_state,
                                                          available)
   steps = reg.LOCAL_WORK.get(cfg.local_work)(cfg, hp)(plan, ctx, res, D,
                                                       model_bytes)
-  steps = controllers.steps_for_budget(b, ctx, hp["time_budget"], steps)
+  steps = clock.steps_within_compute(res, b, hp["time_budget"], steps)
   no_fit = available & (steps <= 0)
   outcome = reg.ROUND_POLICIES.get(cfg.round_policy)(cfg, hp)(
       res, b, steps, available, model_bytes, D)
