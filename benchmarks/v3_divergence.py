@@ -26,7 +26,7 @@ import os
 import sys
 
 from fedjax_bsa.bench import harness
-from fedjax_bsa.bench.study import regimes
+from fedjax_bsa.bench.study import cells
 
 #: (local work, aggregation, alphas, devices)
 SETTINGS = [("epochs", "fedavg", [0.1], ["heterogeneous"]),
@@ -51,17 +51,17 @@ def main(argv=None) -> int:
       quick=args.quick))
   out["runs"] = {}
   for lw, agg, alphas, devices in SETTINGS:
-    st = regimes.Study("mnist1d", alphas=alphas, devices=devices,
+    st = cells.Study("mnist1d", alphas=alphas, devices=devices,
                        local_work=[lw], comm=[1.0], seeds=seeds,
                        rounds=10 if args.quick else None,
                        cache_dir=os.path.join(out_dir, "regimes_cache"),
-                       log=regimes.log_to_stderr)
+                       log=cells.log_to_stderr)
     if args.quick:
       st.base = st.base.replace(num_examples=600, num_clients=20)
     exps = [dict(ov, seed=s, id=json.dumps([cell, None, s], sort_keys=True))
             for cell, ov in st.cells(lw) for s in st.seeds]
     runs = st.sweep("report", lw, agg, "displacement",
-                    regimes.METHODS["displacement"], exps)
+                    cells.METHODS["displacement"], exps)
     out["runs"][f"{lw}+{agg}"] = [
         dict(cell=json.loads(r["id"])[0], seed=json.loads(r["id"])[2],
              diverged=r.get("diverged"),

@@ -101,8 +101,8 @@ def test_ema_mask_and_per_entry_decay():
 
 
 def test_noise_scale_ratio():
-  assert float(noise.noise_scale(2.0, 8.0)) == 4.0
-  assert float(noise.noise_scale(1.0, -3.0)) == 0.0
+  assert float(noise.simple_noise_scale(2.0, 8.0)) == 4.0
+  assert float(noise.simple_noise_scale(1.0, -3.0)) == 0.0
 
 
 # --- finite clients: windows of a uniform permutation ---------------------

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from fedjax_bsa import Config
+from fedjax_bsa.bench.study import cells
 from fedjax_bsa.bench.study import main as study_main
-from fedjax_bsa.bench.study import regimes
 from fedjax_bsa.bench.study import report
 from fedjax_bsa.run import driver
 from fedjax_bsa.run import loop
@@ -125,12 +125,12 @@ def test_retiming_reproduces_the_clock_and_scales_communication():
   out = Outputs(cfg, None)
   loop.execute(pre, [out])
   exp = pre.experiments[0]
-  parts = regimes.round_parts(exp, out.clients())
+  parts = cells.round_parts(exp, out.clients())
   rounds = [r["round"] for r in out.records]
-  again = regimes.retime_parts(parts, rounds, cfg.bandwidth)
+  again = cells.retime_parts(parts, rounds, cfg.bandwidth)
   np.testing.assert_allclose(again, [r["sim_time_s"] for r in out.records],
                              rtol=1e-5)
-  faster = regimes.retime_parts(parts, rounds, 10 * cfg.bandwidth)
+  faster = cells.retime_parts(parts, rounds, 10 * cfg.bandwidth)
   assert all(f < a for f, a in zip(faster[1:], again[1:]))
 
 
@@ -138,7 +138,7 @@ def test_bandwidth_for_a_ratio():
   cfg = Config(num_clients=20, local_work="steps", local_steps=20,
                batch_size=8, base_speed=1000.0, step_overhead=0.01)
   exp = experiment.build(cfg)
-  bw = regimes.bandwidth_for(cfg, exp, 2.0)
+  bw = cells.bandwidth_for(cfg, exp, 2.0)
   compute = 20 * (0.01 + 8 / 1000.0)
   assert 2 * exp.model_bytes / bw == pytest.approx(compute / 2.0)
 
@@ -211,17 +211,17 @@ def test_cached_sweep_is_retimed_for_ratios_asked_later(tmp_path,
                local_steps=2, speed_sigma=1.0)
   exps = [dict(id="a", seed=0), dict(id="b", seed=1, batch_size=16)]
   one, both = {1.0: 1e5}, {1.0: 1e5, 10.0: 1e4}
-  first = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
+  first = cells.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
                                    one, log=lambda m: None)
   assert all(set(r["sim_time"]) == {"1.0"} for r in first)
-  fresh = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "d"), "k",
+  fresh = cells.run_sweep_cached(cfg, exps, str(tmp_path / "d"), "k",
                                    both, log=lambda m: None)
   assert fresh[0]["sim_time"]["10.0"] != fresh[0]["sim_time"]["1.0"]
 
   def no_run(*a, **k):
     raise AssertionError("ran again")
   monkeypatch.setattr(driver, "prepare", no_run)
-  again = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
+  again = cells.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
                                    both, log=lambda m: None)
   for a, f in zip(again, fresh):
     for k in ("1.0", "10.0"):
@@ -233,7 +233,7 @@ def test_cached_sweep_is_retimed_for_ratios_asked_later(tmp_path,
   for r in doc["runs"]:
     del r["round_parts"]
   path.write_text(json.dumps(doc))
-  rerun = regimes.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
+  rerun = cells.run_sweep_cached(cfg, exps, str(tmp_path / "c"), "k",
                                    both, log=lambda m: None)
   assert all(set(r["sim_time"]) == {"1.0", "10.0"} for r in rerun)
   assert "round_parts" in json.loads(path.read_text())["runs"][0]
@@ -259,7 +259,7 @@ def test_a_seed_that_cannot_draw_its_partition_is_replaced_and_named(
   seed the first study dropped silently). It is replaced by the next free
   seed that can (above every asked seed, never one already asked),
   recorded and named in the table; a hopeless alpha is one clear error."""
-  study = regimes.Study("digits", alphas=[0.1], seeds=[20, 21],
+  study = cells.Study("digits", alphas=[0.1], seeds=[20, 21],
                         tuning=[30], log=lambda m: None)
   assert study._drawable(0.1, 20) and not study._drawable(0.1, 21)
   reported, tuning = study.seeds_for(0.1)
@@ -268,17 +268,17 @@ def test_a_seed_that_cannot_draw_its_partition_is_replaced_and_named(
   from fedjax_bsa.bench.study import figures
   (line, _) = figures._replacements(study.replaced)
   assert "alpha 0.1, reported seed 21 -> 31" in line
-  monkeypatch.setattr(regimes, "MAX_SEED_TRIES", 2)
-  hopeless = regimes.Study("digits", alphas=[0.03], seeds=[0], tuning=[1],
+  monkeypatch.setattr(cells, "MAX_SEED_TRIES", 2)
+  hopeless = cells.Study("digits", alphas=[0.03], seeds=[0], tuning=[1],
                            log=lambda m: None)
-  with pytest.raises(regimes.ConfigError, match="alpha=0.03: seed 0"):
+  with pytest.raises(cells.ConfigError, match="alpha=0.03: seed 0"):
     hopeless.seeds_for(0.03)
 
 
 def test_study_progress_counts_runs_and_estimates_the_time_left(
     monkeypatch):
   lines = []
-  study = regimes.Study("digits", alphas=[1.0], devices=["homogeneous"],
+  study = cells.Study("digits", alphas=[1.0], devices=["homogeneous"],
                         local_work=["steps"], comm=[1.0], seeds=[0, 1],
                         tuning=[2], batches=[4, 8], methods=["goodput"],
                         aggregations=["fedavg"], log=lines.append)
@@ -293,7 +293,7 @@ def test_study_progress_counts_runs_and_estimates_the_time_left(
     now[0] += 0.0 if key.startswith("report-steps-fedavg-fixed") else (
         10.0 * len(exps))   # 10 s a run; the fixed sweep comes from cache
     return []
-  monkeypatch.setattr(regimes, "run_sweep_cached", fake)
+  monkeypatch.setattr(cells, "run_sweep_cached", fake)
   study.sweep("tune", "steps", "fedavg", "fixed", {}, [{}, {}])
   assert lines == []        # a sweep on its own: no study progress
   now[0] = 0.0
@@ -307,13 +307,13 @@ def test_study_progress_counts_runs_and_estimates_the_time_left(
 
 
 def test_untuned_defaults_run_their_own_protocol_in_every_cell():
-  study = regimes.Study("digits", alphas=[1.0], log=lambda m: None)
-  for lw in regimes.LOCAL_WORK:
-    mc = study.config(lw, "fedavg", regimes.METHODS["mcmahan"]).validate()
+  study = cells.Study("digits", alphas=[1.0], log=lambda m: None)
+  for lw in cells.LOCAL_WORK:
+    mc = study.config(lw, "fedavg", cells.METHODS["mcmahan"]).validate()
     assert (mc.batch_size, mc.local_work, mc.local_epochs) == (10, "epochs",
                                                               1.0)
     assert mc.client_lr == study.base.client_lr and mc.lr_decay == 1.0
-    fs = study.config(lw, "fednova", regimes.METHODS["fedscale"]).validate()
+    fs = study.config(lw, "fednova", cells.METHODS["fedscale"]).validate()
     assert (fs.batch_size, fs.local_work, fs.local_steps, fs.client_lr,
             fs.lr_decay, fs.lr_decay_every, fs.lr_min) == (
                 30, "steps", 20, 0.05, 0.98, 10, 5e-5)
@@ -344,7 +344,7 @@ def test_the_oracle_tunes_batch_and_rate_pairs(monkeypatch):
   (c,) = report.cell_results({"c": t}, runs, ["goodput"], ["fednova"])
   assert c["methods"]["goodput+fednova"]["speedup"]["median"] == 0.5
   # the study runs the pair with its rate
-  study = regimes.Study("digits", alphas=[0.1], devices=["heterogeneous"],
+  study = cells.Study("digits", alphas=[0.1], devices=["heterogeneous"],
                         local_work=["deadline"], comm=[1.0], seeds=[0],
                         tuning=[100], batches=[8, 32], lr_factors=[0.5, 2],
                         methods=[], aggregations=["fednova"],
@@ -358,7 +358,7 @@ def test_the_oracle_tunes_batch_and_rate_pairs(monkeypatch):
   def fake(base, exps, cache_dir, key, retimes, log, seconds):
     seen[key] = exps
     return []
-  monkeypatch.setattr(regimes, "run_sweep_cached", fake)
+  monkeypatch.setattr(cells, "run_sweep_cached", fake)
   study.tune()
   exps = seen["tune-deadline-fednova-fixed"]
   assert sorted((e["batch_size"], e["client_lr"]) for e in exps) == sorted(
@@ -372,7 +372,7 @@ def test_the_oracle_tunes_batch_and_rate_pairs(monkeypatch):
 
 def test_successive_halving_keeps_the_best_third_and_counts_every_run(
     monkeypatch):
-  study = regimes.Study("digits", alphas=[0.1], devices=["heterogeneous"],
+  study = cells.Study("digits", alphas=[0.1], devices=["heterogeneous"],
                         local_work=["deadline"], comm=[1.0], seeds=[0],
                         tuning=[100, 101], batches=[4, 8, 16, 32, 64, 128],
                         lr_factors=[0.5, 2], methods=[],
@@ -399,7 +399,7 @@ def test_successive_halving_keeps_the_best_third_and_counts_every_run(
                       sim_time={"run": [0.0, R / 2, float(R)]},
                       examples=1, bytes=1, noise_scale=[]))
     return out
-  monkeypatch.setattr(regimes, "run_sweep_cached", fake)
+  monkeypatch.setattr(cells, "run_sweep_cached", fake)
   runs = study.tune()
   assert [(k, r, len(p)) for k, r, p in calls] == [
       ("tune-deadline-fednova-fixed-rung10", 10, 12),

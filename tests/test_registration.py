@@ -12,8 +12,8 @@ import pytest
 from fedjax_bsa.core import registry
 from fedjax_bsa.core.config import Config, ConfigError
 from fedjax_bsa.data import datasets
-from fedjax_bsa.plans import policies
 from fedjax_bsa.plans import deadline as deadline_lib
+from fedjax_bsa.plans import policies
 from fedjax_bsa.run.runner import run
 from fedjax_bsa.run.sweep import run_sweep
 from fedjax_bsa.setup import experiment

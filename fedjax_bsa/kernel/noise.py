@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 __all__ = ["two_batch_estimates", "fpc_coefficient", "fpc_estimates",
            "cohort_estimates", "effective_critical_batch", "EmaState",
-           "ema_init", "ema_update", "ema_value", "noise_scale"]
+           "ema_init", "ema_update", "ema_value", "simple_noise_scale"]
 
 # fpc_estimates: coefficient gaps below this fraction of c_small are not
 # divided by (float32 cancellation and a useless, huge-variance estimate).
@@ -277,6 +277,6 @@ def ema_value(state: EmaState) -> jax.Array:
   return jnp.where(w > 0, state.value / jnp.where(w > 0, w, 1.0), 0.0)
 
 
-def noise_scale(g_sq, trace, floor=1e-12):
+def simple_noise_scale(g_sq, trace, floor=1e-12):
   """``B_simple = tr(Sigma) / |G|^2``, clipped to be non-negative."""
   return jnp.maximum(trace, 0.0) / jnp.maximum(g_sq, floor)

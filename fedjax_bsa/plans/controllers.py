@@ -16,7 +16,7 @@ and bounds its plan by each client's memory and time budget.
 This module holds the contract, the plan helpers and the controllers; the
 per-client noise state behind :func:`noise_scale` (:class:`NoiseState`,
 :func:`noise_state_init`, :func:`noise_state_update`,
-:func:`cohort_noise_scale`, :func:`adascale_gain`) is in
+:func:`client_noise_scales`, :func:`adascale_gain`) is in
 :mod:`fedjax_bsa.plans.noise_state` and re-exported here.
 """
 
@@ -38,7 +38,7 @@ from fedjax_bsa.core.types import Plan
 from fedjax_bsa.plans import clock
 from fedjax_bsa.plans import pieces
 from fedjax_bsa.plans.noise_state import adascale_gain
-from fedjax_bsa.plans.noise_state import cohort_noise_scale
+from fedjax_bsa.plans.noise_state import client_noise_scales
 from fedjax_bsa.plans.noise_state import noise_state_init
 from fedjax_bsa.plans.noise_state import noise_state_update
 from fedjax_bsa.plans.noise_state import NoiseState
@@ -49,7 +49,7 @@ __all__ = ["Plan", "Context", "Feedback", "Controller", "EmptyState",
            "constant", "random", "schedule", "resource_proportional",
            "noise_scale", "clamp", "adascale_gain", "quantize",
            "empty_feedback",
-           "noise_state_init", "noise_state_update", "cohort_noise_scale"]
+           "noise_state_init", "noise_state_update", "client_noise_scales"]
 
 
 def empty_feedback(cohort_size: int) -> Feedback:
@@ -163,7 +163,7 @@ def noise_scale(batch_size, batch_min, batch_max, kappa, local_steps: int,
   the context has no ``num_examples``). The learning rate is ``client_lr *
   min(r_k, max_gain)`` with the AdaScale gain ``r_k`` of ``b_k`` over
   ``batch_size`` (:func:`adascale_gain`); steps are ``local_steps`` (a
-  time budget cuts them later, once). ``B_k`` comes from :func:`cohort_noise_scale`; before any
+  time budget cuts them later, once). ``B_k`` comes from :func:`client_noise_scales`; before any
   estimate exists the batch is ``batch_size`` and the gain 1.
 
   Args:

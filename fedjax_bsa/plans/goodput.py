@@ -211,7 +211,7 @@ def goodput(batch_size, batch_min, batch_max, local_steps: int, client_lr,
   ``low = max(batch_min, 2 microbatch)`` (every step yields a noise
   estimate) and ``cap_k = min(batch_max, memory_cap_k, max(n_k, low))``.
   ``B_k`` is the client's smoothed noise scale, or the cohort's for a client
-  not yet seen (:func:`controllers.cohort_noise_scale`, the same EMAs as
+  not yet seen (:func:`controllers.client_noise_scales`, the same EMAs as
   :func:`controllers.noise_scale`); before any estimate the batch is
   ``batch_size``. Learning rate ``client_lr * min(r_k, max_gain)``, ``r_k``
   the finite-client AdaScale gain of ``b_k`` over ``batch_size``

@@ -3,7 +3,7 @@
 Pure ``jax.numpy`` functions over a :class:`NoiseState` (bias-corrected EMAs
 of each client's and the cohort's ``|G|^2`` and ``tr(Sigma)`` estimates):
 :func:`noise_state_init`, :func:`noise_state_update` (folds a round's
-:class:`~fedjax_bsa.plans.controllers.Feedback` in), :func:`cohort_noise_scale`
+:class:`~fedjax_bsa.plans.controllers.Feedback` in), :func:`client_noise_scales`
 (each cohort client's smoothed ``B_simple``) and :func:`adascale_gain` (the
 learning-rate gain of a batch over the reference batch).
 :func:`fedjax_bsa.plans.controllers.noise_scale` is the controller built on
@@ -21,7 +21,7 @@ from fedjax_bsa.core.types import Context
 from fedjax_bsa.core.types import Feedback
 from fedjax_bsa.kernel import noise
 
-__all__ = ["NoiseState", "adascale_gain", "cohort_noise_scale",
+__all__ = ["NoiseState", "adascale_gain", "client_noise_scales",
            "noise_state_init", "noise_state_update"]
 
 
@@ -133,7 +133,7 @@ def noise_state_update(state: NoiseState, feedback: Feedback, ctx: Context,
   return NoiseState(g_sq, trace, last, cg, ct)
 
 
-def cohort_noise_scale(state: NoiseState, cohort):
+def client_noise_scales(state: NoiseState, cohort):
   """Each cohort client's smoothed ``B_simple`` and whether one exists.
 
   ``B_k`` is the ratio of the client's bias-corrected EMAs of ``tr(Sigma)``
@@ -148,7 +148,7 @@ def cohort_noise_scale(state: NoiseState, cohort):
     ``(b_simple, estimated)``: float32 ``[K]`` and bool ``[K]`` (False
     before any estimate exists; ``b_simple`` is then meaningless).
 
-  >>> b, est = cohort_noise_scale(noise_state_init(3), jnp.array([0, 2]))
+  >>> b, est = client_noise_scales(noise_state_init(3), jnp.array([0, 2]))
   >>> est.tolist()
   [False, False]
   """
@@ -158,6 +158,6 @@ def cohort_noise_scale(state: NoiseState, cohort):
   coh_t = noise.ema_value(state.cohort_trace)[0]
   known = (state.g_sq.weight[cohort] > 0) & (own_g > 0) & (own_t > 0)
   have_cohort = (state.cohort_g_sq.weight[0] > 0) & (coh_g > 0) & (coh_t > 0)
-  b_simple = jnp.where(known, noise.noise_scale(own_g, own_t),
-                       noise.noise_scale(coh_g, coh_t))
+  b_simple = jnp.where(known, noise.simple_noise_scale(own_g, own_t),
+                       noise.simple_noise_scale(coh_g, coh_t))
   return b_simple, known | have_cohort

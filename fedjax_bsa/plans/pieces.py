@@ -37,7 +37,7 @@ from fedjax_bsa.core.types import Feedback
 from fedjax_bsa.core.types import Plan
 from fedjax_bsa.kernel import noise
 from fedjax_bsa.plans.noise_state import adascale_gain
-from fedjax_bsa.plans.noise_state import cohort_noise_scale
+from fedjax_bsa.plans.noise_state import client_noise_scales
 from fedjax_bsa.plans.noise_state import noise_state_init
 from fedjax_bsa.plans.noise_state import noise_state_update
 
@@ -119,11 +119,11 @@ def noise_estimate(ema_decay) -> Piece:
   """Folds the last round's per-client noise estimates into EMAs
   (:func:`~fedjax_bsa.plans.noise_state.noise_state_update`) and sets each
   cohort client's ``B_k`` (its own, or the cohort's for a client not yet
-  seen: :func:`~fedjax_bsa.plans.noise_state.cohort_noise_scale`)."""
+  seen: :func:`~fedjax_bsa.plans.noise_state.client_noise_scales`)."""
 
   def update(d: Draft, state, feedback, ctx):
     state = noise_state_update(state, feedback, ctx, ema_decay)
-    b_simple, estimated = cohort_noise_scale(state, ctx.cohort)
+    b_simple, estimated = client_noise_scales(state, ctx.cohort)
     return d._replace(b_simple=b_simple, estimated=estimated,
                       noise=state), state
 

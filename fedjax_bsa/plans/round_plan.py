@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_bsa.core import registry as reg
-from fedjax_bsa.plans import policies
 from fedjax_bsa.plans import clock
 from fedjax_bsa.plans import controllers
 from fedjax_bsa.plans import deadline as deadline_lib
 from fedjax_bsa.plans import displacement as displacement_lib
 from fedjax_bsa.plans import goodput as goodput_lib
+from fedjax_bsa.plans import policies
 from fedjax_bsa.plans.controllers import Plan
 
 __all__ = ["RoundPlan", "make_controller", "plan_round", "decayed_lr"]

@@ -100,7 +100,7 @@ def round_metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
   ftook = took.astype(jnp.float32)
   nt = jnp.maximum(ftook.sum(), 1.0)
   bf = run.batch_size.astype(jnp.float32)
-  b_simple = noise.noise_scale(stats.grad_sq, stats.trace)
+  b_simple = noise.simple_noise_scale(stats.grad_sq, stats.trace)
   # a round's |G|^2 estimate can be <= 0 (it is unbiased, not positive):
   # its ratio is no estimate of B, and is left out of the record
   reporting = took & (stats.noise_steps > 0) & (stats.grad_sq > 0)
@@ -118,7 +118,7 @@ def round_metrics(hp, cohort, rc, rp: plans.RoundPlan, stats, usum, sim_time,
       batch_over_memory_cap=jnp.sum(took & (run.batch_size > rc.memory_cap)),
       noise_scale=masked_median(b_simple, reporting),
       cohort_noise_scale=jnp.where(took.sum() >= 2,
-                                   noise.noise_scale(c_g, c_t), jnp.nan),
+                                   noise.simple_noise_scale(c_g, c_t), jnp.nan),
       mean_adascale_gain=jnp.sum(run.lr / hp["client_lr"] * ftook) / nt,
       mean_lr=jnp.sum(run.lr * ftook) / nt,
       min_lr=jnp.min(jnp.where(took, run.lr, jnp.inf)),

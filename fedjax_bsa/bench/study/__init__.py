@@ -3,7 +3,7 @@ fedjax_bsa.bench.study``).
 
 * :mod:`~fedjax_bsa.bench.study.main`: the command; merges parts into
   ``regimes.json``.
-* :mod:`~fedjax_bsa.bench.study.regimes`: the cells, methods and tuning
+* :mod:`~fedjax_bsa.bench.study.cells`: the cells, methods and tuning
   (what runs).
 * :mod:`~fedjax_bsa.bench.study.runs`: sweeps run once and cached, run
   summaries, retiming for another bandwidth.

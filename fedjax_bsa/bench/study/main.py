@@ -5,7 +5,7 @@
   fedjax-bsa study --datasets mnist1d --local-work deadline --comm 1,10
   fedjax-bsa study --report-only                   # tables from the cache
 
-See :mod:`fedjax_bsa.bench.study.regimes` (what runs) and
+See :mod:`fedjax_bsa.bench.study.cells` (what runs) and
 :mod:`fedjax_bsa.bench.study.report` (definitions). ``regimes.json``
 merges every dataset and every part studied so far: a run over some axes
 replaces the cells it ran (same dataset, alpha, devices, local work and
@@ -24,8 +24,8 @@ import platform
 import time
 
 from fedjax_bsa.bench import harness
+from fedjax_bsa.bench.study import cells as study_cells
 from fedjax_bsa.bench.study import figures
-from fedjax_bsa.bench.study import regimes
 from fedjax_bsa.bench.study import report
 from fedjax_bsa.report import regime
 from fedjax_bsa.setup import experiment as experiment_lib
@@ -111,11 +111,11 @@ def _parser():
                  "cost)")
   p.add_argument("--methods", help="comma list of methods besides the "
                  "tuned fixed batch (default: "
-                 f"{','.join(regimes.DEFAULT_METHODS)}; also "
-                 + ",".join(m for m in regimes.METHODS
-                            if m not in regimes.DEFAULT_METHODS) + ")")
+                 f"{','.join(study_cells.DEFAULT_METHODS)}; also "
+                 + ",".join(m for m in study_cells.METHODS
+                            if m not in study_cells.DEFAULT_METHODS) + ")")
   p.add_argument("--aggregations", help="comma list of aggregations "
-                 f"(default: {','.join(regimes.AGGREGATIONS)})")
+                 f"(default: {','.join(study_cells.AGGREGATIONS)})")
   p.add_argument("--out", default=None, metavar="DIR",
                  help="regimes[_quick].json, .md, _heatmap.png and the "
                  "resumable cache regimes_cache/: " + harness.OUT_HELP)
@@ -124,18 +124,18 @@ def _parser():
   return p
 
 
-def _headroom(study: regimes.Study, cell: dict, b_simple) -> float | None:
+def _headroom(study: study_cells.Study, cell: dict, b_simple) -> float | None:
   """The cell's headroom at the noise scale its tuning runs measured."""
   if b_simple is None:
     return None
   lw = cell["local_work"]
-  cfg = study.base.replace(**regimes.LOCAL_WORK[lw],
-                           speed_sigma=regimes.DEVICES[cell["devices"]],
+  cfg = study.base.replace(**study_cells.LOCAL_WORK[lw],
+                           speed_sigma=study_cells.DEVICES[cell["devices"]],
                            seed=study.seeds_for(cell.get("alpha"))[1][0])
   if cell.get("alpha") is not None:
     cfg = cfg.replace(alpha=cell["alpha"])
   exp = experiment_lib.build(cfg)
-  cfg = cfg.replace(bandwidth=regimes.bandwidth_for(cfg, exp,
+  cfg = cfg.replace(bandwidth=study_cells.bandwidth_for(cfg, exp,
                                                     cell["comm_ratio"]))
   exp = experiment_lib.build(cfg, exp.dataset)
   return regime.headroom(exp, b_simple)
@@ -144,7 +144,7 @@ def _headroom(study: regimes.Study, cell: dict, b_simple) -> float | None:
 def run_dataset(name: str, kw: dict, log) -> dict:
   """Runs one dataset's study; returns its cells, trends and timings."""
   t0 = time.perf_counter()
-  study = regimes.Study(name, log=log, **kw)
+  study = study_cells.Study(name, log=log, **kw)
   log(f"{name}: tuning the fixed batch ({len(study.batches)} batches x "
       f"{len(study.lr_factors)} rates x {len(study.tuning)} tuning seeds)")
   tune_runs = study.tune()
@@ -227,7 +227,7 @@ def _merge(path: str, results: dict) -> dict:
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   args.out = harness.results_dir(args.out, args.quick)
-  log = regimes.log_to_stderr
+  log = study_cells.log_to_stderr
   name = "regimes_quick" if args.quick else "regimes"
   path = os.path.join(args.out, f"{name}.json")
   if not args.report_only:

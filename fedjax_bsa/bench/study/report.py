@@ -1,7 +1,7 @@
 """The regime study's analysis: targets, tuned baselines, speedups with
 bootstrap intervals, headroom, published trends, tables and the heatmap.
 
-Definitions (fixed before the runs; :mod:`fedjax_bsa.bench.study.regimes` runs
+Definitions (fixed before the runs; :mod:`fedjax_bsa.bench.study.cells` runs
 them):
 
 * **target** of a cell: 95% of the best mean (over tuning seeds) final test

@@ -1,4 +1,4 @@
-"""The regime study's runs (:mod:`fedjax_bsa.bench.study.regimes`): a sweep run
+"""The regime study's runs (:mod:`fedjax_bsa.bench.study.cells`): a sweep run
 once and cached (:func:`run_sweep_cached`), each run's summary with its
 per-round parts (compute, upload, download), and the exact retiming of
 ``wait_all`` runs for another bandwidth (:func:`retime_parts`).
