@@ -11,18 +11,9 @@ import pathlib
 
 import numpy as np
 
+from fedjax_bsa.run import autotune
+
 PINNED = pathlib.Path(__file__).parent / "data" / "pinned_default_run.json"
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as fh:
-      for line in fh:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
 
 
 def _close(a, b, exact: bool, rtol: float) -> bool:
@@ -37,7 +28,7 @@ def test_default_run_matches_the_pinned_metrics(finished_run):
   code, out = finished_run
   assert code == 0
   pinned = json.loads(PINNED.read_text())
-  exact = pinned["cpu"] == _cpu()
+  exact = pinned["cpu"] == (autotune.cpu_model() or "")
   got = [json.loads(l) for l in (out / "metrics.jsonl").read_text()
          .splitlines()]
   assert [r["round"] for r in got] == [r["round"] for r in pinned["records"]]

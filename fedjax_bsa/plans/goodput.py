@@ -264,6 +264,4 @@ def time_optimal_target(batch_size) -> pieces.Piece:
     return d._replace(batch=jnp.where(
         d.estimated, best, jnp.asarray(batch_size, jnp.float32)))
 
-  return pieces.Piece(
-      lambda num_clients: controllers.EmptyState(),
-      lambda d, s, fb, ctx: (update(d, ctx), s))
+  return pieces.stateless(update)

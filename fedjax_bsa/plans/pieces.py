@@ -41,7 +41,7 @@ from fedjax_bsa.plans.noise_state import client_noise_scales
 from fedjax_bsa.plans.noise_state import noise_state_init
 from fedjax_bsa.plans.noise_state import noise_state_update
 
-__all__ = ["Draft", "Piece", "chain", "noise_estimate",
+__all__ = ["Draft", "Piece", "chain", "stateless", "noise_estimate",
            "critical_batch_target", "round_batch", "adascale_rate",
            "fixed_steps", "quantize",
            "rows"]
@@ -64,7 +64,8 @@ class Piece(NamedTuple):
   update: Callable[[Draft, Any, Feedback, Context], tuple[Draft, Any]]
 
 
-def _stateless(update) -> Piece:
+def stateless(update) -> Piece:
+  """A piece without state from ``update(draft, context) -> draft``."""
   return Piece(lambda num_clients: EmptyState(),
                lambda d, s, fb, ctx: (update(d, ctx), s))
 
@@ -139,7 +140,7 @@ def critical_batch_target(kappa, batch_size) -> Piece:
     crit = noise.effective_critical_batch(d.b_simple, rows(ctx))
     return d._replace(batch=jnp.where(d.estimated, kappa * crit, batch_size))
 
-  return _stateless(update)
+  return stateless(update)
 
 
 def round_batch(low: int, batch_max, microbatch: int,
@@ -162,7 +163,7 @@ def round_batch(low: int, batch_max, microbatch: int,
       target = jnp.clip(d.batch, low, batch_max)
     return d._replace(batch=quantize(target, microbatch, cap))
 
-  return _stateless(update)
+  return stateless(update)
 
 
 def adascale_rate(client_lr, batch_size, max_gain, use_gain=True) -> Piece:
@@ -177,11 +178,11 @@ def adascale_rate(client_lr, batch_size, max_gain, use_gain=True) -> Piece:
                      1.0)
     return d._replace(lr=(client_lr * gain).astype(jnp.float32))
 
-  return _stateless(update)
+  return stateless(update)
 
 
 def fixed_steps(local_steps: int) -> Piece:
   """``local_steps`` local steps for every client (a local-work rule may
   set them afterwards, outside the controller)."""
-  return _stateless(lambda d, ctx: d._replace(
+  return stateless(lambda d, ctx: d._replace(
       steps=jnp.full(ctx.cohort.shape, local_steps, jnp.int32)))
